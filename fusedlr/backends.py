@@ -1,0 +1,59 @@
+"""Backend selection. A backend is a module with ``NAME``, ``available(device)``, ``grad_stats`` and
+``adamw_update`` (the signatures of ``fusedlr.reference``, which every backend must match)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "resolve", "describe"]
+
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda", "cpu")
+
+_MODULES = {
+    "torch": "fusedlr.reference",
+    "triton": "fusedlr.triton",
+    "cuda": "fusedlr.extension.cuda",
+    "cpu": "fusedlr.extension.cpu",
+}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as err:
+        return None, f"it could not be imported ({err})"
+
+
+def _check(name: str, device: torch.device) -> tuple[ModuleType | None, str | None]:
+    module, reason = _load(name)
+    if module is not None:
+        reason = module.available(device)
+    return (module, None) if reason is None else (None, reason)
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` on ``device``; ``auto`` picks the fastest one that works.
+
+    Raises RuntimeError naming the reason (and the fix) when an explicitly requested backend cannot run.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            module, _ = _check(candidate, device)
+            if module is not None:
+                return module
+        raise AssertionError("the torch backend is always available")
+    module, reason = _check(name, device)
+    if module is None:
+        raise RuntimeError(f"fusedlr backend={name!r} cannot run on {device}: {reason}")
+    return module
+
+
+def describe(device: torch.device) -> dict[str, str]:
+    """For each backend, 'ok' or why it cannot run on ``device`` (for ``python -m fusedlr info``)."""
+    return {name: _check(name, device)[1] or "ok" for name in BACKENDS[1:]}

@@ -1,0 +1,33 @@
+"""A bucket: the tensors one kernel launch updates (one param group, one device, one dtype pair)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["Bucket"]
+
+
+@dataclass
+class Bucket:
+    """Parameters of one param group sharing a device, a param dtype and a grad dtype, with their state.
+
+    ``steps`` is an int64 tensor ``[n]`` on the device; ``state['step']`` of parameter ``i`` is the
+    view ``steps[i]`` so that one op advances every counter. Before the update pass it holds the
+    step number of this update (1 for a parameter's first update).
+    ``cache`` belongs to the backend (pointer tables and the like); it dies with the bucket, which
+    is rebuilt whenever the set of parameters with gradients changes or state is loaded.
+    """
+
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor] | None
+    steps: Tensor
+    cache: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.steps.device

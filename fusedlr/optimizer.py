@@ -1,0 +1,348 @@
+"""``fusedlr.AdamW``: a drop-in ``torch.optim.AdamW`` whose step also unscales (AMP), clips the
+global gradient norm and applies an LR schedule, on the device, without a host-device sync."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from . import backends
+from .bucket import Bucket
+from .control import GroupHyper, StepControl
+from .schedules import Schedule
+
+__all__ = ["AdamW"]
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# GradScaler warns each step that its ``grad_scaler=`` keyword contract will change; fusedlr
+# also honours the attribute contract (``grad_scale``/``found_inf``) that replaces it.
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
+
+
+def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -> None:
+    if isinstance(lr, Tensor):
+        raise ValueError("lr must be a float; for an LR that changes on the device pass schedule= instead")
+    if not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with AMP unscaling, global norm clipping and an on-device
+    LR schedule fused into two passes over the parameters.
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
+            With a ``schedule``, a group's ``lr`` is its peak LR and update ``k`` (the first is
+            ``k=0``) applies ``lr * schedule(k)``; without one, ``param_groups[i]['lr']`` is applied
+            as is, so any torch or Hugging Face LR scheduler drives it unchanged.
+        schedule: a ``fusedlr.Schedule`` (``fusedlr.get_schedule(...)``), evaluated on the device.
+            ``k`` counts updates actually applied: a step skipped by GradScaler does not advance it.
+        max_grad_norm: clip the global L2 norm of all gradients of the optimizer to this, as
+            ``clip_grad_norm_`` would, inside the update (gradients are left unmodified).
+            ``grad_norm`` then holds the pre-clip norm of the last step as a 0-d device tensor.
+        backend: "auto", "torch" (reference), "triton", "cuda" or "cpu" (compiled extension).
+
+    States ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are float32 (float64 for float64
+    params) whatever the param dtype; ``step`` is an int64 tensor on the param's device.
+    With ``torch.amp.GradScaler``, ``scaler.step(opt)`` unscales and checks for inf/NaN inside
+    the step; a step with a non-finite gradient changes nothing.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        schedule: Schedule | None = None,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        _check_hyper(lr, betas, eps, weight_decay)
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a fusedlr.Schedule (fusedlr.get_schedule(...)), got {schedule!r}")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool)
+            or not isinstance(max_grad_norm, (int, float))
+            or not 0.0 < max_grad_norm < math.inf
+        ):
+            raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+        defaults = dict(
+            lr=float(lr),
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=bool(amsgrad),
+            maximize=bool(maximize),
+        )
+        super().__init__(params, defaults)
+        self.schedule = schedule
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.backend = backend
+        self.grad_norm: Tensor | None = None
+        self._k: Tensor | None = None
+        self._schedule_table: Tensor | None = None
+        self._buckets: list[tuple[int, Bucket]] = []
+        self._bucket_key: tuple[int, ...] = ()
+        self._impl: Any = None
+        self._impl_device: torch.device | None = None
+
+    # ------------------------------------------------------------------ state
+    def _device(self) -> torch.device | None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return None
+
+    def _schedule_index(self, device: torch.device) -> Tensor:
+        if self._k is None or self._k.device != device:
+            self._k = torch.zeros((), dtype=torch.int64, device=device)
+        return self._k
+
+    @property
+    def schedule_index(self) -> Tensor | None:
+        """int64 0-d device tensor: updates applied so far, the ``k`` of the next update."""
+        return self._k
+
+    def scheduled_lr(self, group: int = 0) -> Tensor:
+        """The LR the next update applies to ``param_groups[group]``, as a 0-d float64 device tensor."""
+        device = self._device() or torch.device("cpu")
+        lr = torch.full((), self.param_groups[group]["lr"], dtype=torch.float64, device=device)
+        return lr if self.schedule is None else lr * self.schedule(self._schedule_index(device))
+
+    def _init_state(self, p: Tensor, amsgrad: bool) -> None:
+        state = self.state[p]
+        if len(state) == 0:
+            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+
+    def _collect(self) -> list[tuple[int, list[Tensor]]]:
+        """Params with grads per group, validated before anything is modified."""
+        device = None
+        found: list[tuple[int, list[Tensor]]] = []
+        for gi, group in enumerate(self.param_groups):
+            _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            ps = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError("fusedlr.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                if torch.is_complex(p):
+                    raise RuntimeError(
+                        "fusedlr.AdamW does not support complex parameters; "
+                        "register torch.view_as_real(param) as the parameter instead"
+                    )
+                if p.dtype not in _SUPPORTED_DTYPES or g.dtype not in _SUPPORTED_DTYPES:
+                    raise RuntimeError(f"fusedlr.AdamW supports float32/float16/bfloat16/float64, got {p.dtype}")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter {tuple(p.shape)}")
+                if device is None:
+                    device = p.device
+                if p.device != device or g.device != device:
+                    raise RuntimeError(
+                        f"fusedlr.AdamW needs all parameters and gradients on one device, found {device} "
+                        f"and {p.device}/{g.device}; create one optimizer per device"
+                    )
+                ps.append(p)
+            if ps:
+                found.append((gi, ps))
+        return found
+
+    def _rebuild(self, found: list[tuple[int, list[Tensor]]]) -> None:
+        """Group the params into buckets and point each ``state['step']`` into its bucket's counter."""
+        self._buckets = []
+        for gi, ps in found:
+            amsgrad = self.param_groups[gi]["amsgrad"]
+            by_dtype: dict[tuple[torch.dtype, torch.dtype], list[Tensor]] = {}
+            for p in ps:
+                self._init_state(p, amsgrad)
+                by_dtype.setdefault((p.dtype, p.grad.dtype), []).append(p)
+            for members in by_dtype.values():
+                states = [self.state[p] for p in members]
+                steps = torch.stack([s["step"].to(torch.int64) for s in states])
+                for i, s in enumerate(states):
+                    s["step"] = steps[i]
+                bucket = Bucket(
+                    params=members,
+                    exp_avgs=[s["exp_avg"] for s in states],
+                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                    max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+                    steps=steps,
+                )
+                self._buckets.append((gi, bucket))
+
+    def _hyper(self, gi: int) -> GroupHyper:
+        group = self.param_groups[gi]
+        return GroupHyper(
+            lr=float(group["lr"]),
+            beta1=float(group["betas"][0]),
+            beta2=float(group["betas"][1]),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    # ------------------------------------------------------------------ AMP
+    def _amp(self, device: torch.device, grad_scaler: Any) -> tuple[Tensor | None, Tensor | None, bool]:
+        """(inv_scale, found_inf, check_inf): what AMP asks of this step.
+
+        ``grad_scaler`` (GradScaler's keyword contract): unscale here unless the user already called
+        ``scaler.unscale_(opt)``, in which case its recorded ``found_inf`` is used. Otherwise the
+        attribute contract: ``self.grad_scale`` (None once unscaled) and ``self.found_inf``, which is
+        honoured even when ``grad_scale`` is None.
+        """
+        if grad_scaler is not None:
+            from torch.amp.grad_scaler import OptState
+
+            opt_state = grad_scaler._per_optimizer_states[id(self)]
+            if opt_state["stage"] is OptState.UNSCALED:
+                recorded = list(opt_state["found_inf_per_device"].values())
+                return None, sum(t.to(device, non_blocking=True) for t in recorded), False
+            scale = grad_scaler._scale
+            if scale is None:
+                raise RuntimeError("GradScaler has no scale yet: call scaler.scale(loss).backward() before step")
+            return scale.double().reciprocal().float().to(device, non_blocking=True), None, True
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float().to(device)
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+        return inv_scale, found_inf, False
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None, grad_scaler: Any = None) -> float | None:  # type: ignore[override]
+        """One fused update of every parameter that has a gradient.
+
+        ``grad_scaler`` is passed by ``torch.amp.GradScaler.step``; do not pass it yourself.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found = self._collect()
+        if not found:
+            return loss
+        key = tuple(id(p) for _, ps in found for p in ps)
+        if key != self._bucket_key or not self._buckets:
+            self._rebuild(found)
+            self._bucket_key = key
+        device = self._buckets[0][1].device
+        if self._impl is None or self._impl_device != device:
+            self._impl = backends.resolve(self.backend, device)
+            self._impl_device = device
+        impl = self._impl
+
+        inv_scale, found_inf, check_inf = self._amp(device, grad_scaler)
+        grads_of = {id(b): [p.grad for p in b.params] for _, b in self._buckets}
+        stats = None
+        if self.max_grad_norm is not None or check_inf:
+            stats = torch.zeros(2, dtype=torch.float32, device=device)
+            for _, b in self._buckets:
+                impl.grad_stats(b, grads_of[id(b)], inv_scale, stats)
+            self.grad_norm = stats[0].sqrt()
+        if check_inf:
+            assert stats is not None
+            found_inf = (stats[1] > 0).to(torch.float32)
+            grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"][device] = found_inf
+
+        if self.schedule is not None and (self._schedule_table is None or self._schedule_table.device != device):
+            self._schedule_table = self.schedule.as_tensor(device)
+        ctrl = StepControl(
+            k=self._schedule_index(device),
+            schedule=self.schedule,
+            schedule_table=self._schedule_table if self.schedule is not None else None,
+            stats=stats,
+            max_norm=self.max_grad_norm,
+            inv_scale=inv_scale,
+            found_inf=found_inf,
+        )
+        applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
+        for gi, b in self._buckets:
+            b.steps.add_(applied)
+            impl.adamw_update(b, grads_of[id(b)], self._hyper(gi), ctrl)
+        ctrl.k.add_(applied)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.AdamW's format (``step`` as a float64 CPU tensor), plus the schedule index."""
+        sd = super().state_dict()
+        sd["state"] = {
+            i: {key: (v.to("cpu", torch.float64) if key == "step" else v) for key, v in s.items()}
+            for i, s in sd["state"].items()
+        }
+        sd["fusedlr"] = {"schedule_index": 0 if self._k is None else int(self._k)}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of ``fusedlr.AdamW`` or ``torch.optim.AdamW`` (any of its modes).
+
+        States are kept in float32 (float64 for float64 params) whatever dtype they were saved in.
+        Without a saved schedule index (a torch state dict), the index resumes at the largest
+        per-parameter step, the number of updates applied when every parameter trained every step.
+        """
+        saved = state_dict["state"]
+        params_of = {
+            pid: p
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+            for pid, p in zip(saved_group["params"], group["params"])
+        }
+        super().load_state_dict(state_dict)
+        largest = 0
+        for pid, s in saved.items():
+            p = params_of[pid]
+            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            state = self.state[p]
+            for key, value in s.items():
+                if key == "step":
+                    step = int(value) if not isinstance(value, Tensor) else int(value.item())
+                    largest = max(largest, step)
+                    state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
+                elif key in _STATE_KEYS:
+                    state[key] = value.to(device=p.device, dtype=dt, copy=True)
+        index = state_dict.get("fusedlr", {}).get("schedule_index", largest)
+        device = self._device()
+        self._k = None if device is None else torch.tensor(int(index), dtype=torch.int64, device=device)
+        self._buckets, self._bucket_key = [], ()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._buckets, self._bucket_key = [], ()
