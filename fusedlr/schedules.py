@@ -88,6 +88,7 @@ def evaluate(kind: Kind, p: Sequence[float], k: Tensor) -> Tensor:
         return torch.pow(p[0], passed)
     if kind == Kind.ONECYCLE:
         linear, n = bool(p[0]), int(p[1])
+        k = torch.clamp(k, max=p[2 + 3 * (n - 1)])  # past the last phase: hold the final value
         out = torch.zeros_like(k)
         start_step = 0.0
         done = torch.zeros_like(k, dtype=torch.bool)
