@@ -4,7 +4,9 @@ global gradient norm and applies an LR schedule, on the device, without a host-d
 from __future__ import annotations
 
 import math
+import operator
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -40,6 +42,17 @@ def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+@dataclass
+class _Plan:
+    """What a step launches, cached while the set of params with gradients stays the same."""
+
+    flat: list[Tensor]  # every param of every group, in order
+    owner: list[int]  # group index of each entry of flat
+    present: list[bool]  # which of flat had a gradient when the plan was built
+    buckets: list[tuple[int, Bucket, list[int]]]  # (group index, bucket, indices into flat)
+    grads: list[Tensor | None]  # the gradients seen by the last step
 
 
 class AdamW(torch.optim.Optimizer):
@@ -106,8 +119,7 @@ class AdamW(torch.optim.Optimizer):
         self.grad_norm: Tensor | None = None
         self._k: Tensor | None = None
         self._schedule_table: Tensor | None = None
-        self._buckets: list[tuple[int, Bucket]] = []
-        self._bucket_key: tuple[int, ...] = ()
+        self._plan: _Plan | None = None
         self._impl: Any = None
         self._impl_device: torch.device | None = None
 
@@ -144,65 +156,90 @@ class AdamW(torch.optim.Optimizer):
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
 
-    def _collect(self) -> list[tuple[int, list[Tensor]]]:
-        """Params with grads per group, validated before anything is modified."""
+    def _validate(self, flat: list[Tensor], grads: list[Tensor | None]) -> None:
+        """Every check that must pass before anything is modified."""
         device = None
-        found: list[tuple[int, list[Tensor]]] = []
-        for gi, group in enumerate(self.param_groups):
-            _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-            ps = []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError("fusedlr.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-                if torch.is_complex(p):
-                    raise RuntimeError(
-                        "fusedlr.AdamW does not support complex parameters; "
-                        "register torch.view_as_real(param) as the parameter instead"
-                    )
-                if p.dtype not in _SUPPORTED_DTYPES or g.dtype not in _SUPPORTED_DTYPES:
-                    raise RuntimeError(f"fusedlr.AdamW supports float32/float16/bfloat16/float64, got {p.dtype}")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter {tuple(p.shape)}")
-                if device is None:
-                    device = p.device
-                if p.device != device or g.device != device:
-                    raise RuntimeError(
-                        f"fusedlr.AdamW needs all parameters and gradients on one device, found {device} "
-                        f"and {p.device}/{g.device}; create one optimizer per device"
-                    )
-                ps.append(p)
-            if ps:
-                found.append((gi, ps))
-        return found
-
-    def _rebuild(self, found: list[tuple[int, list[Tensor]]]) -> None:
-        """Group the params into buckets and point each ``state['step']`` into its bucket's counter."""
-        self._buckets = []
-        for gi, ps in found:
-            amsgrad = self.param_groups[gi]["amsgrad"]
-            by_dtype: dict[tuple[torch.dtype, torch.dtype], list[Tensor]] = {}
-            for p in ps:
-                self._init_state(p, amsgrad)
-                by_dtype.setdefault((p.dtype, p.grad.dtype), []).append(p)
-            for members in by_dtype.values():
-                states = [self.state[p] for p in members]
-                steps = torch.stack([s["step"].to(torch.int64) for s in states])
-                for i, s in enumerate(states):
-                    s["step"] = steps[i]
-                bucket = Bucket(
-                    params=members,
-                    exp_avgs=[s["exp_avg"] for s in states],
-                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-                    max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-                    steps=steps,
+        for p, g in zip(flat, grads):
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                raise RuntimeError("fusedlr.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+            if torch.is_complex(p):
+                raise RuntimeError(
+                    "fusedlr.AdamW does not support complex parameters; "
+                    "register torch.view_as_real(param) as the parameter instead"
                 )
-                self._buckets.append((gi, bucket))
+            if type(p).__name__ == "DTensor" or type(g).__name__ == "DTensor":
+                raise RuntimeError(
+                    "fusedlr.AdamW does not support DTensor (FSDP2) parameters yet; use plain tensors (DDP)"
+                )
+            if p.dtype not in _SUPPORTED_DTYPES or g.dtype not in _SUPPORTED_DTYPES:
+                raise RuntimeError(f"fusedlr.AdamW supports float32/float16/bfloat16/float64, got {p.dtype}")
+            if g.shape != p.shape:
+                raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter {tuple(p.shape)}")
+            device = device or p.device
+            if p.device != device or g.device != device:
+                raise RuntimeError(
+                    f"fusedlr.AdamW needs all parameters and gradients on one device, found {device} "
+                    f"and {p.device}/{g.device}; create one optimizer per device"
+                )
+
+    def _build_plan(self, flat: list[Tensor], owner: list[int], grads: list[Tensor | None]) -> _Plan:
+        """Validate, create missing state, and group the params with grads into buckets.
+
+        Each bucket gets one int64 step counter tensor; ``state['step']`` of its params become views of it.
+        """
+        self._validate(flat, grads)
+        members: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = {}
+        for i, (p, g) in enumerate(zip(flat, grads)):
+            if g is not None:
+                members.setdefault((owner[i], p.dtype, g.dtype), []).append(i)
+        buckets = []
+        for (gi, _, _), idx in members.items():
+            amsgrad = bool(self.param_groups[gi]["amsgrad"])
+            for i in idx:
+                self._init_state(flat[i], amsgrad)
+            states = [self.state[flat[i]] for i in idx]
+            steps = torch.stack([s["step"].to(torch.int64) for s in states])
+            for j, s in enumerate(states):
+                s["step"] = steps[j]
+            bucket = Bucket(
+                params=[flat[i] for i in idx],
+                exp_avgs=[s["exp_avg"] for s in states],
+                exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+                steps=steps,
+            )
+            buckets.append((gi, bucket, idx))
+        return _Plan(flat, owner, [g is not None for g in grads], buckets, grads)
+
+    def _plan_for_step(self) -> _Plan:
+        """The cached plan, rebuilt only when the set of params with grads changed.
+
+        The hot path touches each gradient once (identity compare); new gradient tensors are only
+        checked for being dense, since torch's ``.grad`` setter and autograd guarantee the rest.
+        """
+        plan = self._plan
+        if plan is None:
+            flat = [p for group in self.param_groups for p in group["params"]]
+            owner = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
+        else:
+            flat, owner = plan.flat, plan.owner
+        grads = [p.grad for p in flat]
+        if plan is not None and all(map(operator.is_, grads, plan.grads)):
+            return plan
+        if plan is None or [g is not None for g in grads] != plan.present:
+            self._plan = plan = self._build_plan(flat, owner, grads)
+            return plan
+        strided = torch.strided
+        if not all([g is None or g.layout is strided for g in grads]):
+            self._validate(flat, grads)
+        plan.grads = grads
+        return plan
 
     def _hyper(self, gi: int) -> GroupHyper:
         group = self.param_groups[gi]
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         return GroupHyper(
             lr=float(group["lr"]),
             beta1=float(group["betas"][0]),
@@ -251,26 +288,23 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        found = self._collect()
-        if not found:
+        plan = self._plan_for_step()
+        if not plan.buckets:
             return loss
-        key = tuple(id(p) for _, ps in found for p in ps)
-        if key != self._bucket_key or not self._buckets:
-            self._rebuild(found)
-            self._bucket_key = key
-        device = self._buckets[0][1].device
+        device = plan.buckets[0][1].device
         if self._impl is None or self._impl_device != device:
             self._impl = backends.resolve(self.backend, device)
             self._impl_device = device
         impl = self._impl
+        grads = plan.grads
+        work = [(self._hyper(gi), b, [grads[i] for i in idx]) for gi, b, idx in plan.buckets]
 
         inv_scale, found_inf, check_inf = self._amp(device, grad_scaler)
-        grads_of = {id(b): [p.grad for p in b.params] for _, b in self._buckets}
         stats = None
         if self.max_grad_norm is not None or check_inf:
             stats = torch.zeros(2, dtype=torch.float32, device=device)
-            for _, b in self._buckets:
-                impl.grad_stats(b, grads_of[id(b)], inv_scale, stats)
+            for _, b, gs in work:
+                impl.grad_stats(b, gs, inv_scale, stats)
             self.grad_norm = stats[0].sqrt()
         if check_inf:
             assert stats is not None
@@ -289,9 +323,9 @@ class AdamW(torch.optim.Optimizer):
             found_inf=found_inf,
         )
         applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
-        for gi, b in self._buckets:
+        for hyper, b, gs in work:
             b.steps.add_(applied)
-            impl.adamw_update(b, grads_of[id(b)], self._hyper(gi), ctrl)
+            impl.adamw_update(b, gs, hyper, ctrl)
         ctrl.k.add_(applied)
         return loss
 
@@ -335,7 +369,7 @@ class AdamW(torch.optim.Optimizer):
         index = state_dict.get("fusedlr", {}).get("schedule_index", largest)
         device = self._device()
         self._k = None if device is None else torch.tensor(int(index), dtype=torch.int64, device=device)
-        self._buckets, self._bucket_key = [], ()
+        self._plan = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -345,4 +379,4 @@ class AdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._buckets, self._bucket_key = [], ()
+        self._plan = None
