@@ -369,3 +369,30 @@ def test_scheduled_lr_reports_the_next_updates_lr() -> None:
         p.grad = torch.ones(3)
         opt.step()
     assert math.isclose(float(opt.scheduled_lr()), 0.5 * SCHED(6))
+
+
+def test_a_sparse_gradient_appearing_later_is_still_refused() -> None:
+    p = torch.nn.Parameter(torch.ones(4, 2))
+    opt = fusedlr.AdamW([p], backend="torch")
+    p.grad = torch.ones(4, 2)
+    opt.step()
+    p.grad = torch.ones(4, 2).to_sparse()
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_add_param_group_after_training_starts() -> None:
+    ours, ref = make_model(), make_model()
+    opt = fusedlr.AdamW(list(ours[0].parameters()), lr=1e-2, backend="torch")
+    topt = torch.optim.AdamW(list(ref[0].parameters()), lr=1e-2)
+    for i in range(6):
+        if i == 3:
+            opt.add_param_group({"params": list(ours[2].parameters()) + list(ours[4].parameters()), "lr": 5e-3})
+            topt.add_param_group({"params": list(ref[2].parameters()) + list(ref[4].parameters()), "lr": 5e-3})
+        for m, o in ((ours, opt), (ref, topt)):
+            o.zero_grad()
+            loss_of(m, i).backward()
+            o.step()
+        assert_same_params(ours, ref)
