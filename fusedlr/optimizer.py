@@ -4,7 +4,6 @@ global gradient norm and applies an LR schedule, on the device, without a host-d
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -52,7 +51,6 @@ class _Plan:
     owner: list[int]  # group index of each entry of flat
     present: list[bool]  # which of flat had a gradient when the plan was built
     buckets: list[tuple[int, Bucket, list[int]]]  # (group index, bucket, indices into flat)
-    grads: list[Tensor | None]  # the gradients seen by the last step
 
 
 class AdamW(torch.optim.Optimizer):
@@ -211,13 +209,14 @@ class AdamW(torch.optim.Optimizer):
                 steps=steps,
             )
             buckets.append((gi, bucket, idx))
-        return _Plan(flat, owner, [g is not None for g in grads], buckets, grads)
+        return _Plan(flat, owner, [g is not None for g in grads], buckets)
 
-    def _plan_for_step(self) -> _Plan:
-        """The cached plan, rebuilt only when the set of params with grads changed.
+    def _plan_for_step(self) -> tuple[_Plan, list[Tensor | None]]:
+        """The cached plan (rebuilt only when the set of params with grads changed) and this step's grads.
 
-        The hot path touches each gradient once (identity compare); new gradient tensors are only
-        checked for being dense, since torch's ``.grad`` setter and autograd guarantee the rest.
+        Gradients are not kept between steps (that would hold a second set of them alive through the
+        next backward). New gradient tensors are only checked for being dense: torch's ``.grad``
+        setter and autograd guarantee their dtype, shape and device.
         """
         plan = self._plan
         if plan is None:
@@ -226,16 +225,13 @@ class AdamW(torch.optim.Optimizer):
         else:
             flat, owner = plan.flat, plan.owner
         grads = [p.grad for p in flat]
-        if plan is not None and all(map(operator.is_, grads, plan.grads)):
-            return plan
         if plan is None or [g is not None for g in grads] != plan.present:
             self._plan = plan = self._build_plan(flat, owner, grads)
-            return plan
+            return plan, grads
         strided = torch.strided
         if not all([g is None or g.layout is strided for g in grads]):
             self._validate(flat, grads)
-        plan.grads = grads
-        return plan
+        return plan, grads
 
     def _hyper(self, gi: int) -> GroupHyper:
         group = self.param_groups[gi]
@@ -288,7 +284,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._plan_for_step()
+        plan, grads = self._plan_for_step()
         if not plan.buckets:
             return loss
         device = plan.buckets[0][1].device
@@ -296,7 +292,6 @@ class AdamW(torch.optim.Optimizer):
             self._impl = backends.resolve(self.backend, device)
             self._impl_device = device
         impl = self._impl
-        grads = plan.grads
         work = [(self._hyper(gi), b, [grads[i] for i in idx]) for gi, b, idx in plan.buckets]
 
         inv_scale, found_inf, check_inf = self._amp(device, grad_scaler)
