@@ -1,0 +1,104 @@
+"""The Triton backend: the interface of ``fusedlr.reference`` with one kernel launch per bucket and pass.
+
+``grad_stats`` (pass 1) and ``adamw_update`` (pass 2) each enqueue a single multi-tensor launch
+whatever the number of tensors, addressed through device-resident pointer tables built once per
+bucket (``tables.py``). Nothing reads a device value on the host, so a step never syncs and can be
+captured in a CUDA graph (after one eager step, which builds the tables).
+
+Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow,
+for tests). Buckets whose params or states are not dense in one shared layout (see
+``tables.py``) are updated by the reference backend instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..bucket import Bucket
+from ..control import GroupHyper, StepControl
+
+# The kernel modules import triton (which reads TRITON_INTERPRET when the kernels are defined).
+# Imported before the functions below are defined: ``grad_stats`` names both a submodule and a
+# function of this package, and the function must win.
+try:
+    from . import adamw as _adamw_kernel
+    from . import grad_stats as _grad_stats_kernel
+    from . import tables as _tables
+
+    _IMPORT_ERROR: Exception | None = None
+    # Whether the kernels were defined for the interpreter (TRITON_INTERPRET=1 at import).
+    _INTERPRETED = type(_adamw_kernel._adamw_kernel).__name__ == "InterpretedFunction"
+except ImportError as _err:  # triton missing or broken: available() says so
+    _IMPORT_ERROR = _err
+    _INTERPRETED = False
+
+__all__ = ["NAME", "adamw_update", "available", "grad_stats"]
+
+NAME = "triton"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def available(device: torch.device) -> str | None:
+    """None when this backend can run on ``device``, else the reason and the fix."""
+    if _IMPORT_ERROR is not None:
+        if getattr(_IMPORT_ERROR, "name", None) == "triton":
+            return "triton is not installed: pip install triton"
+        return f"triton could not be imported ({_IMPORT_ERROR}): reinstall it (pip install -U triton)"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available to torch: install a CUDA build of torch and a GPU driver"
+        return None
+    if device.type == "cpu":
+        if _interpreting():
+            if not _INTERPRETED:
+                return (
+                    "the kernels were defined before TRITON_INTERPRET=1 was set: set it before "
+                    "fusedlr.triton is first imported"
+                )
+            return None
+        return (
+            "triton kernels need a CUDA device; on the CPU they only run under the interpreter "
+            "(set TRITON_INTERPRET=1 before importing triton; slow, for tests), or use backend='torch'"
+        )
+    return f"triton backend runs on CUDA devices, not {device.type}: use backend='torch'"
+
+
+def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
+    """Pass 1: ``out[0] += sum((g * inv_scale)^2)`` (float32), ``out[1] += non-finite count``; one launch."""
+    tables = _tables.bucket_tables(bucket)
+    if tables is None:
+        reference.grad_stats(bucket, grads, inv_scale, out)
+        return
+    if tables.n_blocks == 0:
+        return
+    gtab, used = _tables.grad_table(tables, bucket, grads)
+    _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, inv_scale, out)
+
+
+def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
+    """Pass 2: one AdamW update of every tensor of ``bucket`` (``fusedlr.reference``'s math); one launch."""
+    tables = _tables.bucket_tables(bucket)
+    if tables is None:
+        reference.adamw_update(bucket, grads, hyper, ctrl)
+        return
+    if tables.n_blocks == 0:
+        return
+    gtab, used = _tables.grad_table(tables, bucket, grads)
+    _adamw_kernel.launch_adamw(
+        tables,
+        gtab,
+        bucket.steps,
+        bucket.params[0].dtype,
+        used[0].dtype,
+        bucket.max_exp_avg_sqs is not None,
+        hyper,
+        ctrl,
+    )

@@ -1,0 +1,330 @@
+"""Pass 2 kernel: the fused AdamW update of every tensor of a bucket in one launch.
+
+Per program (one ``CHUNK`` of one tensor) the kernel evaluates, in float64 scalars, the applied
+LR ``lr * sched(k)`` from the schedule table, the clip coefficient from ``stats[0]``, the AMP
+scale, and the bias corrections ``1 - beta^t = -expm1(t * log(beta))`` for the tensor's step
+``t``; then it applies ``fusedlr.reference``'s per-element math in the state dtype (float32, or
+float64 for float64 params) with correctly rounded division and square root. When
+``found_inf > 0`` every load and store is masked off: nothing is written.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..control import CLIP_EPS, GroupHyper, StepControl
+from .grad_stats import TL_DTYPES
+from .schedule import schedule_constexprs, schedule_multiplier
+from .tables import (
+    BLOCK,
+    FIELD_FIRST,
+    FIELD_M,
+    FIELD_NUMEL,
+    FIELD_P,
+    FIELD_STEP,
+    FIELD_V,
+    FIELD_VMAX,
+    ITERS,
+    ROW,
+    LaunchTables,
+)
+
+__all__ = ["launch_adamw"]
+
+
+@triton.jit
+def _expm1(x):
+    """``exp(x) - 1`` without cancellation for small ``|x|`` (Kahan's trick), float64."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    log_u = tl.log(tl.where((u == 1.0) | (u == 0.0), 2.0, u))
+    r = um1 * x / log_u
+    r = tl.where(u == 1.0, x, r)
+    return tl.where(um1 == -1.0, -1.0, r)
+
+
+@triton.jit
+def _div(a, b, S_DTYPE: tl.constexpr):
+    if S_DTYPE == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(a, S_DTYPE: tl.constexpr):
+    if S_DTYPE == tl.float64:
+        return tl.sqrt(a)
+    else:
+        return tl.sqrt_rn(a)
+
+
+@triton.jit
+def _to_param(x, P_DTYPE: tl.constexpr):
+    """Round the float32/float64 result to the param dtype, to nearest even.
+
+    bfloat16 is rounded with integer ops (so the interpreter, whose float32->bfloat16 cast
+    truncates, rounds like the GPU and like torch); NaN becomes the canonical 0x7FC0.
+    """
+    if P_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        out = tl.where(x != x, 0x7FC0, (bits >> 16).to(tl.uint16))  # noqa: PLR0124 (NaN test)
+        return out.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(P_DTYPE)
+
+
+@triton.jit
+def _at(ptr, offs, ALIGNED: tl.constexpr, BLOCK_: tl.constexpr):
+    """``ptr + offs``; with ``ALIGNED``, declared 16-byte aligned and contiguous (vector accesses)."""
+    ptrs = ptr + offs
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, 16), BLOCK_)
+    return ptrs
+
+
+@triton.jit
+def _load(ptrs, offs, numel, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=offs < numel, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _store(ptrs, x, offs, numel, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=offs < numel)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def _adamw_block(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel,
+    scale, decay, step_size, bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s,
+    HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_: tl.constexpr,
+):
+    """The per-element update of ``BLOCK_`` elements at ``offs`` (masked to ``numel`` if ``MASKED``)."""
+    g_at = _at(g_ptr, offs, ALIGNED, BLOCK_)
+    p_at = _at(p_ptr, offs, ALIGNED, BLOCK_)
+    m_at = _at(m_ptr, offs, ALIGNED, BLOCK_)
+    v_at = _at(v_ptr, offs, ALIGNED, BLOCK_)
+    g = _load(g_at, offs, numel, MASKED).to(S_DTYPE)
+    if HAS_SCALE:
+        g = g * scale
+    if MAXIMIZE:
+        g = -g
+    p = _load(p_at, offs, numel, MASKED).to(S_DTYPE)
+    m = _load(m_at, offs, numel, MASKED)
+    v = _load(v_at, offs, numel, MASKED)
+    p = p * decay
+    m = tl.where(small, m + w * (g - m), g - (g - m) * one_minus_w)
+    v = v * b2 + omb2 * g * g
+    if AMSGRAD:
+        vmax_at = _at(vmax_ptr, offs, ALIGNED, BLOCK_)
+        vmax = tl.maximum(_load(vmax_at, offs, numel, MASKED), v, propagate_nan=tl.PropagateNan.ALL)
+        _store(vmax_at, vmax, offs, numel, MASKED)
+        denom = _div(_sqrt(vmax, S_DTYPE), bias2_sqrt, S_DTYPE) + eps_s
+    else:
+        denom = _div(_sqrt(v, S_DTYPE), bias2_sqrt, S_DTYPE) + eps_s
+    p = p - step_size * _div(m, denom, S_DTYPE)
+    _store(m_at, m, offs, numel, MASKED)
+    _store(v_at, v, offs, numel, MASKED)
+    _store(p_at, _to_param(p, P_DTYPE), offs, numel, MASKED)
+
+
+@triton.jit
+def _adamw_kernel(
+    rows_ptr,
+    blocks_ptr,
+    grads_ptr,
+    steps_ptr,
+    k_ptr,
+    sched_ptr,
+    stats_ptr,
+    inv_scale_ptr,
+    found_inf_ptr,
+    lr: tl.float64,
+    lerp_weight: tl.float64,
+    beta2: tl.float64,
+    one_minus_beta2: tl.float64,
+    log_beta1: tl.float64,
+    log_beta2: tl.float64,
+    eps: tl.float64,
+    weight_decay: tl.float64,
+    max_norm: tl.float64,
+    CLIP_EPS_: tl.constexpr,
+    SCHED_KIND: tl.constexpr,
+    SCHED_N: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    ROW_: tl.constexpr,
+    F_P: tl.constexpr,
+    F_M: tl.constexpr,
+    F_V: tl.constexpr,
+    F_VMAX: tl.constexpr,
+    F_NUMEL: tl.constexpr,
+    F_STEP: tl.constexpr,
+    F_FIRST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_: tl.constexpr,
+    ITERS_: tl.constexpr,
+):
+    """One program: chunk ``pid`` of the bucket (see ``tables.py`` for the addressing)."""
+    # Float arguments as float64 scalars (the interpreter passes plain Python floats).
+    lr = tl.full((), lr, tl.float64)
+    lerp_weight = tl.full((), lerp_weight, tl.float64)
+    beta2 = tl.full((), beta2, tl.float64)
+    one_minus_beta2 = tl.full((), one_minus_beta2, tl.float64)
+    log_beta1 = tl.full((), log_beta1, tl.float64)
+    log_beta2 = tl.full((), log_beta2, tl.float64)
+    eps = tl.full((), eps, tl.float64)
+    weight_decay = tl.full((), weight_decay, tl.float64)
+    max_norm = tl.full((), max_norm, tl.float64)
+
+    # Which tensor and which chunk of it.
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(blocks_ptr + pid)
+    base = rows_ptr + row * ROW_
+    numel = tl.load(base + F_NUMEL)
+    start = (pid - tl.load(base + F_FIRST)) * (BLOCK_ * ITERS_)
+    p_ptr = tl.load(base + F_P).to(tl.pointer_type(P_DTYPE))
+    m_ptr = tl.load(base + F_M).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(base + F_V).to(tl.pointer_type(S_DTYPE))
+    g_ptr = tl.load(grads_ptr + row).to(tl.pointer_type(G_DTYPE))
+    t = tl.load(steps_ptr + tl.load(base + F_STEP)).to(tl.float64)
+
+    # Step scalars, float64.
+    k = tl.load(k_ptr).to(tl.float64)
+    lr_t = lr * schedule_multiplier(sched_ptr, k, SCHED_KIND, SCHED_N)
+    bias1 = -_expm1(t * log_beta1)
+    bias2_sqrt = tl.sqrt(-_expm1(t * log_beta2))
+    decay = (1.0 - lr_t * weight_decay).to(S_DTYPE)
+    step_size = (lr_t / bias1).to(S_DTYPE)
+    bias2_sqrt = bias2_sqrt.to(S_DTYPE)
+    if HAS_CLIP:
+        coef = max_norm / (tl.sqrt(tl.load(stats_ptr).to(tl.float64)) + CLIP_EPS_)
+        scale = tl.where(coef >= 1.0, 1.0, coef)  # NaN stays NaN
+        if HAS_INV_SCALE:
+            scale = scale * tl.load(inv_scale_ptr).to(tl.float64)
+        scale = scale.to(S_DTYPE)
+    elif HAS_INV_SCALE:
+        scale = tl.load(inv_scale_ptr).to(S_DTYPE)
+    else:
+        scale = tl.full((), 1.0, S_DTYPE)  # unused
+    if HAS_FOUND_INF:
+        # Skipped step: no element in range, so every load and store is masked off.
+        numel = tl.where(tl.load(found_inf_ptr) > 0.0, 0, numel)
+
+    # Elementwise constants in the state dtype (rounded once, as the reference does).
+    w = lerp_weight.to(S_DTYPE)
+    one_minus_w = 1.0 - w
+    small = lerp_weight < 0.5
+    b2 = beta2.to(S_DTYPE)
+    omb2 = one_minus_beta2.to(S_DTYPE)
+    eps_s = eps.to(S_DTYPE)
+    if AMSGRAD:
+        vmax_ptr = tl.load(base + F_VMAX).to(tl.pointer_type(S_DTYPE))
+    else:
+        vmax_ptr = v_ptr  # never accessed
+
+    for it in range(ITERS_):
+        lo = start + it * BLOCK_
+        offs = lo + tl.arange(0, BLOCK_).to(tl.int64)
+        if ALIGNED:
+            if lo + BLOCK_ <= numel:  # a full block: unmasked, vectorized accesses
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, scale, decay, step_size,
+                             bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
+                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, False, True, BLOCK_)
+            else:
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, scale, decay, step_size,
+                             bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
+                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, True, True, BLOCK_)
+        else:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, scale, decay, step_size,
+                         bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
+                         MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, True, False, BLOCK_)
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
+def launch_adamw(
+    tables: LaunchTables,
+    grads_table: Tensor,
+    steps: Tensor,
+    param_dtype: torch.dtype,
+    grad_dtype: torch.dtype,
+    amsgrad: bool,
+    hyper: GroupHyper,
+    ctrl: StepControl,
+) -> None:
+    """Enqueue the AdamW update of every tensor of a bucket (see the module docstring)."""
+    if tables.n_blocks == 0:
+        return
+    kind, n = schedule_constexprs(ctrl.schedule)
+    has_clip = ctrl.max_norm is not None
+    if has_clip and ctrl.stats is None:
+        raise ValueError("clipping needs the reduction pass (ctrl.stats)")
+    sched = ctrl.schedule_table if ctrl.schedule is not None else None
+    if ctrl.schedule is not None and sched is None:
+        raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
+    dummy = ctrl.k
+    _adamw_kernel[(tables.n_blocks,)](
+        tables.rows,
+        tables.blocks,
+        grads_table,
+        steps,
+        ctrl.k,
+        sched if sched is not None else dummy,
+        ctrl.stats if has_clip else dummy,
+        ctrl.inv_scale if ctrl.inv_scale is not None else dummy,
+        ctrl.found_inf if ctrl.found_inf is not None else dummy,
+        float(hyper.lr),
+        1.0 - float(hyper.beta1),
+        float(hyper.beta2),
+        1.0 - float(hyper.beta2),
+        _log(float(hyper.beta1)),
+        _log(float(hyper.beta2)),
+        float(hyper.eps),
+        float(hyper.weight_decay),
+        float(ctrl.max_norm) if has_clip else 0.0,
+        CLIP_EPS_=CLIP_EPS,
+        SCHED_KIND=kind,
+        SCHED_N=n,
+        HAS_CLIP=has_clip,
+        HAS_INV_SCALE=ctrl.inv_scale is not None,
+        HAS_FOUND_INF=ctrl.found_inf is not None,
+        AMSGRAD=amsgrad,
+        MAXIMIZE=bool(hyper.maximize),
+        P_DTYPE=TL_DTYPES[param_dtype],
+        G_DTYPE=TL_DTYPES[grad_dtype],
+        S_DTYPE=tl.float64 if param_dtype == torch.float64 else tl.float32,
+        ROW_=ROW,
+        F_P=FIELD_P,
+        F_M=FIELD_M,
+        F_V=FIELD_V,
+        F_VMAX=FIELD_VMAX,
+        F_NUMEL=FIELD_NUMEL,
+        F_STEP=FIELD_STEP,
+        F_FIRST=FIELD_FIRST,
+        ALIGNED=tables.aligned and tables.grads_aligned,
+        BLOCK_=BLOCK,
+        ITERS_=ITERS,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )

@@ -1,0 +1,99 @@
+"""Pass 1 kernel: multi-tensor sum of squares of the unscaled gradients and non-finite count.
+
+One launch per bucket; every program reduces one ``CHUNK`` of one gradient in float32 (whatever
+the gradient dtype) and adds its partial results into ``out`` with atomics:
+``out[0] += sum((g.float() * inv_scale)^2)``, ``out[1] += number of non-finite elements``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .tables import BLOCK, FIELD_FIRST, FIELD_NUMEL, ITERS, ROW, LaunchTables
+
+__all__ = ["TL_DTYPES", "launch_grad_stats"]
+
+#: torch dtype -> triton dtype of the tensors the kernels address.
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+_INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def _grad_stats_kernel(
+    rows_ptr,
+    blocks_ptr,
+    grads_ptr,
+    inv_scale_ptr,
+    out_ptr,
+    HAS_INV_SCALE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    ROW_: tl.constexpr,
+    F_NUMEL: tl.constexpr,
+    F_FIRST: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_: tl.constexpr,
+    ITERS_: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(blocks_ptr + pid)
+    numel = tl.load(rows_ptr + row * ROW_ + F_NUMEL)
+    start = (pid - tl.load(rows_ptr + row * ROW_ + F_FIRST)) * (BLOCK_ * ITERS_)
+    g_ptr = tl.load(grads_ptr + row).to(tl.pointer_type(G_DTYPE))
+    if HAS_INV_SCALE:
+        inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
+    acc = tl.zeros([BLOCK_], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_], dtype=tl.int32)
+    for it in range(ITERS_):
+        lo = start + it * BLOCK_
+        offs = lo + tl.arange(0, BLOCK_).to(tl.int64)
+        if ALIGNED:
+            if lo + BLOCK_ <= numel:  # a full block: unmasked, vectorized loads
+                g = tl.load(tl.max_contiguous(tl.multiple_of(g_ptr + offs, 16), BLOCK_))
+            else:
+                g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0)
+        else:
+            g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0)
+        if G_DTYPE == tl.float64:
+            finite = tl.abs(g) < _INF
+        else:
+            finite = tl.abs(g.to(tl.float32)) < _INF
+        gf = g.to(tl.float32)
+        if HAS_INV_SCALE:
+            gf = gf * inv_scale
+        acc += gf * gf
+        bad += tl.where(finite, 0, 1)
+    tl.atomic_add(out_ptr, tl.sum(acc, axis=0))
+    tl.atomic_add(out_ptr + 1, tl.sum(bad, axis=0).to(tl.float32))
+
+
+def launch_grad_stats(
+    tables: LaunchTables, grads_table: Tensor, grad_dtype: torch.dtype, inv_scale: Tensor | None, out: Tensor
+) -> None:
+    """Enqueue the reduction over every gradient of a bucket into ``out`` (float32 ``[2]``)."""
+    if tables.n_blocks == 0:
+        return
+    _grad_stats_kernel[(tables.n_blocks,)](
+        tables.rows,
+        tables.blocks,
+        grads_table,
+        inv_scale if inv_scale is not None else out,
+        out,
+        HAS_INV_SCALE=inv_scale is not None,
+        G_DTYPE=TL_DTYPES[grad_dtype],
+        ROW_=ROW,
+        F_NUMEL=FIELD_NUMEL,
+        F_FIRST=FIELD_FIRST,
+        ALIGNED=tables.grads_aligned,
+        BLOCK_=BLOCK,
+        ITERS_=ITERS,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )

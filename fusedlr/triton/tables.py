@@ -1,0 +1,212 @@
+"""Device-resident pointer tables for the multi-tensor launches, built once per bucket.
+
+A launch covers every tensor of a bucket with one grid. Each program owns a chunk of ``CHUNK``
+consecutive elements (``ITERS`` iterations of ``BLOCK``) of one tensor, found through two int64
+device tables:
+
+* ``rows`` ``[n_rows, ROW]``: per non-empty tensor, the addresses of param, exp_avg, exp_avg_sq and
+  max_exp_avg_sq (0 without amsgrad), its element count, its index into ``bucket.steps`` and the id
+  of its first program (``FIELD_*`` give the column of each);
+* ``blocks`` ``[n_blocks]``: the row each program works on; the program's first element is
+  ``(pid - rows[row, FIELD_FIRST]) * CHUNK``.
+
+Gradient addresses live in a separate ``grads`` table ``[n_rows]``, re-uploaded only when the
+gradient tensors' addresses change (params and states are fixed for the bucket's life, gradients
+may be new tensors every step). Uploads go through pinned host memory with ``non_blocking=True``,
+so building or refreshing a table never waits for the device. Offsets are int64 throughout.
+
+Tensors are addressed in storage order, so each must be dense (no gaps, no overlap) and the
+states (and gradients) must share the param's layout. A bucket whose params or states are not
+(``bucket_tables`` returns None) is left to the reference backend; gradients of another layout
+are copied into the param's layout (read-only, so the copy is safe).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..bucket import Bucket
+
+__all__ = [
+    "ALIGN",
+    "BLOCK",
+    "CHUNK",
+    "FIELD_FIRST",
+    "FIELD_M",
+    "FIELD_NUMEL",
+    "FIELD_P",
+    "FIELD_STEP",
+    "FIELD_V",
+    "FIELD_VMAX",
+    "ITERS",
+    "ROW",
+    "LaunchTables",
+    "bucket_tables",
+    "grad_table",
+    "is_dense",
+]
+
+#: Elements per vector iteration of a program (fixed: no autotuning of an in-place kernel).
+BLOCK = 1024
+#: Iterations per program.
+ITERS = 4
+#: Elements per program.
+CHUNK = BLOCK * ITERS
+
+FIELD_P, FIELD_M, FIELD_V, FIELD_VMAX, FIELD_NUMEL, FIELD_STEP, FIELD_FIRST = range(7)
+#: int64 entries per row of the ``rows`` table.
+ROW = 7
+#: Byte alignment that lets the kernels use vector accesses on full blocks (when every address has it).
+ALIGN = 16
+
+_CACHE_KEY = "triton.tables"
+
+
+@dataclass
+class LaunchTables:
+    """One bucket's launch tables (device tensors) and what refreshing the grad table needs."""
+
+    rows: Tensor  # int64 [n_rows, ROW]
+    blocks: Tensor  # int64 [n_blocks]
+    members: list[int]  # bucket index of each row (the bucket's non-empty tensors)
+    n_blocks: int
+    aligned: bool  # every param and state address is a multiple of ALIGN bytes
+    grads: Tensor | None = None  # int64 [n_rows] gradient addresses
+    grad_ptrs: tuple[int, ...] = ()  # host copy of what ``grads`` holds
+    grads_aligned: bool = False  # every address in ``grads`` is a multiple of ALIGN bytes
+    grad_refs: list[weakref.ref[Tensor]] = field(default_factory=list)  # the gradients ``grads`` points to
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t``'s elements fill ``numel`` consecutive slots of memory (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same shape and same strides on every dim of size > 1 (so the same storage order)."""
+    return a.shape == b.shape and all(
+        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1
+    )
+
+
+def _upload(host: Tensor, device: torch.device, out: Tensor | None = None) -> Tensor:
+    """Copy a host tensor to ``device`` without a host-device sync (pinned + non_blocking)."""
+    if device.type == "cpu":
+        if out is None:
+            return host
+        out.copy_(host)
+        return out
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fusedlr triton backend: the launch tables must be built before CUDA graph capture; "
+            "run one eager optimizer step (with the same gradient tensors) before capturing"
+        )
+    pinned = host.pin_memory()
+    # The pinned block is not reused by PyTorch's host allocator before this copy has completed.
+    if out is None:
+        out = torch.empty(host.shape, dtype=host.dtype, device=device)
+    out.copy_(pinned, non_blocking=True)
+    return out
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _eligible(bucket: Bucket) -> bool:
+    """Params dense, states dense in the param's layout, of the state dtype, on the bucket's device."""
+    device = bucket.device
+    for i, p in enumerate(bucket.params):
+        states = [bucket.exp_avgs[i], bucket.exp_avg_sqs[i]]
+        if bucket.max_exp_avg_sqs is not None:
+            states.append(bucket.max_exp_avg_sqs[i])
+        if p.device != device or not is_dense(p):
+            return False
+        for s in states:
+            if s.dtype != _state_dtype(p) or s.device != device or not _same_layout(s, p):
+                return False
+    return True
+
+
+def bucket_tables(bucket: Bucket) -> LaunchTables | None:
+    """The bucket's launch tables (built on first use and cached in ``bucket.cache``).
+
+    None when the bucket cannot be addressed in storage order (see the module docstring).
+    """
+    if _CACHE_KEY in bucket.cache:
+        return bucket.cache[_CACHE_KEY]  # type: ignore[return-value]
+    tables = _build(bucket) if _eligible(bucket) else None
+    bucket.cache[_CACHE_KEY] = tables
+    return tables
+
+
+def _build(bucket: Bucket) -> LaunchTables:
+    rows: list[list[int]] = []
+    blocks: list[int] = []
+    members: list[int] = []
+    for i, p in enumerate(bucket.params):
+        n = p.numel()
+        if n == 0:
+            continue  # nothing to update; no program may be given to it
+        vmax = bucket.max_exp_avg_sqs[i].data_ptr() if bucket.max_exp_avg_sqs is not None else 0
+        n_prog = -(-n // CHUNK)
+        rows.append(
+            [p.data_ptr(), bucket.exp_avgs[i].data_ptr(), bucket.exp_avg_sqs[i].data_ptr(), vmax, n, i, len(blocks)]
+        )
+        blocks.extend([len(rows) - 1] * n_prog)
+        members.append(i)
+    aligned = all(addr % ALIGN == 0 for row in rows for addr in row[FIELD_P : FIELD_VMAX + 1])
+    host_rows = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), ROW)
+    host_blocks = torch.tensor(blocks, dtype=torch.int64)
+    device = bucket.device
+    return LaunchTables(
+        rows=_upload(host_rows, device),
+        blocks=_upload(host_blocks, device),
+        members=members,
+        n_blocks=len(blocks),
+        aligned=aligned,
+    )
+
+
+def grad_table(tables: LaunchTables, bucket: Bucket, grads: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The device table of gradient addresses for ``grads`` (refreshed only when they moved).
+
+    Returns the table and the gradient tensors it points to (copies in the param's layout for
+    gradients of another layout), which the caller keeps alive until the launch is enqueued.
+    Fast path (the common case): the same gradient tensors as last time, at the same addresses.
+    """
+    members = tables.members
+    last = tables.grad_refs
+    if len(last) == len(members) and all(ref() is grads[i] for ref, i in zip(last, members)):
+        used = [grads[i] for i in members]
+        if tuple(g.data_ptr() for g in used) == tables.grad_ptrs:
+            return tables.grads, used  # type: ignore[return-value]
+    used: list[Tensor] = []
+    direct = True
+    for i in members:
+        g, p = grads[i], bucket.params[i]
+        if not _same_layout(g, p):
+            g = torch.empty_like(p, dtype=g.dtype, memory_format=torch.preserve_format).copy_(g)
+            direct = False
+        used.append(g)
+    ptrs = tuple(g.data_ptr() for g in used)
+    if ptrs != tables.grad_ptrs or tables.grads is None:
+        host = torch.tensor(ptrs, dtype=torch.int64)
+        tables.grads = _upload(host, bucket.device, tables.grads)
+        tables.grad_ptrs = ptrs
+        tables.grads_aligned = all(addr % ALIGN == 0 for addr in ptrs)
+    # Copies are fresh every call, so only gradients used in place can take the fast path.
+    # Weak references: the cache must not keep a step's gradients alive after zero_grad().
+    tables.grad_refs = [weakref.ref(g) for g in used] if direct else []
+    return tables.grads, used

@@ -1,0 +1,674 @@
+"""The Triton backend (``fusedlr/triton``) against the reference backend, state by state.
+
+On a machine without CUDA the kernels run under the Triton interpreter on CPU tensors:
+``TRITON_INTERPRET=1`` is set while ``fusedlr.triton`` is imported (the interpreter is chosen
+when the kernels are defined) and, through ``monkeypatch``, during this module's tests only, so
+other test modules never see it. With CUDA the same tests run compiled on the GPU, plus the
+GPU-only checks at the end (no sync, CUDA graph capture, launch count, 2**31-element tensors).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+_saved_env = os.environ.get("TRITON_INTERPRET")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    import fusedlr.triton as ftriton  # defines the kernels (interpreted on a CPU-only machine)
+finally:
+    if not CUDA:
+        if _saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved_env
+
+import fusedlr
+from fusedlr import reference
+from fusedlr.bucket import Bucket
+from fusedlr.control import GroupHyper, StepControl
+from fusedlr.schedules import Kind
+
+# The kernel modules (``fusedlr.triton.grad_stats`` is shadowed by the function of that name).
+K_ADAMW = sys.modules["fusedlr.triton.adamw"]
+K_STATS = sys.modules["fusedlr.triton.grad_stats"]
+K_SCHED = sys.modules["fusedlr.triton.schedule"]
+K_TABLES = sys.modules["fusedlr.triton.tables"]
+
+if not CUDA and type(K_ADAMW._adamw_kernel).__name__ != "InterpretedFunction":
+    pytest.skip(
+        "fusedlr.triton was imported before this module without TRITON_INTERPRET=1 and there is no GPU",
+        allow_module_level=True,
+    )
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (compiled Triton kernels)")
+
+pytestmark = pytest.mark.filterwarnings(
+    # The interpreter evaluates both sides of tl.where with numpy (e.g. 1/0 in an unused branch).
+    "ignore:divide by zero:RuntimeWarning",
+    "ignore:invalid value:RuntimeWarning",
+    "ignore:overflow encountered:RuntimeWarning",
+    "ignore:GradScaler is going to stop passing itself:FutureWarning",
+)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+# ---------------------------------------------------------------- helpers
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.float32: dict(rtol=1e-5, atol=1e-7),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-6),  # at most one bf16 ulp apart
+    torch.float16: dict(rtol=2**-10, atol=1e-6),
+}
+
+
+# With clipping, float64 states inherit the float32 norm's rounding (its summation order differs).
+TOL_CLIPPED64 = dict(rtol=1e-7, atol=1e-9)
+
+
+def assert_same_state(ref: fusedlr.AdamW, tri: fusedlr.AdamW, what: str = "") -> None:
+    """Every param and every state tensor of ``tri`` equals ``ref``'s (to the dtype's tolerance)."""
+    tol = dict(TOL)
+    if ref.max_grad_norm is not None:
+        tol[torch.float64] = TOL_CLIPPED64
+    for gr, gt in zip(ref.param_groups, tri.param_groups):
+        for i, (pr, pt) in enumerate(zip(gr["params"], gt["params"])):
+            torch.testing.assert_close(pt, pr, **tol[pr.dtype], msg=lambda m, i=i: f"{what} param {i}: {m}")
+            sr, st = ref.state[pr], tri.state[pt]
+            assert sr.keys() == st.keys()
+            for key in sr:
+                if key == "step":
+                    assert torch.equal(st[key], sr[key]), f"{what} param {i} step"
+                else:
+                    assert st[key].stride() == sr[key].stride()
+                    torch.testing.assert_close(
+                        st[key], sr[key], **tol[sr[key].dtype], msg=lambda m, i=i, key=key: f"{what} param {i} {key}: {m}"
+                    )
+
+
+def param_sets(
+    build: Callable[[torch.Generator], list[dict]], **opt_kwargs: object
+) -> tuple[fusedlr.AdamW, fusedlr.AdamW]:
+    """Two identical param groups (same values, same layouts): a reference and a triton optimizer."""
+    ref = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), backend="torch", **opt_kwargs)
+    tri = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), backend="triton", **opt_kwargs)
+    return ref, tri
+
+
+def set_grads(opt: fusedlr.AdamW, step: int, scale: float = 1.0, dtype: torch.dtype | None = None) -> None:
+    """Deterministic gradients (a fresh tensor each call) for every param of ``opt``."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale
+            if dtype is not None and dtype != p.dtype and hasattr(p, "grad_dtype"):
+                p.grad_dtype = None  # allow a gradient dtype other than the param's
+            # In the param's layout, as autograd makes it.
+            p.grad = torch.empty_like(p, dtype=dtype or p.dtype).copy_(g)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def rand(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+
+
+def mixed_groups(dtype: torch.dtype) -> Callable[[torch.Generator], list[dict]]:
+    """Sizes 7, 0, 4097 (a full chunk and a tail), 1, a matrix, a transposed (dense, non-contiguous)
+    matrix and a misaligned view (no vector accesses); two groups with different hyperparameters."""
+
+    def build(gen: torch.Generator) -> list[dict]:
+        misaligned = rand(gen, 34, dtype=dtype)[1:]
+        return [
+            {
+                "params": [
+                    leaf(rand(gen, 7, dtype=dtype)),
+                    leaf(rand(gen, 0, dtype=dtype)),
+                    leaf(rand(gen, 4097, dtype=dtype)),
+                    leaf(rand(gen, 1, dtype=dtype)),
+                ],
+                "weight_decay": 0.1,
+            },
+            {
+                "params": [
+                    leaf(rand(gen, 3, 5, dtype=dtype)),
+                    leaf(rand(gen, 8, 6, dtype=dtype).t()),
+                    leaf(misaligned),
+                ],
+                "weight_decay": 0.0,
+                "lr": 3e-2,
+                "betas": (0.8, 0.99),
+                "eps": 1e-6,
+            },
+        ]
+
+    return build
+
+
+SCHED = fusedlr.get_schedule("cosine", num_warmup_steps=2, num_training_steps=10)
+
+
+# ---------------------------------------------------------------- interface
+def test_available() -> None:
+    assert ftriton.NAME == "triton"
+    assert ftriton.available(DEVICE) is None
+    assert fusedlr.backends.resolve("triton", DEVICE) is ftriton
+    assert "CUDA" in ftriton.available(torch.device("meta"))
+
+
+def test_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = ftriton.available(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fusedlr.backends.resolve("triton", torch.device("cpu"))
+
+
+def test_missing_triton_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ftriton, "_IMPORT_ERROR", ModuleNotFoundError("No module named 'triton'", name="triton"))
+    assert ftriton.available(DEVICE) == "triton is not installed: pip install triton"
+
+
+# ---------------------------------------------------------------- schedule
+SCHEDULES = [
+    ("constant", 0, 10, {}),
+    ("constant_with_warmup", 5, 100, {}),
+    ("linear", 5, 50, {}),
+    ("cosine", 5, 50, {"num_cycles": 0.7}),
+    ("cosine_with_restarts", 5, 50, {"num_cycles": 3}),
+    ("polynomial", 5, 50, {"lr_init": 1e-3, "lr_end": 1e-5, "power": 2.0}),
+    ("polynomial", 0, 50, {"lr_init": 1e-3, "power": 0.0}),
+    ("inverse_sqrt", 5, None, {}),
+    ("inverse_sqrt", 0, None, {"timescale": 7}),
+    ("cosine_with_min_lr", 5, 50, {"min_lr_rate": 0.1}),
+    ("cosine_warmup_with_min_lr", 5, 50, {"min_lr_rate": 0.1}),
+    ("cosine_warmup_with_min_lr", 5, 50, {"min_lr_rate": 0.1, "warmup_lr_rate": 0.2}),
+    ("warmup_stable_decay", 5, 50, {"num_decay_steps": 20}),
+    ("warmup_stable_decay", 5, 50, {"num_decay_steps": 20, "warmup_type": "1-sqrt", "decay_type": "1-sqrt"}),
+    ("warmup_stable_decay", 4, 60, {"num_decay_steps": 9, "warmup_type": "cosine", "decay_type": "linear",
+                                    "min_lr_ratio": 0.1, "num_cycles": 0.3}),
+    ("step", 0, None, {"step_size": 7, "gamma": 0.5}),
+    ("multistep", 0, None, {"milestones": [3, 10, 20], "gamma": 0.3}),
+    ("multistep", 0, None, {"milestones": list(range(1, 33, 2)), "gamma": 0.9}),
+    ("exponential", 0, None, {"gamma": 0.97}),
+    ("exponential", 0, None, {"gamma": 0.0}),
+    ("onecycle", 0, 50, {}),
+    ("onecycle", 0, 50, {"three_phase": True, "anneal_strategy": "linear"}),
+]
+
+
+def test_every_schedule_kind_is_covered() -> None:
+    kinds = {fusedlr.get_schedule(name, w, t, **kw).kind for name, w, t, kw in SCHEDULES}
+    assert kinds == set(Kind)
+
+
+@pytest.mark.parametrize("name,warmup,total,kwargs", SCHEDULES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCHEDULES)])
+def test_in_kernel_schedule_matches_python(name: str, warmup: int, total: int | None, kwargs: dict) -> None:
+    sched = fusedlr.get_schedule(name, warmup, total, **kwargs)
+    k = torch.cat([torch.arange(0, 70), torch.tensor([99, 1000, 123_457, 10**7])]).to(DEVICE)
+    got = K_SCHED.evaluate_multiplier(sched, k)
+    want = sched(k)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12, equal_nan=True)
+
+
+# ---------------------------------------------------------------- AdamW against the reference
+FLAGS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("amsgrad,maximize", FLAGS, ids=["adamw", "amsgrad", "maximize", "amsgrad-maximize"])
+@pytest.mark.parametrize("max_norm", [None, 0.05, 1e4], ids=["noclip", "clip", "clip-inactive"])
+def test_matches_reference(dtype: torch.dtype, amsgrad: bool, maximize: bool, max_norm: float | None) -> None:
+    ref, tri = param_sets(mixed_groups(dtype), lr=1e-2, amsgrad=amsgrad, maximize=maximize,
+                          schedule=SCHED, max_grad_norm=max_norm)
+    for step in range(4):
+        set_grads(ref, step)
+        set_grads(tri, step)
+        ref.step()
+        tri.step()
+        assert_same_state(ref, tri, f"step {step}")
+        if max_norm is not None:
+            torch.testing.assert_close(tri.grad_norm, ref.grad_norm, rtol=1e-5, atol=0)
+            assert (ref.grad_norm > max_norm).item() == (max_norm < 1)
+    assert int(tri.schedule_index) == 4
+
+
+@pytest.mark.parametrize(
+    "sched",
+    [None, fusedlr.get_schedule("multistep", milestones=[1, 3], gamma=0.5),
+     fusedlr.get_schedule("onecycle", num_training_steps=6, three_phase=True),
+     fusedlr.get_schedule("warmup_stable_decay", 1, 5, num_decay_steps=2, decay_type="1-sqrt")],
+    ids=["none", "multistep", "onecycle", "wsd"],
+)
+def test_schedule_drives_the_update(sched: fusedlr.Schedule | None) -> None:
+    ref, tri = param_sets(mixed_groups(torch.float32), lr=1e-2, schedule=sched)
+    for step in range(5):
+        for opt in (ref, tri):
+            set_grads(opt, step)
+            opt.step()
+        assert_same_state(ref, tri, f"step {step}")
+
+
+def test_many_tensors_mixed_groups_and_dtypes() -> None:
+    """40 small tensors in three groups; fp32 and bf16 params in one group make separate buckets."""
+
+    def build(gen: torch.Generator) -> list[dict]:
+        sizes = [(i * 37) % 300 for i in range(40)]  # includes 0
+        ps = [leaf(rand(gen, n, dtype=torch.bfloat16 if i % 3 == 0 else torch.float32)) for i, n in enumerate(sizes)]
+        return [
+            {"params": ps[:15]},
+            {"params": ps[15:30], "lr": 5e-3, "weight_decay": 0.0, "amsgrad": True},
+            {"params": ps[30:], "betas": (0.5, 0.9), "maximize": True},
+        ]
+
+    ref, tri = param_sets(build, lr=1e-2, max_grad_norm=1.0, schedule=SCHED)
+    for step in range(3):
+        for opt in (ref, tri):
+            set_grads(opt, step)
+            opt.step()
+        assert_same_state(ref, tri, f"step {step}")
+        torch.testing.assert_close(tri.grad_norm, ref.grad_norm, rtol=1e-5, atol=0)
+
+
+def test_bf16_grads_for_fp32_params() -> None:
+    ref, tri = param_sets(mixed_groups(torch.float32), lr=1e-2, max_grad_norm=0.5)
+    for step in range(3):
+        for opt in (ref, tri):
+            set_grads(opt, step, dtype=torch.bfloat16)
+            opt.step()
+        assert_same_state(ref, tri, f"step {step}")
+
+
+def test_non_dense_param_is_left_to_the_reference() -> None:
+    """A strided view cannot be addressed flat: its bucket falls back to the reference, in place."""
+
+    def build(gen: torch.Generator) -> list[dict]:
+        base = rand(gen, 8, 6)
+        return [{"params": [leaf(base[:, ::2]), leaf(rand(gen, 5))]}]
+
+    ref, tri = param_sets(build, lr=1e-2, max_grad_norm=0.1)
+    view = tri.param_groups[0]["params"][0]
+    assert not view.is_contiguous()
+    for step in range(3):
+        for opt in (ref, tri):
+            set_grads(opt, step)
+            opt.step()
+        assert_same_state(ref, tri, f"step {step}")
+    assert tri.state[view]["exp_avg"].abs().sum() > 0
+
+
+def test_grads_in_another_layout() -> None:
+    """Gradients whose strides differ from the param's are read through a (read-only) copy."""
+    ref, tri = param_sets(mixed_groups(torch.float32), lr=1e-2, max_grad_norm=0.5)
+    for step in range(3):
+        for opt in (ref, tri):
+            set_grads(opt, step)
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.dim() == 2:  # transposed copy of the same values
+                        p.grad = p.grad.t().contiguous().t() if p.is_contiguous() else p.grad.contiguous()
+            opt.step()
+        assert_same_state(ref, tri, f"step {step}")
+
+
+def test_grad_table_refreshes_only_when_grads_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    uploads: list[int] = []
+    real = K_TABLES._upload
+    monkeypatch.setattr(K_TABLES, "_upload", lambda host, *a: uploads.append(host.numel()) or real(host, *a))
+    ref, tri = param_sets(mixed_groups(torch.float32), lr=1e-2)
+    n_buckets = 2
+    for opt in (ref, tri):
+        set_grads(opt, 0)
+        opt.step()
+    assert len(uploads) == 3 * n_buckets  # rows, blocks, grads
+    for step in (1, 2):  # same gradient tensors, new values: nothing to upload
+        for opt in (ref, tri):
+            gen = torch.Generator().manual_seed(100 + step)
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            opt.step()
+        assert_same_state(ref, tri, f"step {step}")
+    assert len(uploads) == 3 * n_buckets
+    for opt in (ref, tri):  # new gradient tensors: only the grad tables are uploaded again
+        set_grads(opt, 3)
+        opt.step()
+    assert len(uploads) == 4 * n_buckets
+    assert_same_state(ref, tri, "new grads")
+
+
+def test_zero_size_only_bucket() -> None:
+    ref, tri = param_sets(lambda gen: [{"params": [leaf(rand(gen, 0)), leaf(rand(gen, 0, 3))]}], max_grad_norm=1.0)
+    for opt in (ref, tri):
+        set_grads(opt, 0)
+        opt.step()
+    assert_same_state(ref, tri)
+    assert tri.grad_norm.item() == 0.0
+
+
+# ---------------------------------------------------------------- AMP
+def test_grad_scaler_skips_and_backs_off() -> None:
+    def build(gen: torch.Generator) -> list[dict]:
+        return [{"params": [leaf(rand(gen, 7)), leaf(rand(gen, 4097)), leaf(rand(gen, 3, 5))]}]
+
+    ref, tri = param_sets(build, lr=1e-2, max_grad_norm=1.0, schedule=SCHED)
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10, growth_interval=2) for _ in range(2)]
+    bad = {1: float("inf"), 3: float("nan")}
+    for step in range(5):
+        before = [p.detach().clone() for p in tri.param_groups[0]["params"]]
+        states_before = {k: v.clone() for k, v in tri.state[tri.param_groups[0]["params"][1]].items()}
+        for opt, scaler in zip((ref, tri), scalers):
+            scaler.scale(torch.zeros((), device=DEVICE))  # as scaler.scale(loss).backward() would
+            scale_before = scaler.get_scale()
+            set_grads(opt, step, scale=scale_before)
+            if step in bad:
+                opt.param_groups[0]["params"][1].grad[-1] = bad[step]
+            scaler.step(opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        if step in bad:
+            assert scalers[1].get_scale() == scale_before / 2  # backed off
+            for b, p in zip(before, tri.param_groups[0]["params"]):
+                assert torch.equal(b, p)
+            for k, v in tri.state[tri.param_groups[0]["params"][1]].items():
+                assert torch.equal(v, states_before[k]), k
+        assert_same_state(ref, tri, f"step {step}")
+    assert int(tri.schedule_index) == 5 - len(bad)
+
+
+def test_found_inf_attribute_skips() -> None:
+    p = leaf(torch.ones(3, device=DEVICE))
+    opt = fusedlr.AdamW([p], backend="triton")
+    p.grad = torch.ones(3, device=DEVICE)
+    opt.grad_scale = None
+    opt.found_inf = torch.tensor(1.0, device=DEVICE)
+    opt.step()
+    assert torch.equal(p, torch.ones(3, device=DEVICE))
+    opt.found_inf = torch.tensor(0.0, device=DEVICE)
+    opt.step()
+    assert not torch.equal(p, torch.ones(3, device=DEVICE))
+
+
+# ---------------------------------------------------------------- the backend interface directly
+def _bucket(params: list[torch.Tensor], steps: list[int], amsgrad: bool = False) -> Bucket:
+    dt = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(7)
+
+    def state(p: torch.Tensor) -> torch.Tensor:
+        return torch.rand(p.shape, generator=gen, dtype=torch.float64).to(DEVICE, dt)
+
+    return Bucket(
+        params=params,
+        exp_avgs=[state(p) - 0.5 for p in params],
+        exp_avg_sqs=[state(p) * 1e-3 for p in params],
+        max_exp_avg_sqs=[state(p) * 2e-3 for p in params] if amsgrad else None,
+        steps=torch.tensor(steps, dtype=torch.int64, device=DEVICE),
+    )
+
+
+def _clone(b: Bucket) -> Bucket:
+    c = lambda ts: None if ts is None else [t.clone() for t in ts]
+    return Bucket(c(b.params), c(b.exp_avgs), c(b.exp_avg_sqs), c(b.max_exp_avg_sqs), b.steps.clone())
+
+
+def _assert_same_bucket(a: Bucket, b: Bucket) -> None:
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+        for x, y in zip(getattr(a, name) or [], getattr(b, name) or []):
+            torch.testing.assert_close(y, x, **TOL[x.dtype], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.99999999, 0.0])
+def test_bias_corrections_for_any_step(beta2: float) -> None:
+    """Steps from 1 to 10**9 and betas near 1 (no cancellation) or 0."""
+    steps = [1, 2, 17, 1000, 10**7, 10**9]
+    gen = torch.Generator().manual_seed(3)
+    params = [rand(gen, 9) for _ in steps]
+    grads = [rand(gen, 9) for _ in steps]
+    ref_b, tri_b = _bucket(params, steps, amsgrad=True), None
+    tri_b = _clone(ref_b)
+    hyper = GroupHyper(lr=1e-3, beta1=0.9 if beta2 else 0.0, beta2=beta2, eps=1e-8, weight_decay=0.01,
+                       amsgrad=True, maximize=False)
+    ctrl = StepControl(k=torch.tensor(3, device=DEVICE), schedule=None, schedule_table=None, stats=None,
+                       max_norm=None, inv_scale=None, found_inf=None)
+    reference.adamw_update(ref_b, grads, hyper, ctrl)
+    ftriton.adamw_update(tri_b, grads, hyper, ctrl)
+    _assert_same_bucket(ref_b, tri_b)
+
+
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_grad_stats(gdtype: torch.dtype, with_scale: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    grads = [rand(gen, n, dtype=gdtype) * 3 for n in (5, 0, 4097, 1)]
+    params = [torch.zeros_like(g) for g in grads]
+    bucket = _bucket(params, [1] * len(params))
+    inv = torch.tensor(1 / 1024, device=DEVICE) if with_scale else None
+    outs = []
+    for impl in (reference, ftriton):
+        out = torch.full((2,), 0.5, device=DEVICE)  # accumulates into what is there
+        impl.grad_stats(bucket, grads, inv, out)
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=0)
+    assert outs[1][1].item() == 0.5
+    grads[2][7] = float("nan")
+    grads[2][4096] = float("-inf")
+    grads[0][0] = float("inf")
+    out = torch.zeros(2, device=DEVICE)
+    ftriton.grad_stats(bucket, grads, inv, out)
+    assert out[1].item() == 3 and not torch.isfinite(out[0])
+    if gdtype == torch.float64:  # finite in float64, inf once squared in float32: counted as finite
+        grads = [torch.full((3,), 1e300, dtype=torch.float64, device=DEVICE)]
+        bucket = _bucket([torch.zeros_like(grads[0])], [1])
+        out = torch.zeros(2, device=DEVICE)
+        ftriton.grad_stats(bucket, grads, None, out)
+        assert out[1].item() == 0 and out[0].item() == math.inf
+
+
+def test_alignment_decides_vector_accesses() -> None:
+    """Tables record whether every address is 16-byte aligned (the kernels' vector-access switch)."""
+    base = torch.zeros(4 + 4097 + 64, device=DEVICE)
+    for offset, aligned in ((0, True), (4, True), (1, False)):
+        p = base[offset : offset + 4097]
+        bucket = _bucket([p], [1])
+        tables = K_TABLES.bucket_tables(bucket)
+        assert tables is not None and tables.aligned is aligned
+        g = base[offset : offset + 4097].clone()
+        _, used = K_TABLES.grad_table(tables, bucket, [g])
+        assert used[0] is g and tables.grads_aligned
+    strided = _bucket([torch.zeros(8, 6, device=DEVICE)[:, ::2]], [1])
+    assert K_TABLES.bucket_tables(strided) is None  # not dense: the reference updates it
+
+
+class _LaunchCounter:
+    """Stands in for a @triton.jit kernel and records the grid of every launch."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., object]:
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_one_launch_per_bucket_whatever_the_tensor_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    for n in (3, 40):
+        stats, upd = _LaunchCounter(K_STATS._grad_stats_kernel), _LaunchCounter(K_ADAMW._adamw_kernel)
+        with monkeypatch.context() as patch:
+            patch.setattr(K_STATS, "_grad_stats_kernel", stats)
+            patch.setattr(K_ADAMW, "_adamw_kernel", upd)
+            sizes = [5000 if i == 0 else 7 for i in range(n)]
+            ps = [leaf(torch.zeros(s, device=DEVICE)) for s in sizes]
+            opt = fusedlr.AdamW(ps, backend="triton", max_grad_norm=1.0)
+            for step in range(2):
+                set_grads(opt, step)
+                opt.step()
+        chunks = sum(-(-s // K_TABLES.CHUNK) for s in sizes)
+        assert stats.grids == [(chunks,)] * 2 and upd.grids == [(chunks,)] * 2
+
+
+# ---------------------------------------------------------------- compiled for a GPU target (no GPU needed)
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys, triton, triton.language as tl
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    import fusedlr.triton
+    from fusedlr.triton import tables as T
+    A = sys.modules["fusedlr.triton.adamw"]._adamw_kernel
+    S = sys.modules["fusedlr.triton.grad_stats"]._grad_stats_kernel
+    target = GPUTarget("cuda", 90, 32)
+
+    def build(fn, sig, consts):
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        return triton.compile(src, target=target, options={"num_warps": 4, "enable_fp_fusion": False}).asm["ptx"]
+
+    rows = dict(ROW_=T.ROW, F_NUMEL=T.FIELD_NUMEL, F_FIRST=T.FIELD_FIRST, BLOCK_=T.BLOCK, ITERS_=T.ITERS)
+    ptx = build(S, {"rows_ptr": "*i64", "blocks_ptr": "*i64", "grads_ptr": "*i64", "inv_scale_ptr": "*fp32",
+                    "out_ptr": "*fp32"}, dict(HAS_INV_SCALE=True, G_DTYPE=tl.bfloat16, ALIGNED=True, **rows))
+    assert "ld.global.v4" in ptx, "grad_stats: no vector loads"
+    sig = {n: "*i64" for n in ["rows_ptr", "blocks_ptr", "grads_ptr", "steps_ptr", "k_ptr"]}
+    sig.update({"sched_ptr": "*fp64", "stats_ptr": "*fp32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"})
+    sig.update({n: "fp64" for n in ["lr", "lerp_weight", "beta2", "one_minus_beta2", "log_beta1", "log_beta2",
+                                    "eps", "weight_decay", "max_norm"]})
+    fields = dict(F_P=T.FIELD_P, F_M=T.FIELD_M, F_V=T.FIELD_V, F_VMAX=T.FIELD_VMAX, F_STEP=T.FIELD_STEP, **rows)
+    for kind, n, pd, sd, on in [(3, 0, tl.bfloat16, tl.float32, True), (12, 3, tl.float32, tl.float32, False),
+                                (10, 2, tl.float16, tl.float32, True), (8, 0, tl.float64, tl.float64, True)]:
+        flags = dict(HAS_CLIP=on, HAS_INV_SCALE=on, HAS_FOUND_INF=on, AMSGRAD=on, MAXIMIZE=on)
+        ptx = build(A, sig, dict(SCHED_KIND=kind, SCHED_N=n, P_DTYPE=pd, G_DTYPE=pd, S_DTYPE=sd, CLIP_EPS_=1e-6,
+                                 ALIGNED=True, **flags, **fields))
+        assert "st.global.v" in ptx, f"adamw {kind} {pd}: no vector stores"
+    print("compiled")
+    """
+)
+
+
+def test_kernels_compile_for_sm90() -> None:
+    """Compile (PTX and cubin through triton's bundled ptxas) without a GPU, as a GPU run would."""
+    try:
+        from triton.backends import nvidia
+    except ImportError as err:  # pragma: no cover - triton without its NVIDIA backend
+        pytest.skip(f"triton's NVIDIA backend is unavailable: {err}")
+    ptxas = os.environ.get("TRITON_PTXAS_PATH") or os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"no ptxas at {ptxas}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, check=False)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
+
+
+# ---------------------------------------------------------------- GPU only
+def _cuda_opt(n: int = 6, **kwargs: object) -> tuple[fusedlr.AdamW, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1 + (i * 997) % 5000 for i in range(n)]
+    ps = [leaf(rand(gen, s)) for s in sizes]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    return fusedlr.AdamW(ps, lr=1e-2, backend="triton", **kwargs), ps
+
+
+@gpu
+@pytest.mark.gpu
+def test_step_never_syncs() -> None:
+    kwargs = dict(max_grad_norm=0.5, schedule=SCHED, amsgrad=True)
+    warm, _ = _cuda_opt(**kwargs)
+    warm.step()  # compiles the kernels
+    opt, ps = _cuda_opt(**kwargs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # the first builds and uploads the tables
+            opt.step()
+        for p in ps:  # new gradient tensors: the grad table is uploaded again
+            p.grad = torch.ones_like(p)
+        opt.step()
+        scaler = torch.amp.GradScaler("cuda")
+        scaler.step(opt)  # unscale + inf check inside the step
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_steps() -> None:
+    kwargs = dict(max_grad_norm=0.5, schedule=SCHED, amsgrad=True)
+    graphed, _ = _cuda_opt(**kwargs)
+    eager, _ = _cuda_opt(**kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.step()  # warm-up: tables and compilation before capture
+    torch.cuda.current_stream().wait_stream(side)
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for _ in range(5):
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    assert int(graphed.schedule_index) == int(eager.schedule_index) == 6
+    assert_same_state(eager, graphed, "graph")
+
+
+@gpu
+@pytest.mark.gpu
+def test_launch_count_does_not_grow_with_tensor_count() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    for n in (4, 64):
+        opt, _ = _cuda_opt(n, max_grad_norm=1.0)
+        opt.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        counts.append((sum("_adamw_kernel" in s for s in names), sum("_grad_stats_kernel" in s for s in names)))
+    assert counts == [(1, 1), (1, 1)], counts
+
+
+@gpu
+@pytest.mark.gpu
+def test_tensor_past_2_31_elements() -> None:
+    n = 2**31 + 5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip(f"needs 40 GiB free GPU memory, has {free / 2**30:.1f}")
+    p = leaf(torch.zeros(n, dtype=torch.bfloat16, device="cuda"))
+    p.grad = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    p.grad[-3:] = 2.0
+    opt = fusedlr.AdamW([p], lr=0.25, weight_decay=0.0, backend="triton", max_grad_norm=1e9)
+    opt.step()
+    state = opt.state[p]
+    # First Adam step from zero state: m = 0.1 g, p = -lr * g / (|g| + eps) = -lr.
+    assert torch.equal(p[-6:].float().cpu(), torch.full((6,), -0.25))
+    assert torch.equal(p[:2].float().cpu(), torch.full((2,), -0.25))
+    torch.testing.assert_close(state["exp_avg"][-4:].cpu(), torch.tensor([0.1, 0.2, 0.2, 0.2]))
+    torch.testing.assert_close(state["exp_avg_sq"][-4:].cpu(), torch.tensor([1e-3, 4e-3, 4e-3, 4e-3]))
+    torch.testing.assert_close(opt.grad_norm.cpu(), torch.tensor(math.sqrt(n + 9.0)), rtol=1e-5, atol=0)
