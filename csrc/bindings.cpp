@@ -1,0 +1,113 @@
+// fusedlr._C: defines the fusedlr custom ops (schemas) and is the Python module that loads them.
+// Implementations: csrc/cpu/adamw_cpu.cpp (CPU) and csrc/cuda/bindings_cuda.cpp (CUDA builds);
+// fake (meta) implementations for torch.compile: fusedlr/extension/__init__.py.
+#include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cuda/table.h"
+
+#ifdef FUSEDLR_WITH_CUDA
+namespace fusedlr {
+namespace cuda {
+int compiled_archs(int* out, int capacity);  // csrc/cuda/adamw_update.cu
+}  // namespace cuda
+}  // namespace fusedlr
+#endif
+
+TORCH_LIBRARY(fusedlr, m) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+  m.set_python_module("fusedlr.extension");
+#endif
+  // Pass 1: out[0] += sum((g * inv_scale)^2), out[1] += count of non-finite grads.
+  // table/table_host: CUDA only, the cached device pointer table and its host mirror (see
+  // csrc/cuda/bindings_cuda.cpp); None uploads a fresh table.
+  m.def(
+      "grad_stats(Tensor[] grads, Tensor? inv_scale, Tensor(a!) out, Tensor(b!)? table=None, "
+      "Tensor(c!)? table_host=None) -> ()");
+  // Pass 2: the fused AdamW update, in place (see fusedlr/reference.py). max_exp_avg_sqs is empty
+  // without amsgrad; steps holds each tensor's step number of this update; k is the schedule index.
+  m.def(
+      "adamw_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor steps, Tensor k, Tensor? schedule, Tensor? stats, float? max_norm, "
+      "Tensor? inv_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool maximize, Tensor(e!)? table=None, Tensor(f!)? table_host=None) -> ()");
+  // The LR multiplier sched(k) for each k of ks (float64, shape of ks), as the kernels compute it.
+  m.def("schedule_eval(Tensor table, Tensor ks) -> Tensor");
+}
+
+namespace {
+
+// ADInplaceOrView kernel of the mutating ops: run the op below this key, then bump the version
+// counter of every tensor the schema marks as written, as torch's own in-place ops do (so autograd
+// notices a parameter modified by the optimizer after it was saved for backward).
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t n = arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < n; ++i) {
+    const auto* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = (*stack)[stack->size() - n + i];
+    if (value.isTensor()) {
+      written.push_back(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorList()) written.push_back(t);
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const at::Tensor& t : written) {
+    if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedlr, ADInplaceOrView, m) {
+  m.impl("grad_stats", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("adamw_update", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+}
+
+static PyModuleDef fusedlr_module = {
+    PyModuleDef_HEAD_INIT, "_C", "fusedlr compiled kernels: registers the torch.ops.fusedlr operators.", -1,
+    nullptr,               nullptr, nullptr, nullptr, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&fusedlr_module);
+  if (mod == nullptr) return nullptr;
+#ifdef FUSEDLR_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+#ifdef FUSEDLR_WITH_CUDA
+  int archs[64];
+  const int n_archs = std::min(fusedlr::cuda::compiled_archs(archs, 64), 64);
+  PyObject* arch_tuple = PyTuple_New(n_archs);
+  if (arch_tuple == nullptr) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  for (int i = 0; i < n_archs; ++i) PyTuple_SET_ITEM(arch_tuple, i, PyLong_FromLong(archs[i]));
+#else
+  PyObject* arch_tuple = PyTuple_New(0);
+#endif
+  if (PyModule_AddObject(mod, "CUDA_ARCHS", arch_tuple) < 0) {  // steals the reference on success
+    Py_XDECREF(arch_tuple);
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  if (PyModule_AddIntConstant(mod, "WITH_CUDA", with_cuda) < 0 ||
+      PyModule_AddIntConstant(mod, "CUDA_CHUNK", static_cast<long>(fusedlr::cuda::kChunk)) < 0 ||
+      PyModule_AddIntConstant(mod, "STATS_TABLE_PTRS", fusedlr::cuda::kStatsPtrs) < 0 ||
+      PyModule_AddIntConstant(mod, "UPDATE_TABLE_PTRS", fusedlr::cuda::kUpdatePtrs) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}

@@ -1,0 +1,280 @@
+// CPU kernels of fusedlr (backend="cpu") and their op registrations.
+//
+// Work is split into (tensor, chunk) items run by OpenMP; the inner loops are plain loops over
+// contiguous memory that the compiler vectorises. Pass 1 (grad_stats) accumulates per item in
+// double and sums the items in a fixed order, so its result does not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../adamw_math.h"
+#include "../op_common.h"
+
+namespace fusedlr {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 16384;         // elements per work item
+constexpr int64_t kParallelMin = 32768;   // below this many elements, run on the calling thread
+
+template <typename T>
+struct Math {
+  using type = float;
+};
+template <>
+struct Math<double> {
+  using type = double;
+};
+
+template <typename T>
+inline typename Math<T>::type to_math(T x) {
+  return static_cast<typename Math<T>::type>(x);
+}
+
+template <typename T>
+inline bool nonfinite(T x) {
+  return !std::isfinite(static_cast<typename Math<T>::type>(x));  // exact for half/bfloat16
+}
+
+struct Item {
+  int64_t tensor;
+  int64_t start;
+  int64_t len;
+};
+
+std::vector<Item> make_items(const std::vector<int64_t>& numels, int64_t* total) {
+  std::vector<Item> items;
+  *total = 0;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    for (int64_t s = 0; s < numels[i]; s += kChunk) items.push_back({static_cast<int64_t>(i), s, std::min(kChunk, numels[i] - s)});
+    *total += numels[i];
+  }
+  return items;
+}
+
+int num_threads(int64_t total) {
+#ifdef _OPENMP
+  if (total < kParallelMin || omp_in_parallel()) return 1;
+  return std::max(1, at::get_num_threads());
+#else
+  (void)total;
+  return 1;
+#endif
+}
+
+// ---------------------------------------------------------------- pass 1
+template <typename T>
+void stats_item(const T* __restrict__ g, int64_t len, float inv, double* sum_out, int64_t* count_out) {
+  constexpr int kLanes = 16;
+  double acc[kLanes] = {};
+  int64_t cnt[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float x = static_cast<float>(g[j + l]) * inv;
+      acc[l] += static_cast<double>(x * x);
+      cnt[l] += nonfinite(g[j + l]) ? 1 : 0;
+    }
+  }
+  double s = 0.0;
+  int64_t c = 0;
+  for (; j < len; ++j) {
+    const float x = static_cast<float>(g[j]) * inv;
+    s += static_cast<double>(x * x);
+    c += nonfinite(g[j]) ? 1 : 0;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    s += acc[l];
+    c += cnt[l];
+  }
+  *sum_out = s;
+  *count_out = c;
+}
+
+template <typename T>
+void grad_stats_impl(const std::vector<at::Tensor>& grads, float inv, float* out) {
+  std::vector<const T*> ptrs;
+  std::vector<int64_t> numels;
+  for (const auto& g : grads) {
+    ptrs.push_back(static_cast<const T*>(g.data_ptr()));
+    numels.push_back(g.numel());
+  }
+  int64_t total = 0;
+  const std::vector<Item> items = make_items(numels, &total);
+  const int64_t m = static_cast<int64_t>(items.size());
+  std::vector<double> sums(m);
+  std::vector<int64_t> counts(m);
+  [[maybe_unused]] const int nt = num_threads(total);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < m; ++it) {
+    const Item& w = items[it];
+    stats_item<T>(ptrs[w.tensor] + w.start, w.len, inv, &sums[it], &counts[it]);
+  }
+  double s = 0.0;
+  int64_t c = 0;
+  for (int64_t it = 0; it < m; ++it) {
+    s += sums[it];
+    c += counts[it];
+  }
+  out[0] += static_cast<float>(s);
+  out[1] += static_cast<float>(c);
+}
+
+// ---------------------------------------------------------------- pass 2
+template <typename T, bool AMSGRAD>
+void update_item(T* __restrict__ p, const T* __restrict__ g, typename Math<T>::type* __restrict__ m,
+                 typename Math<T>::type* __restrict__ v, typename Math<T>::type* __restrict__ vmax, int64_t len,
+                 const AdamWCoeffs<typename Math<T>::type>& c) {
+  using S = typename Math<T>::type;
+  const AdamWCoeffs<S> cc = c;  // local copy: no aliasing with the arrays
+  for (int64_t j = 0; j < len; ++j) {
+    S pj = to_math(p[j]);
+    S mj = m[j];
+    S vj = v[j];
+    S vmj = AMSGRAD ? vmax[j] : S(0);
+    adamw_element<AMSGRAD>(pj, to_math(g[j]), mj, vj, vmj, cc);
+    p[j] = static_cast<T>(pj);
+    m[j] = mj;
+    v[j] = vj;
+    if (AMSGRAD) vmax[j] = vmj;
+  }
+}
+
+template <typename T, bool AMSGRAD>
+void adamw_impl(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const int64_t* steps,
+                const AdamWHyper& h, const StepScalars& s) {
+  using S = typename Math<T>::type;
+  const size_t n = params.size();
+  std::vector<int64_t> numels(n);
+  std::vector<AdamWCoeffs<S>> coeffs(n);
+  for (size_t i = 0; i < n; ++i) {
+    numels[i] = params[i].numel();
+    coeffs[i] = tensor_coeffs<S>(h, s, steps[i]);
+  }
+  int64_t total = 0;
+  const std::vector<Item> items = make_items(numels, &total);
+  const int64_t m = static_cast<int64_t>(items.size());
+  [[maybe_unused]] const int nt = num_threads(total);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < m; ++it) {
+    const Item& w = items[it];
+    const int64_t i = w.tensor, o = w.start;
+    S* vmax = AMSGRAD ? static_cast<S*>(max_exp_avg_sqs[i].data_ptr()) + o : nullptr;
+    update_item<T, AMSGRAD>(static_cast<T*>(params[i].data_ptr()) + o, static_cast<const T*>(grads[i].data_ptr()) + o,
+                            static_cast<S*>(exp_avgs[i].data_ptr()) + o, static_cast<S*>(exp_avg_sqs[i].data_ptr()) + o,
+                            vmax, w.len, coeffs[i]);
+  }
+}
+
+template <typename T>
+void adamw_dispatch_ams(bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
+                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                        const int64_t* steps, const AdamWHyper& h, const StepScalars& s) {
+  if (amsgrad) {
+    adamw_impl<T, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
+  } else {
+    adamw_impl<T, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
+  }
+}
+
+void check_cpu(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedlr (CPU kernel): ", what, " must be on the CPU, got ", t.device());
+}
+
+// ---------------------------------------------------------------- ops
+void grad_stats_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
+                    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+  (void)table;
+  (void)table_host;
+  check_cpu(out, "out");
+  const int code = check_grad_stats(grads, inv_scale, out);
+  std::vector<at::Tensor> gs;
+  gs.reserve(grads.size());
+  for (const auto& g : grads) gs.push_back(kernel_grad(g, nullptr));
+  const float inv = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
+  float* o = out.data_ptr<float>();
+  switch (code) {
+    case kF32: grad_stats_impl<float>(gs, inv, o); break;
+    case kF16: grad_stats_impl<c10::Half>(gs, inv, o); break;
+    case kBF16: grad_stats_impl<c10::BFloat16>(gs, inv, o); break;
+    default: grad_stats_impl<double>(gs, inv, o); break;
+  }
+}
+
+void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList max_exp_avg_sqs, const at::Tensor& steps, const at::Tensor& k,
+                      const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& stats,
+                      std::optional<double> max_norm, const std::optional<at::Tensor>& inv_scale,
+                      const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bool maximize, const std::optional<at::Tensor>& table,
+                      const std::optional<at::Tensor>& table_host) {
+  (void)table;
+  (void)table_host;
+  check_cpu(steps, "steps");
+  CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
+                                         stats, max_norm, inv_scale, found_inf);
+  const AdamWHyper h = make_hyper(lr, beta1, beta2, eps, weight_decay, max_norm, maximize);
+  StepInputs in;
+  in.k = k.data_ptr<int64_t>();
+  in.schedule = opt_ptr<double>(schedule);
+  in.stats = opt_ptr<float>(stats);
+  in.inv_scale = opt_ptr<float>(inv_scale);
+  in.found_inf = opt_ptr<float>(found_inf);
+  in.steps = steps.data_ptr<int64_t>();
+  const StepScalars s = step_scalars(h, in);
+  if (s.skip || params.empty()) return;
+  switch (chk.dtype) {
+    case kF32:
+      adamw_dispatch_ams<float>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);
+      break;
+    case kF16:
+      adamw_dispatch_ams<c10::Half>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps,
+                                    h, s);
+      break;
+    case kBF16:
+      adamw_dispatch_ams<c10::BFloat16>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                        in.steps, h, s);
+      break;
+    default:
+      adamw_dispatch_ams<double>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h,
+                                 s);
+      break;
+  }
+}
+
+at::Tensor schedule_eval_cpu(const at::Tensor& table, const at::Tensor& ks) {
+  TORCH_CHECK(table.scalar_type() == at::kDouble && table.dim() == 1 && table.numel() >= 1,
+              "fusedlr.schedule_eval: table must be a float64 [kind, *params] tensor");
+  TORCH_CHECK(ks.scalar_type() == at::kLong, "fusedlr.schedule_eval: ks must be int64");
+  check_cpu(table, "table");
+  check_cpu(ks, "ks");
+  const at::Tensor t = table.contiguous();
+  const at::Tensor kc = ks.contiguous();
+  at::Tensor out = at::empty(ks.sizes(), ks.options().dtype(at::kDouble));
+  const double* tp = t.data_ptr<double>();
+  const int64_t* kp = kc.data_ptr<int64_t>();
+  double* op = out.data_ptr<double>();
+  for (int64_t i = 0; i < kc.numel(); ++i) op[i] = schedule_multiplier(tp, kp[i]);
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fusedlr
+
+TORCH_LIBRARY_IMPL(fusedlr, CPU, m) {
+  m.impl("grad_stats", &fusedlr::cpu::grad_stats_cpu);
+  m.impl("adamw_update", &fusedlr::cpu::adamw_update_cpu);
+  m.impl("schedule_eval", &fusedlr::cpu::schedule_eval_cpu);
+}

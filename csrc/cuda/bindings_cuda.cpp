@@ -1,0 +1,188 @@
+// CUDA implementations of the fusedlr ops: argument checks, the device-resident pointer table
+// of the multi-tensor launch, and the launches (csrc/cuda/*.cu). Compiled only in CUDA builds.
+//
+// The table (pointers, numels, chunk prefix) is rebuilt on the host each call, compared with
+// the host mirror the caller keeps (``table_host``) and uploaded to ``table`` with an async
+// copy from pinned memory on the current stream only when it changed: no host-device sync, and
+// a CUDA graph captured after the first step replays without touching the table.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "../op_common.h"
+#include "launch.h"
+
+namespace fusedlr {
+namespace cuda {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fusedlr: CUDA error in ", what, ": ", cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
+
+// The table as the kernels read it; ``tensors[j][i]`` is pointer j of tensor i (an empty list gives 0).
+std::vector<int64_t> build_table(const std::vector<std::vector<const at::Tensor*>>& tensors, int nptr, int64_t n,
+                                 int64_t* total_chunks) {
+  std::vector<int64_t> ptrs(n * nptr, 0), numels(n);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int j = 0; j < nptr; ++j) {
+      if (!tensors[j].empty()) {
+        ptrs[i * nptr + j] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(tensors[j][i]->data_ptr()));
+      }
+    }
+    numels[i] = tensors[0][i]->numel();
+  }
+  std::vector<int64_t> h(table_size(n, nptr));
+  *total_chunks = fill_table(ptrs.data(), numels.data(), n, nptr, h.data());
+  return h;
+}
+
+// Makes the device table hold ``h``; returns its device pointer. ``keep`` holds a fresh table
+// when the caller passed no cache.
+const int64_t* upload_table(const std::vector<int64_t>& h, const std::optional<at::Tensor>& table,
+                            const std::optional<at::Tensor>& table_host, const at::Device& device, at::Tensor& keep) {
+  const int64_t size = static_cast<int64_t>(h.size());
+  const size_t bytes = h.size() * sizeof(int64_t);
+  auto pinned_copy = [&]() {
+    // A graph would replay the copy from a pinned buffer that is recycled after capture: refuse.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    check_launch(cudaStreamIsCapturing(current_stream(device), &status), "cudaStreamIsCapturing");
+    TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+                "fusedlr: the tensors of this bucket (or their addresses) changed while a CUDA graph was being "
+                "captured; run one eager step with the same parameters and gradients before capturing");
+    at::Tensor pinned = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::memcpy(pinned.data_ptr(), h.data(), bytes);
+    return pinned;
+  };
+  if (table.has_value() != table_host.has_value()) {
+    TORCH_CHECK(false, "fusedlr: pass both table and table_host, or neither");
+  }
+  if (!table.has_value()) {
+    keep = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
+    keep.copy_(pinned_copy(), /*non_blocking=*/true);
+    return keep.data_ptr<int64_t>();
+  }
+  TORCH_CHECK(table->scalar_type() == at::kLong && table->is_contiguous() && table->numel() == size &&
+                  table->device() == device,
+              "fusedlr: table must be a contiguous int64 tensor of ", size, " elements on ", device);
+  TORCH_CHECK(table_host->scalar_type() == at::kLong && table_host->is_contiguous() && table_host->numel() == size &&
+                  table_host->device().is_cpu(),
+              "fusedlr: table_host must be a contiguous int64 CPU tensor of ", size, " elements");
+  if (std::memcmp(table_host->data_ptr(), h.data(), bytes) != 0) {
+    table->copy_(pinned_copy(), /*non_blocking=*/true);  // cudaMemcpyAsync on the current stream
+    std::memcpy(table_host->data_ptr(), h.data(), bytes);
+  }
+  return table->data_ptr<int64_t>();
+}
+
+int sm_count(int device) {
+  static std::mutex mutex;
+  static std::vector<int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (device >= static_cast<int>(counts.size())) counts.resize(device + 1, 0);
+  if (counts[device] == 0) {
+    int n = 0;
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "(querying the SM count)");
+    counts[device] = std::max(n, 1);
+  }
+  return counts[device];
+}
+
+int grid_for(int64_t total_chunks, const at::Device& device) {
+  const int sms = sm_count(device.index());
+  const int64_t cap = static_cast<int64_t>(sms) * (2048 / kThreads);
+  return static_cast<int>(std::max<int64_t>(1, std::min(total_chunks, cap)));
+}
+
+void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
+                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+  TORCH_CHECK(out.is_cuda(), "fusedlr.grad_stats (CUDA): out must be a CUDA tensor");
+  const int code = check_grad_stats(grads, inv_scale, out);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t n = static_cast<int64_t>(grads.size());
+  std::vector<at::Tensor> gs;
+  gs.reserve(n);
+  std::vector<const at::Tensor*> ptrs;
+  for (const auto& g : grads) gs.push_back(kernel_grad(g, nullptr));
+  for (const auto& g : gs) ptrs.push_back(&g);
+  int64_t total_chunks = 0;
+  const std::vector<int64_t> h = build_table({ptrs}, kStatsPtrs, n, &total_chunks);
+  if (total_chunks == 0) return;
+  at::Tensor keep;
+  const int64_t* dtable = upload_table(h, table, table_host, out.device(), keep);
+  check_launch(launch_grad_stats(code, dtable, n, total_chunks, opt_ptr<float>(inv_scale), out.data_ptr<float>(),
+                                 grid_for(total_chunks, out.device()), current_stream(out.device())),
+               "grad_stats");
+}
+
+void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const at::Tensor& steps,
+                       const at::Tensor& k, const std::optional<at::Tensor>& schedule,
+                       const std::optional<at::Tensor>& stats, std::optional<double> max_norm,
+                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
+                       double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+  TORCH_CHECK(steps.is_cuda(), "fusedlr.adamw_update (CUDA): steps must be a CUDA tensor");
+  CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
+                                         stats, max_norm, inv_scale, found_inf);
+  const c10::cuda::CUDAGuard guard(steps.device());
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<std::vector<const at::Tensor*>> lists(kUpdatePtrs);
+  for (int64_t i = 0; i < n; ++i) {
+    lists[0].push_back(&params[i]);
+    lists[1].push_back(&chk.grads[i]);
+    lists[2].push_back(&exp_avgs[i]);
+    lists[3].push_back(&exp_avg_sqs[i]);
+    if (chk.amsgrad) lists[4].push_back(&max_exp_avg_sqs[i]);
+  }
+  int64_t total_chunks = 0;
+  const std::vector<int64_t> h = build_table(lists, kUpdatePtrs, n, &total_chunks);
+  if (total_chunks == 0) return;
+  at::Tensor keep;
+  const int64_t* dtable = upload_table(h, table, table_host, steps.device(), keep);
+
+  const AdamWHyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay, max_norm, maximize);
+  StepInputs in;
+  in.k = k.data_ptr<int64_t>();
+  in.schedule = opt_ptr<double>(schedule);
+  in.stats = opt_ptr<float>(stats);
+  in.inv_scale = opt_ptr<float>(inv_scale);
+  in.found_inf = opt_ptr<float>(found_inf);
+  in.steps = steps.data_ptr<int64_t>();
+  check_launch(launch_adamw_update(chk.dtype, chk.amsgrad, dtable, n, total_chunks, hyper, in,
+                                   grid_for(total_chunks, steps.device()), current_stream(steps.device())),
+               "adamw_update");
+}
+
+at::Tensor schedule_eval_cuda(const at::Tensor& table, const at::Tensor& ks) {
+  TORCH_CHECK(table.scalar_type() == at::kDouble && table.dim() == 1 && table.numel() >= 1,
+              "fusedlr.schedule_eval: table must be a float64 [kind, *params] tensor");
+  TORCH_CHECK(ks.scalar_type() == at::kLong, "fusedlr.schedule_eval: ks must be int64");
+  TORCH_CHECK(table.is_cuda() && ks.device() == table.device(), "fusedlr.schedule_eval: table and ks on one device");
+  const c10::cuda::CUDAGuard guard(table.device());
+  const at::Tensor t = table.contiguous();
+  const at::Tensor kc = ks.contiguous();
+  at::Tensor out = at::empty(ks.sizes(), ks.options().dtype(at::kDouble));
+  check_launch(launch_schedule_eval(t.data_ptr<double>(), kc.data_ptr<int64_t>(), out.data_ptr<double>(), kc.numel(),
+                                    current_stream(table.device())),
+               "schedule_eval");
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedlr
+
+TORCH_LIBRARY_IMPL(fusedlr, CUDA, m) {
+  m.impl("grad_stats", &fusedlr::cuda::grad_stats_cuda);
+  m.impl("adamw_update", &fusedlr::cuda::adamw_update_cuda);
+  m.impl("schedule_eval", &fusedlr::cuda::schedule_eval_cuda);
+}

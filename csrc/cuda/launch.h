@@ -1,0 +1,37 @@
+// Host-side launchers of the fusedlr CUDA kernels: raw pointers and a stream, no torch types,
+// so the .cu files compile with plain nvcc (tests/test_extension.py does) and the torch binding
+// (csrc/cuda/bindings_cuda.cpp) calls them.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../adamw_math.h"
+#include "table.h"
+
+namespace fusedlr {
+namespace cuda {
+
+// dtype codes: 0 float32, 1 float16, 2 bfloat16, 3 float64 (fusedlr::DType).
+
+// Pass 1: out[0] += sum((g * inv_scale)^2) (float32 accumulation), out[1] += non-finite count.
+// inv_scale may be null. grid: number of blocks (<= total_chunks).
+cudaError_t launch_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
+                              float* out, int grid, cudaStream_t stream);
+
+// Pass 2: the fused AdamW update of every tensor of the table. ``in`` holds device pointers
+// (k, steps required; others null when absent). Nothing is written when *found_inf > 0.
+cudaError_t launch_adamw_update(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
+                                const AdamWHyper& hyper, const StepInputs& in, int grid, cudaStream_t stream);
+
+// The architectures the kernels were compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. 800 for
+// sm_80): writes up to ``capacity`` of them into ``out`` and returns how many there are.
+int compiled_archs(int* out, int capacity);
+
+// out[i] = schedule_multiplier(table, ks[i]) for i < count (device pointers).
+cudaError_t launch_schedule_eval(const double* table, const int64_t* ks, double* out, int64_t count,
+                                 cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fusedlr

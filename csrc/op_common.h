@@ -1,0 +1,169 @@
+// Argument checking shared by the CPU and CUDA implementations of the fusedlr ops (torch side).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "adamw_math.h"
+
+namespace fusedlr {
+
+// Element types the kernels support (the same codes in csrc/cuda/launch.h).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+inline int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kDouble: return kF64;
+    default: return -1;
+  }
+}
+
+// Same shape, and the same strides on every dimension of size > 1.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// A tensor the kernels may walk linearly from data_ptr() over numel() elements.
+inline bool linear(const at::Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
+
+inline void check_scalar(const std::optional<at::Tensor>& t, const char* name, at::ScalarType dtype,
+                         const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == dtype, "fusedlr: ", name, " must be ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == 1, "fusedlr: ", name, " must hold one element, got ", t->numel());
+  TORCH_CHECK(t->device() == device, "fusedlr: ", name, " is on ", t->device(), ", expected ", device);
+}
+
+// Gradients as the kernels read them: linear, and laid out like ``like`` when given (a copy
+// otherwise; gradients are only read, so copying them is harmless).
+inline at::Tensor kernel_grad(const at::Tensor& g, const at::Tensor* like) {
+  if (like != nullptr) {
+    if (linear(g) && same_layout(g, *like)) return g;
+    at::Tensor out = at::empty_like(*like, g.options());
+    out.copy_(g);
+    return out;
+  }
+  return linear(g) ? g : g.contiguous();
+}
+
+// Checks every argument of ``grad_stats``; returns the dtype code of the gradients.
+inline int check_grad_stats(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() >= 2 && out.is_contiguous(),
+              "fusedlr.grad_stats: out must be a contiguous float32 tensor of 2 elements");
+  check_scalar(inv_scale, "inv_scale", at::kFloat, out.device());
+  int code = grads.empty() ? kF32 : dtype_code(grads[0].scalar_type());
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.device() == out.device(), "fusedlr.grad_stats: gradient on ", g.device(), ", out on ", out.device());
+    TORCH_CHECK(dtype_code(g.scalar_type()) == code && code >= 0,
+                "fusedlr.grad_stats: gradients must share one dtype among float32/float16/bfloat16/float64, got ",
+                g.scalar_type(), " and ", grads[0].scalar_type());
+  }
+  return code;
+}
+
+struct CheckedUpdate {
+  int dtype;                     // of params and grads
+  bool amsgrad;
+  std::vector<at::Tensor> grads;  // as the kernel reads them (laid out like the params)
+};
+
+// Checks every argument of ``adamw_update``: one device, one param dtype (grads the same),
+// states float32 (float64 for float64 params) laid out like their parameter, which must be
+// linear (contiguous or non-overlapping and dense): the kernels update in place, nothing is copied.
+inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                        const at::Tensor& steps, const at::Tensor& k,
+                                        const std::optional<at::Tensor>& schedule,
+                                        const std::optional<at::Tensor>& stats, std::optional<double> max_norm,
+                                        const std::optional<at::Tensor>& inv_scale,
+                                        const std::optional<at::Tensor>& found_inf) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+              "fusedlr.adamw_update: params, grads, exp_avgs and exp_avg_sqs must have the same length");
+  TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == n,
+              "fusedlr.adamw_update: max_exp_avg_sqs must be empty (no amsgrad) or as long as params");
+  const at::Device device = steps.device();
+  TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 && steps.numel() == static_cast<int64_t>(n) &&
+                  steps.is_contiguous(),
+              "fusedlr.adamw_update: steps must be a contiguous int64 tensor [n]");
+  TORCH_CHECK(k.scalar_type() == at::kLong && k.numel() == 1 && k.device() == device,
+              "fusedlr.adamw_update: k must be a one-element int64 tensor on ", device);
+  if (schedule.has_value()) {
+    TORCH_CHECK(schedule->scalar_type() == at::kDouble && schedule->dim() == 1 && schedule->numel() >= 1 &&
+                    schedule->is_contiguous() && schedule->device() == device,
+                "fusedlr.adamw_update: schedule must be a contiguous float64 [kind, *params] tensor on ", device);
+  }
+  if (stats.has_value()) {
+    TORCH_CHECK(stats->scalar_type() == at::kFloat && stats->numel() >= 2 && stats->is_contiguous() &&
+                    stats->device() == device,
+                "fusedlr.adamw_update: stats must be a contiguous float32 tensor [2] on ", device);
+  }
+  TORCH_CHECK(!max_norm.has_value() || stats.has_value(), "fusedlr.adamw_update: max_norm needs stats");
+  check_scalar(inv_scale, "inv_scale", at::kFloat, device);
+  check_scalar(found_inf, "found_inf", at::kFloat, device);
+
+  CheckedUpdate out;
+  out.amsgrad = !max_exp_avg_sqs.empty();
+  out.dtype = n == 0 ? kF32 : dtype_code(params[0].scalar_type());
+  TORCH_CHECK(out.dtype >= 0, "fusedlr.adamw_update: params must be float32/float16/bfloat16/float64, got ",
+              params[0].scalar_type());
+  const at::ScalarType state_type = out.dtype == kF64 ? at::kDouble : at::kFloat;
+  out.grads.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "fusedlr.adamw_update: params must share one dtype, got ",
+                p.scalar_type(), " and ", params[0].scalar_type());
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "fusedlr.adamw_update: grad dtype ",
+                grads[i].scalar_type(), " differs from its param's ", p.scalar_type());
+    TORCH_CHECK(linear(p), "fusedlr.adamw_update: param ", i,
+                " is not contiguous (nor non-overlapping and dense); the compiled kernels update in place "
+                "and cannot handle it: use backend='torch'");
+    std::vector<const at::Tensor*> states = {&exp_avgs[i], &exp_avg_sqs[i]};
+    if (out.amsgrad) states.push_back(&max_exp_avg_sqs[i]);
+    for (const at::Tensor* s : states) {
+      TORCH_CHECK(s->scalar_type() == state_type, "fusedlr.adamw_update: state of param ", i, " must be ",
+                  state_type, ", got ", s->scalar_type());
+      TORCH_CHECK(linear(*s) && same_layout(*s, p), "fusedlr.adamw_update: state of param ", i,
+                  " must have the shape and strides of its parameter (and be dense); use backend='torch'");
+    }
+    for (const at::Tensor* t : {&p, &grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
+      TORCH_CHECK(t->device() == device, "fusedlr.adamw_update: tensor on ", t->device(), ", expected ", device);
+    }
+    if (out.amsgrad) TORCH_CHECK(max_exp_avg_sqs[i].device() == device, "fusedlr.adamw_update: wrong device");
+    TORCH_CHECK(grads[i].sizes() == p.sizes(), "fusedlr.adamw_update: grad shape ", grads[i].sizes(),
+                " differs from param ", p.sizes());
+    out.grads.push_back(kernel_grad(grads[i], &p));
+  }
+  return out;
+}
+
+inline AdamWHyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                             std::optional<double> max_norm, bool maximize) {
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.weight_decay = weight_decay;
+  h.has_max_norm = max_norm.has_value();
+  h.max_norm = max_norm.value_or(0.0);
+  h.maximize = maximize;
+  return h;
+}
+
+template <typename T>
+inline const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+}  // namespace fusedlr

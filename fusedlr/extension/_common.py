@@ -1,0 +1,108 @@
+"""What the compiled backends (``cpu``, ``cuda``) share: the per-bucket layout check and the op arguments."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..bucket import Bucket
+from ..control import GroupHyper, StepControl
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def linear(t: Tensor) -> bool:
+    """Contiguous, or non-overlapping and dense (e.g. channels_last): walkable from data_ptr() over numel()."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _bucket_reason(bucket: Bucket) -> str | None:
+    """Why the compiled kernels cannot update this bucket in place, or None."""
+    states = [bucket.exp_avgs, bucket.exp_avg_sqs] + ([bucket.max_exp_avg_sqs] if bucket.max_exp_avg_sqs else [])
+    if bucket.params and bucket.params[0].dtype not in _SUPPORTED:
+        return f"unsupported dtype {bucket.params[0].dtype}"
+    for i, p in enumerate(bucket.params):
+        if not linear(p):
+            return f"parameter {i} (shape {tuple(p.shape)}, strides {p.stride()}) is not dense"
+        for s in states:
+            if not (linear(s[i]) and same_layout(s[i], p)):
+                return f"the state of parameter {i} is not laid out like the parameter"
+    return None
+
+
+def compiled_ok(bucket: Bucket, grads: list[Tensor], backend: str) -> bool:
+    """Whether the compiled kernels run this bucket; else the caller uses fusedlr.reference.
+
+    The parameter/state layout is checked once per bucket (cached in ``bucket.cache``); tensors
+    updated in place are never copied. Gradients are only read: the kernels copy any whose
+    layout differs from its parameter's, but a grad dtype different from the param dtype falls back.
+    """
+    reason = bucket.cache.get("fusedlr_ext_reason", False)
+    if reason is False:
+        reason = _bucket_reason(bucket)
+        bucket.cache["fusedlr_ext_reason"] = reason
+        if reason is not None:
+            warnings.warn(
+                f"fusedlr backend={backend!r}: {reason}; this bucket is updated by the torch reference backend "
+                "(the compiled kernels update in place and never copy parameters or states)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    if reason is not None:
+        return False
+    return not grads or grads[0].dtype == bucket.params[0].dtype
+
+
+def schedule_table(bucket: Bucket, ctrl: StepControl) -> Tensor | None:
+    if ctrl.schedule is None:
+        return None
+    if ctrl.schedule_table is not None:
+        return ctrl.schedule_table
+    table = bucket.cache.get("fusedlr_schedule_table")
+    if not isinstance(table, Tensor) or table.device != ctrl.k.device:
+        table = ctrl.schedule.as_tensor(ctrl.k.device)
+        bucket.cache["fusedlr_schedule_table"] = table
+    return table
+
+
+def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> tuple:
+    """Positional arguments of ``torch.ops.fusedlr.adamw_update`` (without the table cache)."""
+    found_inf = ctrl.found_inf
+    if found_inf is not None and found_inf.dtype != torch.float32:
+        found_inf = found_inf.to(torch.float32)
+    inv_scale = ctrl.inv_scale
+    if inv_scale is not None and inv_scale.dtype != torch.float32:
+        inv_scale = inv_scale.to(torch.float32)
+    return (
+        bucket.params,
+        grads,
+        bucket.exp_avgs,
+        bucket.exp_avg_sqs,
+        bucket.max_exp_avg_sqs if bucket.max_exp_avg_sqs is not None else [],
+        bucket.steps,
+        ctrl.k,
+        schedule_table(bucket, ctrl),
+        ctrl.stats,
+        ctrl.max_norm,
+        inv_scale,
+        found_inf,
+        hyper.lr,
+        hyper.beta1,
+        hyper.beta2,
+        hyper.eps,
+        hyper.weight_decay,
+        hyper.maximize,
+    )

@@ -1,0 +1,45 @@
+"""backend="cpu": the compiled C++ kernels (OpenMP, vectorised) of ``fusedlr._C`` for CPU tensors.
+
+Same interface and math as ``fusedlr.reference``; a bucket whose parameters or states are not
+dense (or whose grads have another dtype than the params) is handed to the reference instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import extension, reference
+from ..bucket import Bucket
+from ..control import GroupHyper, StepControl
+from ._common import compiled_ok, update_args
+
+__all__ = ["NAME", "adamw_update", "available", "grad_stats"]
+
+NAME = "cpu"
+
+
+def available(device: torch.device) -> str | None:
+    """None when the compiled CPU kernels can run on ``device``; else why not (and the fix)."""
+    error = extension.load_error()
+    if error is not None:
+        return error
+    if torch.device(device).type != "cpu":
+        return f"backend 'cpu' runs on CPU tensors, not {device}; use backend='cuda' (or 'auto') for GPU tensors"
+    if not extension.has_kernel("cpu"):
+        return f"fusedlr._C has no CPU kernels registered; rebuild it: {extension.INSTALL_HINT}"
+    return None
+
+
+def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
+    """Pass 1 (see ``fusedlr.reference.grad_stats``)."""
+    if grads and grads[0].dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return reference.grad_stats(bucket, grads, inv_scale, out)
+    torch.ops.fusedlr.grad_stats(grads, inv_scale, out)
+
+
+def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
+    """Pass 2 (see ``fusedlr.reference.adamw_update``)."""
+    if not compiled_ok(bucket, grads, NAME):
+        return reference.adamw_update(bucket, grads, hyper, ctrl)
+    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl))

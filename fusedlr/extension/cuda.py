@@ -1,0 +1,88 @@
+"""backend="cuda": the compiled CUDA kernels of ``fusedlr._C``: one launch per pass per bucket.
+
+Same interface and math as ``fusedlr.reference``. Each bucket keeps, in ``bucket.cache``, the
+device table of pointers/numels its launches read and a host mirror of it: the table is
+re-uploaded (async copy from pinned memory, no sync) only when a pointer changed, so steps are
+sync-free and CUDA-graph capturable once a first (warm-up) step has run. A bucket whose params or
+states are not dense (or whose grads have another dtype than the params) uses the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import extension, reference
+from ..bucket import Bucket
+from ..control import GroupHyper, StepControl
+from ._common import compiled_ok, update_args
+
+__all__ = ["NAME", "adamw_update", "available", "grad_stats"]
+
+NAME = "cuda"
+
+
+def available(device: torch.device) -> str | None:
+    """None when the compiled CUDA kernels can run on ``device``; else why not (and the fix)."""
+    error = extension.load_error()
+    if error is not None:
+        return error
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors, not {device}; use backend='cpu' (or 'auto') for CPU tensors"
+    if not extension.has_kernel("cuda"):
+        return (
+            "fusedlr._C was built without its CUDA kernels (torch.version.cuda="
+            f"{torch.version.cuda}); rebuild with nvcc and a CUDA build of torch: "
+            "FUSEDLR_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+        )
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    return _arch_reason(device)
+
+
+def _arch_reason(device: torch.device) -> str | None:
+    """Why the compiled kernels cannot run on this GPU's architecture (None when they may)."""
+    archs = tuple(getattr(extension._C, "CUDA_ARCHS", ()))
+    if not archs:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if any(arch <= major * 100 + minor * 10 for arch in archs):  # same-major binary or PTX JIT
+        return None
+    built = ", ".join(f"sm_{arch // 10}" for arch in archs)
+    return (
+        f"fusedlr._C was compiled for {built}, but {device} is sm_{major}{minor}; rebuild it with "
+        f'TORCH_CUDA_ARCH_LIST="{major}.{minor}" FUSEDLR_BUILD_CUDA=1 pip install --no-build-isolation -e .'
+    )
+
+
+@torch.compiler.disable
+def _table(bucket: Bucket, key: str, n: int, nptr: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (device table, host mirror) pair cached for one op of ``bucket``."""
+    cached = bucket.cache.get(key)
+    size = n * (nptr + 2) + 1
+    if cached is None or cached[0].numel() != size or cached[0].device != device:
+        cached = (
+            torch.empty(size, dtype=torch.int64, device=device),
+            torch.full((size,), -1, dtype=torch.int64),  # matches no real table: the first call uploads
+        )
+        bucket.cache[key] = cached
+    return cached
+
+
+def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
+    """Pass 1 (see ``fusedlr.reference.grad_stats``): one launch, atomics into ``out``."""
+    if grads and grads[0].dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return reference.grad_stats(bucket, grads, inv_scale, out)
+    table, host = _table(bucket, "fusedlr_cuda_stats_table", len(grads), extension._C.STATS_TABLE_PTRS, out.device)
+    torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host)
+
+
+def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
+    """Pass 2 (see ``fusedlr.reference.adamw_update``): one launch, nothing written when found_inf > 0."""
+    if not compiled_ok(bucket, grads, NAME):
+        return reference.adamw_update(bucket, grads, hyper, ctrl)
+    table, host = _table(
+        bucket, "fusedlr_cuda_update_table", len(bucket.params), extension._C.UPDATE_TABLE_PTRS, bucket.device
+    )
+    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl), table, host)

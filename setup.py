@@ -1,0 +1,150 @@
+"""Builds the optional compiled kernels ``fusedlr._C`` (metadata lives in pyproject.toml).
+
+    pip install --no-build-isolation -e .      # uses the installed torch
+
+Environment:
+    FUSEDLR_BUILD_EXT=0|1     0: pure-Python install. 1: the extension must build (errors are fatal).
+                              Unset: try, and on failure warn and install without it.
+    FUSEDLR_BUILD_CUDA=0|1    0: CPU kernels only. 1: the CUDA kernels must build. Unset: build them
+                              when torch has CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME),
+                              falling back to the CPU kernels if that fails.
+    TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0+PTX").
+    MAX_JOBS                  parallel compile jobs (ninja).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from setuptools import setup
+
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/adamw_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/bindings_cuda.cpp", "csrc/cuda/grad_stats.cu", "csrc/cuda/adamw_update.cu"]
+CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda")
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+HINT = "set FUSEDLR_BUILD_EXT=1 to make this an error, or FUSEDLR_BUILD_EXT=0 to skip the extension"
+
+
+def _flag(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+
+
+BUILD_EXT = _flag("FUSEDLR_BUILD_EXT")
+BUILD_CUDA = _flag("FUSEDLR_BUILD_CUDA")
+FORCED = BUILD_EXT is True or BUILD_CUDA is True
+
+
+def _warn(message: str) -> None:
+    bar = "=" * 78
+    print(f"\n{bar}\nWARNING (fusedlr): {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _want_cuda() -> bool:
+    if BUILD_CUDA is not None:
+        return BUILD_CUDA
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        return False
+    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def _extension(cuda: bool):
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    include_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")]
+    if not cuda:
+        return CppExtension(
+            "fusedlr._C",
+            CPU_SOURCES,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    return CUDAExtension(
+        "fusedlr._C",
+        CPU_SOURCES + CUDA_SOURCES,
+        include_dirs=include_dirs,
+        define_macros=[("FUSEDLR_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def _to_cpu_only(ext) -> None:
+    """Turn the CUDA extension into the CPU one in place (keeping the flags BuildExtension added)."""
+    ext.sources = [s for s in ext.sources if s not in CUDA_SOURCES]
+    ext.define_macros = [m for m in ext.define_macros if m[0] != "FUSEDLR_WITH_CUDA"]
+    ext.libraries = [lib for lib in ext.libraries if lib not in CUDA_LIBRARIES]
+
+
+def _cmdclass_and_modules():
+    if BUILD_EXT is False:
+        return {}, []
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+
+        cuda = _want_cuda()
+        try:
+            ext = _extension(cuda)
+        except Exception as err:  # e.g. CUDA_HOME not found
+            if not cuda or BUILD_CUDA is True:
+                raise
+            _warn(f"cannot set up the CUDA kernels ({err!r}); building the CPU kernels only")
+            cuda = False
+            ext = _extension(False)
+    except Exception as err:  # torch missing or unusable
+        if FORCED:
+            raise
+        _warn(f"cannot build the compiled kernels ({err!r}); installing the pure-Python package. {HINT}")
+        return {}, []
+
+    class OptionalBuildExt(BuildExtension):
+        """BuildExtension that installs without the extension when building it fails (unless forced)."""
+
+        def build_extension(self, ext) -> None:
+            try:
+                super().build_extension(ext)
+                return
+            except (Exception, SystemExit) as err:
+                if FORCED and not (BUILD_EXT is True and BUILD_CUDA is None and cuda):
+                    raise
+                failure = err
+                traceback.print_exc()
+            if cuda:
+                _warn(f"building the CUDA kernels failed ({failure!r}); retrying with the CPU kernels only")
+                _to_cpu_only(ext)
+                try:
+                    super().build_extension(ext)
+                    return
+                except (Exception, SystemExit) as err:
+                    if FORCED:
+                        raise
+                    failure = err
+                    traceback.print_exc()
+            _warn(
+                f"building fusedlr._C failed ({failure!r}); installing the pure-Python package "
+                f"(backend='torch'/'triton' still work). {HINT}"
+            )
+            ext.optional = True  # setuptools then skips copying the missing library
+            stale = self.get_ext_fullpath(ext.name)
+            if os.path.exists(stale):  # never install a library left over from an older build
+                os.remove(stale)
+
+    return {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}, [ext]
+
+
+cmdclass, ext_modules = _cmdclass_and_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
