@@ -57,6 +57,12 @@ inline at::Tensor kernel_grad(const at::Tensor& g, const at::Tensor* like) {
 }
 
 // Checks every argument of ``grad_stats``; returns the dtype code of the gradients.
+inline void check_schedule_eval(const at::Tensor& table, const at::Tensor& ks) {
+  TORCH_CHECK(table.scalar_type() == at::kDouble && table.dim() == 1 && table.numel() >= 1,
+              "fusedlr.schedule_eval: table must be a float64 [kind, *params] tensor");
+  TORCH_CHECK(ks.scalar_type() == at::kLong, "fusedlr.schedule_eval: ks must be int64");
+}
+
 inline int check_grad_stats(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() >= 2 && out.is_contiguous(),
               "fusedlr.grad_stats: out must be a contiguous float32 tensor of 2 elements");

@@ -66,7 +66,7 @@ class AdamW(torch.optim.Optimizer):
             ``k`` counts updates actually applied: a step skipped by GradScaler does not advance it.
         max_grad_norm: clip the global L2 norm of all gradients of the optimizer to this, as
             ``clip_grad_norm_`` would, inside the update (gradients are left unmodified).
-            ``grad_norm`` then holds the pre-clip norm of the last step as a 0-d device tensor.
+            ``grad_norm`` is the pre-clip norm of the last step (see the property).
         backend: "auto", "torch" (reference), "triton", "cuda" or "cpu" (compiled extension).
 
     States ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are float32 (float64 for float64
@@ -114,12 +114,17 @@ class AdamW(torch.optim.Optimizer):
         self.schedule = schedule
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
-        self.grad_norm: Tensor | None = None
+        self._grad_norm: Tensor | None = None
         self._k: Tensor | None = None
         self._schedule_table: Tensor | None = None
         self._plan: _Plan | None = None
         self._impl: Any = None
         self._impl_device: torch.device | None = None
+        device = self._device()
+        if device is not None:  # made here, not in the first step, so that step can be traced or captured
+            self._schedule_index(device)
+            self._schedule_tensor(device)
+            self._norm_buffer(device)
 
     # ------------------------------------------------------------------ state
     def _device(self) -> torch.device | None:
@@ -132,6 +137,25 @@ class AdamW(torch.optim.Optimizer):
         if self._k is None or self._k.device != device:
             self._k = torch.zeros((), dtype=torch.int64, device=device)
         return self._k
+
+    def _norm_buffer(self, device: torch.device) -> Tensor:
+        if self._grad_norm is None or self._grad_norm.device != device:
+            self._grad_norm = torch.full((), math.nan, dtype=torch.float32, device=device)
+        return self._grad_norm
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """Global L2 norm of the (unscaled) gradients before clipping, from the last step that ran the
+        reduction pass (clipping or AMP): a 0-d float32 device tensor updated in place each step (so it
+        also updates under torch.compile and CUDA-graph replay); NaN until such a step has run."""
+        return self._grad_norm
+
+    def _schedule_tensor(self, device: torch.device) -> Tensor | None:
+        if self.schedule is None:
+            return None
+        if self._schedule_table is None or self._schedule_table.device != device:
+            self._schedule_table = self.schedule.as_tensor(device)
+        return self._schedule_table
 
     @property
     def schedule_index(self) -> Tensor | None:
@@ -300,18 +324,16 @@ class AdamW(torch.optim.Optimizer):
             stats = torch.zeros(2, dtype=torch.float32, device=device)
             for _, b, gs in work:
                 impl.grad_stats(b, gs, inv_scale, stats)
-            self.grad_norm = stats[0].sqrt()
+            torch.sqrt(stats[0], out=self._norm_buffer(device))
         if check_inf:
             assert stats is not None
             found_inf = (stats[1] > 0).to(torch.float32)
             grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"][device] = found_inf
 
-        if self.schedule is not None and (self._schedule_table is None or self._schedule_table.device != device):
-            self._schedule_table = self.schedule.as_tensor(device)
         ctrl = StepControl(
             k=self._schedule_index(device),
             schedule=self.schedule,
-            schedule_table=self._schedule_table if self.schedule is not None else None,
+            schedule_table=self._schedule_tensor(device),
             stats=stats,
             max_norm=self.max_grad_norm,
             inv_scale=inv_scale,

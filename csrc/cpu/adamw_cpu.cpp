@@ -254,9 +254,7 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 }
 
 at::Tensor schedule_eval_cpu(const at::Tensor& table, const at::Tensor& ks) {
-  TORCH_CHECK(table.scalar_type() == at::kDouble && table.dim() == 1 && table.numel() >= 1,
-              "fusedlr.schedule_eval: table must be a float64 [kind, *params] tensor");
-  TORCH_CHECK(ks.scalar_type() == at::kLong, "fusedlr.schedule_eval: ks must be int64");
+  check_schedule_eval(table, ks);
   check_cpu(table, "table");
   check_cpu(ks, "ks");
   const at::Tensor t = table.contiguous();

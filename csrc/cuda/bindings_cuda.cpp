@@ -163,9 +163,7 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 at::Tensor schedule_eval_cuda(const at::Tensor& table, const at::Tensor& ks) {
-  TORCH_CHECK(table.scalar_type() == at::kDouble && table.dim() == 1 && table.numel() >= 1,
-              "fusedlr.schedule_eval: table must be a float64 [kind, *params] tensor");
-  TORCH_CHECK(ks.scalar_type() == at::kLong, "fusedlr.schedule_eval: ks must be int64");
+  check_schedule_eval(table, ks);
   TORCH_CHECK(table.is_cuda() && ks.device() == table.device(), "fusedlr.schedule_eval: table and ks on one device");
   const c10::cuda::CUDAGuard guard(table.device());
   const at::Tensor t = table.contiguous();

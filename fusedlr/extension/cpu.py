@@ -33,8 +33,6 @@ def available(device: torch.device) -> str | None:
 
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
     """Pass 1 (see ``fusedlr.reference.grad_stats``)."""
-    if grads and grads[0].dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        return reference.grad_stats(bucket, grads, inv_scale, out)
     torch.ops.fusedlr.grad_stats(grads, inv_scale, out)
 
 

@@ -72,8 +72,6 @@ def _table(bucket: Bucket, key: str, n: int, nptr: int, device: torch.device) ->
 
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
     """Pass 1 (see ``fusedlr.reference.grad_stats``): one launch, atomics into ``out``."""
-    if grads and grads[0].dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        return reference.grad_stats(bucket, grads, inv_scale, out)
     table, host = _table(bucket, "fusedlr_cuda_stats_table", len(grads), extension._C.STATS_TABLE_PTRS, out.device)
     torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host)
 
