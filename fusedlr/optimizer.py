@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import backends
+from . import backends, distributed
 from .bucket import Bucket
 from .control import GroupHyper, StepControl
+from .distributed import ReduceKey
 from .schedules import Schedule
 
 __all__ = ["AdamW"]
@@ -43,6 +44,22 @@ def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def _check_state_matches(p: Tensor, state: dict[str, Any]) -> None:
+    """Refuse moments that do not lie over the parameter element for element (a mis-sharded checkpoint)."""
+    for key in _STATE_KEYS:
+        t = state.get(key)
+        if t is not None and (
+            distributed.is_dtensor(t) != distributed.is_dtensor(p)
+            or distributed.local(t).shape != distributed.local(p).shape
+            or t.device != p.device
+        ):
+            raise RuntimeError(
+                f"fusedlr.AdamW: state '{key}' {tuple(distributed.local(t).shape)} on {t.device} does not match its "
+                f"parameter {tuple(distributed.local(p).shape)} on {p.device} (a checkpoint saved with another "
+                "sharding? load sharded state with torch.distributed.checkpoint)"
+            )
+
+
 @dataclass
 class _Plan:
     """What a step launches, cached while the set of params with gradients stays the same."""
@@ -50,7 +67,8 @@ class _Plan:
     flat: list[Tensor]  # every param of every group, in order
     owner: list[int]  # group index of each entry of flat
     present: list[bool]  # which of flat had a gradient when the plan was built
-    buckets: list[tuple[int, Bucket, list[int]]]  # (group index, bucket, indices into flat)
+    buckets: list[tuple[int, Bucket, list[int], ReduceKey | None]]  # (group, bucket, indices into flat, norm reduction)
+    has_dtensor: bool  # whether gradients must be unwrapped to their local shards
 
 
 class AdamW(torch.optim.Optimizer):
@@ -191,10 +209,7 @@ class AdamW(torch.optim.Optimizer):
                     "fusedlr.AdamW does not support complex parameters; "
                     "register torch.view_as_real(param) as the parameter instead"
                 )
-            if type(p).__name__ == "DTensor" or type(g).__name__ == "DTensor":
-                raise RuntimeError(
-                    "fusedlr.AdamW does not support DTensor (FSDP2) parameters yet; use plain tensors (DDP)"
-                )
+            distributed.check_pair(p, g)
             if p.dtype not in _SUPPORTED_DTYPES or g.dtype not in _SUPPORTED_DTYPES:
                 raise RuntimeError(f"fusedlr.AdamW supports float32/float16/bfloat16/float64, got {p.dtype}")
             if g.shape != p.shape:
@@ -212,28 +227,32 @@ class AdamW(torch.optim.Optimizer):
         Each bucket gets one int64 step counter tensor; ``state['step']`` of its params become views of it.
         """
         self._validate(flat, grads)
-        members: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = {}
+        members: dict[tuple[int, torch.dtype, torch.dtype, ReduceKey | None], list[int]] = {}
         for i, (p, g) in enumerate(zip(flat, grads)):
             if g is not None:
-                members.setdefault((owner[i], p.dtype, g.dtype), []).append(i)
+                members.setdefault((owner[i], p.dtype, g.dtype, distributed.reduce_key(p)), []).append(i)
         buckets = []
-        for (gi, _, _), idx in members.items():
+        for (gi, _, _, reduce), idx in members.items():
             amsgrad = bool(self.param_groups[gi]["amsgrad"])
             for i in idx:
                 self._init_state(flat[i], amsgrad)
             states = [self.state[flat[i]] for i in idx]
+            for i, state in zip(idx, states):
+                _check_state_matches(flat[i], state)
             steps = torch.stack([s["step"].to(torch.int64) for s in states])
             for j, s in enumerate(states):
                 s["step"] = steps[j]
+            local = distributed.local
             bucket = Bucket(
-                params=[flat[i] for i in idx],
-                exp_avgs=[s["exp_avg"] for s in states],
-                exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-                max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+                params=[local(flat[i]) for i in idx],
+                exp_avgs=[local(s["exp_avg"]) for s in states],
+                exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
+                max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
                 steps=steps,
             )
-            buckets.append((gi, bucket, idx))
-        return _Plan(flat, owner, [g is not None for g in grads], buckets)
+            buckets.append((gi, bucket, idx, reduce))
+        has_dtensor = any(distributed.is_dtensor(p) for p in flat)
+        return _Plan(flat, owner, [g is not None for g in grads], buckets, has_dtensor)
 
     def _plan_for_step(self) -> tuple[_Plan, list[Tensor | None]]:
         """The cached plan (rebuilt only when the set of params with grads changed) and this step's grads.
@@ -251,10 +270,12 @@ class AdamW(torch.optim.Optimizer):
         grads = [p.grad for p in flat]
         if plan is None or [g is not None for g in grads] != plan.present:
             self._plan = plan = self._build_plan(flat, owner, grads)
-            return plan, grads
-        strided = torch.strided
-        if not all([g is None or g.layout is strided for g in grads]):
-            self._validate(flat, grads)
+        else:
+            strided = torch.strided
+            if not all([g is None or g.layout is strided for g in grads]):
+                self._validate(flat, grads)
+        if plan.has_dtensor:
+            grads = [None if g is None else distributed.local(g) for g in grads]
         return plan, grads
 
     def _hyper(self, gi: int) -> GroupHyper:
@@ -298,6 +319,23 @@ class AdamW(torch.optim.Optimizer):
         return inv_scale, found_inf, False
 
     # ------------------------------------------------------------------ step
+    @staticmethod
+    def _grad_stats(impl: Any, work: list[Any], inv_scale: Tensor | None, device: torch.device) -> Tensor:
+        """Pass 1 over every bucket: ``[global sum of squares, non-finite count]`` (float32, on device).
+
+        Buckets of sharded DTensors accumulate into a buffer of their own, summed over the mesh
+        dimensions they are sharded on before joining the total.
+        """
+        stats = torch.zeros(2, dtype=torch.float32, device=device)
+        partial: dict[ReduceKey, Tensor] = {}
+        for _, b, gs, reduce in work:
+            out = stats if reduce is None else partial.setdefault(reduce, torch.zeros_like(stats))
+            impl.grad_stats(b, gs, inv_scale, out)
+        for reduce, out in partial.items():
+            distributed.all_reduce_stats(out, reduce)
+            stats += out
+        return stats
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, grad_scaler: Any = None) -> float | None:  # type: ignore[override]
         """One fused update of every parameter that has a gradient.
@@ -316,14 +354,12 @@ class AdamW(torch.optim.Optimizer):
             self._impl = backends.resolve(self.backend, device)
             self._impl_device = device
         impl = self._impl
-        work = [(self._hyper(gi), b, [grads[i] for i in idx]) for gi, b, idx in plan.buckets]
+        work = [(self._hyper(gi), b, [grads[i] for i in idx], reduce) for gi, b, idx, reduce in plan.buckets]
 
         inv_scale, found_inf, check_inf = self._amp(device, grad_scaler)
         stats = None
         if self.max_grad_norm is not None or check_inf:
-            stats = torch.zeros(2, dtype=torch.float32, device=device)
-            for _, b, gs in work:
-                impl.grad_stats(b, gs, inv_scale, stats)
+            stats = self._grad_stats(impl, work, inv_scale, device)
             torch.sqrt(stats[0], out=self._norm_buffer(device))
         if check_inf:
             assert stats is not None
@@ -340,7 +376,7 @@ class AdamW(torch.optim.Optimizer):
             found_inf=found_inf,
         )
         applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
-        for hyper, b, gs in work:
+        for hyper, b, gs, _ in work:
             b.steps.add_(applied)
             impl.adamw_update(b, gs, hyper, ctrl)
         ctrl.k.add_(applied)
