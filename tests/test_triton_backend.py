@@ -672,3 +672,13 @@ def test_tensor_past_2_31_elements() -> None:
     torch.testing.assert_close(state["exp_avg"][-4:].cpu(), torch.tensor([0.1, 0.2, 0.2, 0.2]))
     torch.testing.assert_close(state["exp_avg_sq"][-4:].cpu(), torch.tensor([1e-3, 4e-3, 4e-3, 4e-3]))
     torch.testing.assert_close(opt.grad_norm.cpu(), torch.tensor(math.sqrt(n + 9.0)), rtol=1e-5, atol=0)
+
+
+def test_in_place_kernels_are_not_autotuned() -> None:
+    """Autotuning benchmarks a kernel by running it several times: an in-place update would be applied
+    more than once. The update and reduction kernels must be plain jitted functions with fixed blocks."""
+    from triton.runtime.autotuner import Autotuner
+
+    for kernel in (K_ADAMW._adamw_kernel, K_STATS._grad_stats_kernel):
+        assert not isinstance(kernel, Autotuner)
+        assert not isinstance(getattr(kernel, "fn", None), Autotuner)
