@@ -47,6 +47,13 @@ def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, rtol: float = 1e-
         torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def assert_same_moments(opt, topt, a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in topt.state[pb]:
+                torch.testing.assert_close(opt.state[pa][key], topt.state[pb][key], rtol=1e-5, atol=1e-7)
+
+
 SCHED = fusedlr.get_schedule("cosine", num_warmup_steps=4, num_training_steps=30)
 
 
@@ -74,6 +81,7 @@ def test_matches_torch_recipe(amsgrad: bool, maximize: bool, max_norm: float | N
         topt.step()
         tsched.step()
         assert_same_params(ours, ref)
+        assert_same_moments(opt, topt, ours, ref)  # Adam hides a wrong gradient scale in the params
     assert clipped_once == (max_norm == 0.05)
     for p in ours.parameters():
         assert int(opt.state[p]["step"]) == 30
@@ -194,6 +202,8 @@ def test_grad_scaler_matches_torch_recipe_and_skips_bad_steps(user_unscales: boo
             for b, p in zip(before, ours.parameters()):
                 assert torch.equal(b, p)
         assert_same_params(ours, ref)
+        if topt.state:
+            assert_same_moments(opt, topt, ours, ref)
     assert int(opt.schedule_index) == 12 - len(bad_steps)
     assert int(opt.state[ours[0].weight]["step"]) == 12 - len(bad_steps)
 
