@@ -406,3 +406,37 @@ def test_add_param_group_after_training_starts() -> None:
             loss_of(m, i).backward()
             o.step()
         assert_same_params(ours, ref)
+
+
+def _cpu_backends() -> list[str]:
+    from fusedlr import backends
+
+    return [name for name, status in backends.describe(DEV).items() if status == "ok"]
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_norm_of_half_precision_grads_accumulates_in_fp32(backend: str, dtype: torch.dtype) -> None:
+    """Squares of 1000 overflow fp16 (max 65504): the norm must come out finite and exact."""
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n in (3000, 17, 1)]
+    for p in params:
+        p.grad = torch.full_like(p, 1000.0)
+    opt = fusedlr.AdamW(params, max_grad_norm=1.0, backend=backend)
+    opt.step()
+    expected = 1000.0 * math.sqrt(3000 + 17 + 1)
+    assert opt.grad_norm.dtype == torch.float32
+    assert float(opt.grad_norm) == pytest.approx(expected, rel=1e-6)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_params_follow_fp32_math_rounded_once(dtype: torch.dtype) -> None:
+    """One update of an fp16/bf16 param is the fp32 update of its value, rounded once to the param dtype."""
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(257).to(dtype))
+    q = torch.nn.Parameter(p.detach().float())
+    g = torch.randn(257).to(dtype)
+    p.grad, q.grad = g, g.float()
+    fusedlr.AdamW([p], lr=1e-2, backend="torch").step()
+    torch.optim.AdamW([q], lr=1e-2).step()
+    torch.testing.assert_close(p.detach(), q.detach().to(dtype), rtol=0, atol=0)
