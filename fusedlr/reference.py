@@ -70,24 +70,23 @@ def clip_coefficient(ctrl: StepControl) -> Tensor | None:
 
 def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
     """Pass 2: one AdamW update of every tensor of ``bucket`` (see the module docstring)."""
+    dt = _math_dtype(bucket.params[0])  # a bucket holds one param dtype
     lr = scheduled_lr(hyper.lr, ctrl)
     scale = clip_coefficient(ctrl)
     if ctrl.inv_scale is not None:
         scale = ctrl.inv_scale.to(torch.float64) if scale is None else scale * ctrl.inv_scale
+    if hyper.maximize:
+        scale = -1.0 if scale is None else -scale
     skip = None if ctrl.found_inf is None else ctrl.found_inf > 0
+    # Per-tensor scalars of the whole bucket at once: t = this update's step of each tensor.
+    t = bucket.steps.to(torch.float64)
+    step_size = (lr / (1.0 - torch.pow(hyper.beta1, t))).to(dt)
+    bias2_sqrt = torch.sqrt(1.0 - torch.pow(hyper.beta2, t)).to(dt)
+    decay = (1.0 - lr * hyper.weight_decay).to(dt)
+    gscale = None if scale is None else torch.as_tensor(scale, dtype=torch.float64).to(dt)
     for i, (p, g) in enumerate(zip(bucket.params, grads)):
-        dt = _math_dtype(p)
         m, v = bucket.exp_avgs[i], bucket.exp_avg_sqs[i]
-        t = bucket.steps[i].to(torch.float64)
-        bias1 = 1.0 - torch.pow(hyper.beta1, t)
-        bias2_sqrt = torch.sqrt(1.0 - torch.pow(hyper.beta2, t))
-
-        gf = g.to(dt)
-        if scale is not None:
-            gf = gf * scale.to(dt)
-        if hyper.maximize:
-            gf = -gf
-        p_new = p.to(dt) * (1.0 - lr * hyper.weight_decay).to(dt)
+        gf = g.to(dt) if gscale is None else g.to(dt) * gscale
         m_new = torch.lerp(m, gf, 1.0 - hyper.beta1)
         v_new = v * hyper.beta2 + (1.0 - hyper.beta2) * gf * gf
         denom_src = v_new
@@ -96,8 +95,8 @@ def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: S
             vmax = bucket.max_exp_avg_sqs[i]
             denom_src = torch.maximum(vmax, v_new)
             new.append((vmax, denom_src))
-        denom = denom_src.sqrt() / bias2_sqrt.to(dt) + hyper.eps
-        p_new = p_new - (lr / bias1).to(dt) * (m_new / denom)
+        denom = denom_src.sqrt() / bias2_sqrt[i] + hyper.eps
+        p_new = p.to(dt) * decay - step_size[i] * (m_new / denom)
         new.append((p, p_new.to(p.dtype)))
         for dst, val in new:
             dst.copy_(val if skip is None else torch.where(skip, dst, val))
