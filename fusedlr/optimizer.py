@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -152,8 +152,10 @@ class AdamW(torch.optim.Optimizer):
         return None
 
     def _schedule_index(self, device: torch.device) -> Tensor:
-        if self._k is None or self._k.device != device:
+        if self._k is None:
             self._k = torch.zeros((), dtype=torch.int64, device=device)
+        elif self._k.device != device:  # the params moved: the index moves with them, never resets
+            self._k = self._k.to(device)
         return self._k
 
     def _norm_buffer(self, device: torch.device) -> Tensor:

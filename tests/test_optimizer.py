@@ -446,3 +446,18 @@ def test_low_precision_params_follow_fp32_math_rounded_once(dtype: torch.dtype) 
     fusedlr.AdamW([p], lr=1e-2, backend="torch").step()
     torch.optim.AdamW([q], lr=1e-2).step()
     torch.testing.assert_close(p.detach(), q.detach().to(dtype), rtol=0, atol=0)
+
+
+def test_state_of_another_shape_is_refused_not_misread() -> None:
+    """Moments that do not lie over their parameter (a checkpoint of another model) raise clearly."""
+    other = torch.nn.Parameter(torch.ones(5))
+    src = fusedlr.AdamW([other], backend="torch")
+    other.grad = torch.ones(5)
+    src.step()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = fusedlr.AdamW([p], backend="torch")
+    opt.load_state_dict(src.state_dict())
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="does not match its parameter"):
+        opt.step()
+    assert torch.equal(p, torch.ones(4))
