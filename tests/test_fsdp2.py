@@ -65,6 +65,7 @@ def _worker(rank: int, port: int, backend: str, max_norm: float) -> None:
         assert isinstance(opt.state[p0]["exp_avg"], DTensor)
         assert opt.state[p0]["exp_avg"].placements == p0.placements
         assert float(opt.grad_norm) > max_norm  # clipping was active, so the cross-rank sum mattered
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
