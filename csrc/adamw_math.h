@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "schedule.h"
 
@@ -35,6 +36,21 @@ struct AdamWHyper {
   bool has_max_norm;
   bool maximize;
 };
+
+// Host-side constructor shared by the CPU op, the CUDA op and the host emulation.
+inline AdamWHyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                             std::optional<double> max_norm, bool maximize) {
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.weight_decay = weight_decay;
+  h.has_max_norm = max_norm.has_value();
+  h.max_norm = max_norm.value_or(0.0);
+  h.maximize = maximize;
+  return h;
+}
 
 // Device-side (or, on CPU, host-side) inputs of a step: any pointer may be null when absent,
 // except ``k`` and ``steps``.

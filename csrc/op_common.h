@@ -153,20 +153,6 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
   return out;
 }
 
-inline AdamWHyper make_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
-                             std::optional<double> max_norm, bool maximize) {
-  AdamWHyper h;
-  h.lr = lr;
-  h.beta1 = beta1;
-  h.beta2 = beta2;
-  h.eps = eps;
-  h.weight_decay = weight_decay;
-  h.has_max_norm = max_norm.has_value();
-  h.max_norm = max_norm.value_or(0.0);
-  h.maximize = maximize;
-  return h;
-}
-
 template <typename T>
 inline const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;

@@ -44,6 +44,11 @@ def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def _inverse(scale: Tensor, device: torch.device) -> Tensor:
+    """``1 / scale`` as GradScaler computes it (in float64, then float32), on ``device`` without a sync."""
+    return scale.double().reciprocal().float().to(device, non_blocking=True)
+
+
 def _check_state_matches(p: Tensor, state: dict[str, Any]) -> None:
     """Refuse moments that do not lie over the parameter element for element (a mis-sharded checkpoint)."""
     for key in _STATE_KEYS:
@@ -312,10 +317,10 @@ class AdamW(torch.optim.Optimizer):
             scale = grad_scaler._scale
             if scale is None:
                 raise RuntimeError("GradScaler has no scale yet: call scaler.scale(loss).backward() before step")
-            return scale.double().reciprocal().float().to(device, non_blocking=True), None, True
+            return _inverse(scale, device), None, True
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float().to(device)
+        inv_scale = None if grad_scale is None else _inverse(grad_scale, device)
         if found_inf is not None:
             found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
         return inv_scale, found_inf, False

@@ -91,15 +91,9 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
                              const double* hyper6, int has_max_norm, int maximize, const int64_t* k,
                              const double* schedule, const float* stats, const float* inv_scale,
                              const float* found_inf, const int64_t* steps, int grid) {
-  AdamWHyper h;
-  h.lr = hyper6[0];
-  h.beta1 = hyper6[1];
-  h.beta2 = hyper6[2];
-  h.eps = hyper6[3];
-  h.weight_decay = hyper6[4];
-  h.max_norm = hyper6[5];
-  h.has_max_norm = has_max_norm != 0;
-  h.maximize = maximize != 0;
+  const AdamWHyper h = make_hyper(hyper6[0], hyper6[1], hyper6[2], hyper6[3], hyper6[4],
+                                  has_max_norm != 0 ? std::optional<double>(hyper6[5]) : std::nullopt,
+                                  maximize != 0);
   StepInputs in;
   in.k = k;
   in.schedule = schedule;
