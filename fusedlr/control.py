@@ -22,10 +22,11 @@ CLIP_EPS = 1e-6
 class GroupHyper:
     """One param group's AdamW hyperparameters (plain floats, fixed for the launch).
 
-    ``lr`` is the peak LR when a schedule is set (applied LR: ``lr * sched(k)``), else the LR itself.
+    ``lr`` is the peak LR when a schedule is set (applied LR: ``lr * sched(k)``), else the LR itself;
+    a 1-element tensor when the group's ``lr`` is one (read on the device by the reference only).
     """
 
-    lr: float
+    lr: float | Tensor
     beta1: float
     beta2: float
     eps: float

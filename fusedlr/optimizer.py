@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import backends, distributed
+from . import backends, distributed, reference
 from .bucket import Bucket
 from .control import GroupHyper, StepControl
 from .distributed import ReduceKey
@@ -21,27 +21,52 @@ from .schedules import Schedule
 __all__ = ["AdamW"]
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.complex128)
 
 # GradScaler warns each step that its ``grad_scaler=`` keyword contract will change; fusedlr
 # also honours the attribute contract (``grad_scale``/``found_inf``) that replaces it.
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
-def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -> None:
+def _check_lr(lr: object, read_value: bool) -> None:
+    """A float, or a 1-element floating tensor (torch's tensor ``lr``); its value is only read when
+    ``read_value`` (construction), never in a step, where that would be a host-device sync."""
     if isinstance(lr, Tensor):
-        raise ValueError("lr must be a float; for an LR that changes on the device pass schedule= instead")
-    if not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Tensor lr must be 1-element and floating point, got {lr.dtype} of shape {tuple(lr.shape)}")
+        if read_value and not bool(0.0 <= lr < math.inf):
+            raise ValueError(f"Invalid learning rate: {lr}")
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
         raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object, read_lr: bool = True) -> None:
+    _check_lr(lr, read_lr)
     if not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of a parameter's moments: float32, float64 for float64 params, complex64/complex128 for
+    complex params (updated through ``torch.view_as_real``, as torch's AdamW does)."""
+    if p.is_complex():
+        return torch.complex128 if p.dtype == torch.complex128 else torch.complex64
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _real(t: Tensor) -> Tensor:
+    """What the kernels read and write for ``t``: a complex tensor's real view (a trailing dim of 2:
+    real, imaginary parts; same storage), anything else as is."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _inverse(scale: Tensor, device: torch.device) -> Tensor:
@@ -73,7 +98,7 @@ class _Plan:
     owner: list[int]  # group index of each entry of flat
     present: list[bool]  # which of flat had a gradient when the plan was built
     buckets: list[tuple[int, Bucket, list[int], ReduceKey | None]]  # (group, bucket, indices into flat, norm reduction)
-    has_dtensor: bool  # whether gradients must be unwrapped to their local shards
+    unwrap_grads: bool  # whether gradients must be mapped to what kernels read (DTensor shards, complex real views)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -126,7 +151,7 @@ class AdamW(torch.optim.Optimizer):
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
         defaults = dict(
-            lr=float(lr),
+            lr=lr if isinstance(lr, Tensor) else float(lr),
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
@@ -190,13 +215,17 @@ class AdamW(torch.optim.Optimizer):
     def scheduled_lr(self, group: int = 0) -> Tensor:
         """The LR the next update applies to ``param_groups[group]``, as a 0-d float64 device tensor."""
         device = self._device() or torch.device("cpu")
-        lr = torch.full((), self.param_groups[group]["lr"], dtype=torch.float64, device=device)
+        lr = self.param_groups[group]["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.to(device=device, dtype=torch.float64).reshape(())
+        else:
+            lr = torch.full((), lr, dtype=torch.float64, device=device)
         return lr if self.schedule is None else lr * self.schedule(self._schedule_index(device))
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> None:
         state = self.state[p]
         if len(state) == 0:
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dt = _state_dtype(p)
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
@@ -211,14 +240,14 @@ class AdamW(torch.optim.Optimizer):
                 continue
             if g.layout != torch.strided:
                 raise RuntimeError("fusedlr.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-            if torch.is_complex(p):
-                raise RuntimeError(
-                    "fusedlr.AdamW does not support complex parameters; "
-                    "register torch.view_as_real(param) as the parameter instead"
-                )
             distributed.check_pair(p, g)
             if p.dtype not in _SUPPORTED_DTYPES or g.dtype not in _SUPPORTED_DTYPES:
-                raise RuntimeError(f"fusedlr.AdamW supports float32/float16/bfloat16/float64, got {p.dtype}")
+                raise RuntimeError(
+                    f"fusedlr.AdamW supports float32/float16/bfloat16/float64 (and complex64/complex128) parameters "
+                    f"and gradients, got {p.dtype} with a {g.dtype} gradient"
+                )
+            if p.is_complex() != g.is_complex():
+                raise RuntimeError(f"gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
             if g.shape != p.shape:
                 raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter {tuple(p.shape)}")
             device = device or p.device
@@ -237,7 +266,7 @@ class AdamW(torch.optim.Optimizer):
         members: dict[tuple[int, torch.dtype, torch.dtype, ReduceKey | None], list[int]] = {}
         for i, (p, g) in enumerate(zip(flat, grads)):
             if g is not None:
-                members.setdefault((owner[i], p.dtype, g.dtype, distributed.reduce_key(p)), []).append(i)
+                members.setdefault((owner[i], _real(p).dtype, _real(g).dtype, distributed.reduce_key(p)), []).append(i)
         buckets = []
         for (gi, _, _, reduce), idx in members.items():
             amsgrad = bool(self.param_groups[gi]["amsgrad"])
@@ -249,7 +278,9 @@ class AdamW(torch.optim.Optimizer):
             steps = torch.stack([s["step"].to(torch.int64) for s in states])
             for j, s in enumerate(states):
                 s["step"] = steps[j]
-            local = distributed.local
+            def local(t: Tensor) -> Tensor:
+                return _real(distributed.local(t))
+
             bucket = Bucket(
                 params=[local(flat[i]) for i in idx],
                 exp_avgs=[local(s["exp_avg"]) for s in states],
@@ -258,8 +289,8 @@ class AdamW(torch.optim.Optimizer):
                 steps=steps,
             )
             buckets.append((gi, bucket, idx, reduce))
-        has_dtensor = any(distributed.is_dtensor(p) for p in flat)
-        return _Plan(flat, owner, [g is not None for g in grads], buckets, has_dtensor)
+        unwrap = any(distributed.is_dtensor(p) or p.is_complex() for p in flat)
+        return _Plan(flat, owner, [g is not None for g in grads], buckets, unwrap)
 
     def _plan_for_step(self) -> tuple[_Plan, list[Tensor | None]]:
         """The cached plan (rebuilt only when the set of params with grads changed) and this step's grads.
@@ -281,15 +312,21 @@ class AdamW(torch.optim.Optimizer):
             strided = torch.strided
             if not all([g is None or g.layout is strided for g in grads]):
                 self._validate(flat, grads)
-        if plan.has_dtensor:
-            grads = [None if g is None else distributed.local(g) for g in grads]
+        if plan.unwrap_grads:
+            grads = [None if g is None else _real(distributed.local(g)) for g in grads]
         return plan, grads
 
     def _hyper(self, gi: int) -> GroupHyper:
         group = self.param_groups[gi]
-        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"], read_lr=False)
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and self._impl is not reference:
+            raise RuntimeError(
+                f"fusedlr backend {self._impl.NAME!r} does not take a tensor lr yet: pass backend='torch', "
+                "a float lr, or schedule= for an LR that changes on the device"
+            )
         return GroupHyper(
-            lr=float(group["lr"]),
+            lr=lr if isinstance(lr, Tensor) else float(lr),
             beta1=float(group["betas"][0]),
             beta2=float(group["betas"][1]),
             eps=float(group["eps"]),
@@ -367,7 +404,6 @@ class AdamW(torch.optim.Optimizer):
         stats = None
         if self.max_grad_norm is not None or check_inf:
             stats = self._grad_stats(impl, work, inv_scale, device)
-            torch.sqrt(stats[0], out=self._norm_buffer(device))
         if check_inf:
             assert stats is not None
             found_inf = (stats[1] > 0).to(torch.float32)
@@ -385,27 +421,37 @@ class AdamW(torch.optim.Optimizer):
         applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
         for hyper, b, gs, _ in work:
             b.steps.add_(applied)
-            impl.adamw_update(b, gs, hyper, ctrl)
+            try:
+                impl.adamw_update(b, gs, hyper, ctrl)
+            except BaseException:
+                b.steps.sub_(applied)  # an update that raised did not happen: its counters go back
+                raise
         ctrl.k.add_(applied)
+        if stats is not None:  # written last, so a step that raised leaves the last norm
+            torch.sqrt(stats[0], out=self._norm_buffer(device))
         return loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim.AdamW's format (``step`` as a float64 CPU tensor), plus the schedule index."""
+        """torch.optim.AdamW's format (``step`` as a float64 CPU tensor), plus the schedule index.
+
+        Entries of ``self.state`` that are not a parameter's are kept as they are, as torch does.
+        Over meta params, steps and the index stay meta tensors (they hold no value).
+        """
         sd = super().state_dict()
-        sd["state"] = {
-            i: {key: (v.to("cpu", torch.float64) if key == "step" else v) for key, v in s.items()}
-            for i, s in sd["state"].items()
-        }
-        sd["fusedlr"] = {"schedule_index": 0 if self._k is None else int(self._k)}
+        sd["state"] = {i: _saved_steps(s) for i, s in sd["state"].items()}
+        k = self._k
+        sd["fusedlr"] = {"schedule_index": 0 if k is None else k.clone() if k.is_meta else int(k)}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of ``fusedlr.AdamW`` or ``torch.optim.AdamW`` (any of its modes).
 
-        States are kept in float32 (float64 for float64 params) whatever dtype they were saved in.
-        Without a saved schedule index (a torch state dict), the index resumes at the largest
-        per-parameter step, the number of updates applied when every parameter trained every step.
+        States are kept in float32 (float64 for float64 params, complex for complex params) whatever
+        dtype they were saved in. Without a saved schedule index (a torch state dict), the index resumes
+        at the largest per-parameter step, the number of updates applied when every parameter trained
+        every step. A state dict that does not fit (group sizes, moment shapes) raises ValueError and
+        leaves the optimizer unchanged; entries of ``state`` that are not a parameter's are kept as is.
         """
         saved = state_dict["state"]
         params_of = {
@@ -413,30 +459,106 @@ class AdamW(torch.optim.Optimizer):
             for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
             for pid, p in zip(saved_group["params"], group["params"])
         }
-        super().load_state_dict(state_dict)
-        largest = 0
         for pid, s in saved.items():
-            p = params_of[pid]
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-            state = self.state[p]
-            for key, value in s.items():
-                if key == "step":
-                    step = int(value) if not isinstance(value, Tensor) else int(value.item())
-                    largest = max(largest, step)
-                    state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
-                elif key in _STATE_KEYS:
-                    state[key] = value.to(device=p.device, dtype=dt, copy=True)
-        index = state_dict.get("fusedlr", {}).get("schedule_index", largest)
+            if pid in params_of:
+                _check_saved_state(pid, params_of[pid], s)
         device = self._device()
-        self._k = None if device is None else torch.tensor(int(index), dtype=torch.int64, device=device)
+        index = state_dict.get("fusedlr", {}).get("schedule_index")
+        before = (self.state, self.param_groups, self._k, self._plan)
+        try:
+            super().load_state_dict(state_dict)
+            largest = 0
+            for pid, s in saved.items():
+                p = params_of.get(pid)
+                if p is None:
+                    continue
+                state = self.state[p]
+                for key, value in s.items():
+                    if key == "step":
+                        step = int(value) if not isinstance(value, Tensor) else int(value.item())
+                        largest = max(largest, step)
+                        state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
+                    elif key in _STATE_KEYS:
+                        state[key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
+            if device is None:
+                self._k = None
+            elif isinstance(index, Tensor):
+                self._k = index.to(device=device, dtype=torch.int64, copy=True).reshape(())
+            else:
+                self._k = torch.tensor(int(largest if index is None else index), dtype=torch.int64, device=device)
+        except BaseException:
+            self.state, self.param_groups, self._k, self._plan = before
+            raise
         self._plan = None
+
+    # Attributes rebuilt on demand from the others: not copied by deepcopy or pickle.
+    _CACHES = ("_plan", "_impl", "_impl_device")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute (schedule, max_grad_norm, backend, schedule index, ... and any added later)
+        but the caches and torch's hooks (which torch's own ``__getstate__`` does not keep either)."""
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in self._CACHES and not k.startswith("_optimizer_")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for name in self._CACHES:
+            setattr(self, name, None)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, and a parameter listed twice in the group is refused (torch only warns, then
+        updates it twice per step)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else params
+        if not isinstance(params, set):  # torch refuses sets itself
+            params = list(params)
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError(
+                    "a parameter group lists a parameter more than once; list each parameter once "
+                    "(deduplicate, e.g. with dict.fromkeys(params))"
+                )
+            param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
         self._plan = None
+
+
+def _saved_steps(state: Any) -> Any:
+    """A parameter's state as saved: ``step`` as a float64 CPU tensor (as torch saves it); others as is."""
+    if not isinstance(state, dict) or not isinstance(state.get("step"), Tensor):
+        return state
+    step = state["step"]
+    return {**state, "step": step.to(torch.float64) if step.is_meta else step.to("cpu", torch.float64)}
+
+
+def _check_saved_state(pid: object, p: Tensor, state: Any) -> None:
+    """Refuse, before loading anything, a saved state that cannot be parameter ``pid``'s."""
+    if not isinstance(state, dict):
+        raise ValueError(f"loaded state of parameter {pid} is a {type(state).__name__}, not a dict")
+    for key in _STATE_KEYS:
+        t = state.get(key)
+        if key not in state:
+            continue
+        if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(
+                f"loaded state '{key}' of parameter {pid} must be a floating-point tensor, got {type(t).__name__}"
+                + (f" of {t.dtype}" if isinstance(t, Tensor) else "")
+            )
+        if distributed.is_dtensor(t) != distributed.is_dtensor(p) or distributed.local(t).shape != distributed.local(
+            p
+        ).shape:
+            raise ValueError(
+                f"loaded state '{key}' of parameter {pid} has shape {tuple(distributed.local(t).shape)}, its parameter "
+                f"{tuple(distributed.local(p).shape)}: the checkpoint belongs to another model (or another sharding: "
+                "load sharded state with torch.distributed.checkpoint)"
+            )
+        if t.is_complex() != p.is_complex():
+            raise ValueError(f"loaded state '{key}' of parameter {pid} is {t.dtype}, its parameter {p.dtype}")
+    step = state.get("step")
+    if step is not None and isinstance(step, Tensor) and step.numel() != 1:
+        raise ValueError(f"loaded state 'step' of parameter {pid} must be a number, got shape {tuple(step.shape)}")

@@ -52,11 +52,14 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
         out[1] += (~torch.isfinite(g)).sum().to(torch.float32)
 
 
-def scheduled_lr(lr: float, ctrl: StepControl) -> Tensor:
-    """The applied LR ``lr * sched(k)`` as a float64 0-d tensor on the device."""
-    if ctrl.schedule is None:
-        return torch.full((), lr, dtype=torch.float64, device=ctrl.k.device)
-    return lr * ctrl.schedule(ctrl.k)
+def scheduled_lr(lr: float | Tensor, ctrl: StepControl) -> Tensor:
+    """The applied LR ``lr * sched(k)`` as a float64 0-d tensor on the device (``lr``: a float, or a
+    1-element tensor read on the device, so filling it in place changes the next step's LR)."""
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=ctrl.k.device, dtype=torch.float64).reshape(())
+    else:
+        lr = torch.full((), lr, dtype=torch.float64, device=ctrl.k.device)
+    return lr if ctrl.schedule is None else lr * ctrl.schedule(ctrl.k)
 
 
 def clip_coefficient(ctrl: StepControl) -> Tensor | None:

@@ -1,0 +1,230 @@
+"""Lifecycle operations of a torch optimizer, done on fusedlr.AdamW and on torch.optim.AdamW side by side:
+deepcopy, pickle, add_param_group mid-training, params moved to another dtype or device, meta params,
+odd state entries, refused checkpoints, weights-only ``torch.load``, complex params, tensor ``lr``."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import fusedlr
+
+SCHED = fusedlr.get_schedule("cosine", num_warmup_steps=3, num_training_steps=20)
+MAX_NORM = 0.05
+
+
+def make_params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (3,), (2, 2, 2)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def grads_for(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in params]
+
+
+def set_grads(params: list[torch.Tensor], step: int) -> None:
+    for p, g in zip(params, grads_for(params, step)):
+        p.grad = g
+
+
+def groups(params: list[torch.Tensor]) -> list[dict]:
+    return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "lr": 3e-2, "betas": (0.8, 0.99)}]
+
+
+class TorchRecipe:
+    """torch.optim.AdamW + LambdaLR(schedule) + clip_grad_norm_: what fusedlr.AdamW(schedule, max_grad_norm) does."""
+
+    def __init__(self, params: list[torch.Tensor], **kwargs) -> None:
+        self.params = params
+        self.opt = torch.optim.AdamW(groups(params), lr=1e-2, **kwargs)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, SCHED)
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_NORM)
+        self.opt.step()
+        self.sched.step()
+
+
+def make_fused(params: list[torch.Tensor], backend: str = "torch", **kwargs) -> fusedlr.AdamW:
+    return fusedlr.AdamW(groups(params), lr=1e-2, schedule=SCHED, max_grad_norm=MAX_NORM, backend=backend, **kwargs)
+
+
+def train(params: list[torch.Tensor], opt, steps: range) -> None:
+    for i in steps:
+        set_grads(params, i)
+        opt.step()
+
+
+def snapshot(opt: fusedlr.AdamW) -> dict:
+    """Everything a step may change, copied: params, every state tensor, schedule index, grad norm."""
+    return {
+        "params": [p.detach().clone() for g in opt.param_groups for p in g["params"]],
+        "state": {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                  for p, s in opt.state.items()},
+        "k": opt.schedule_index.clone(),
+        "grad_norm": opt.grad_norm.clone(),
+    }
+
+
+def assert_bitwise_equal(a, b) -> None:
+    """Nested dicts/lists of tensors equal bit for bit (NaN == NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b) or bool(torch.isnan(a).all() and torch.isnan(b).all()), (a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_bitwise_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bitwise_equal(x, y)
+    else:
+        assert a == b
+
+
+# ------------------------------------------------------------------ A: deepcopy and pickle
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_copy_continues_exactly_like_the_original(how: str, amsgrad: bool) -> None:
+    """A copy keeps schedule, max_grad_norm, backend and schedule index, and continues as the original does."""
+    params = make_params()
+    opt = make_fused(params, amsgrad=amsgrad)
+    train(params, opt, range(5))
+    if how == "deepcopy":
+        twin = copy.deepcopy({"params": params, "opt": opt})
+    else:
+        twin = pickle.loads(pickle.dumps({"params": params, "opt": opt}))
+    params2, opt2 = twin["params"], twin["opt"]
+    assert opt2.schedule is not None and opt2.max_grad_norm == MAX_NORM and opt2.backend == "torch"
+    assert int(opt2.schedule_index) == 5
+    train(params, opt, range(5, 12))
+    train(params2, opt2, range(5, 12))
+    assert_bitwise_equal([p.detach() for p in params], [p.detach() for p in params2])
+    assert_bitwise_equal(snapshot(opt)["state"].values().__iter__().__next__(),
+                         snapshot(opt2)["state"].values().__iter__().__next__())
+    assert int(opt2.schedule_index) == int(opt.schedule_index) == 12
+
+
+def test_copy_keeps_attributes_added_later() -> None:
+    """deepcopy/pickle copy every attribute the optimizer has (a subclass's or a newer version's too)."""
+    params = make_params()
+    opt = make_fused(params)
+    opt.my_setting = {"a": 1}
+    assert copy.deepcopy(opt).my_setting == {"a": 1}
+    assert pickle.loads(pickle.dumps(opt)).my_setting == {"a": 1}
+
+
+def test_deepcopy_of_a_fresh_optimizer_matches_torch_recipe() -> None:
+    params, ref = make_params(), make_params()
+    opt = copy.deepcopy({"p": params, "o": make_fused(params)})
+    recipe = TorchRecipe(ref)
+    train(opt["p"], opt["o"], range(6))
+    train(ref, recipe, range(6))
+    for a, b in zip(opt["p"], ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ E: meta params
+def test_state_dict_of_meta_params() -> None:
+    """Meta params (a model built on the meta device before materialising): state_dict as torch's."""
+    params = [torch.nn.Parameter(torch.empty(3, 2, device="meta"))]
+    opt = fusedlr.AdamW(params, schedule=SCHED)
+    topt = torch.optim.AdamW([torch.nn.Parameter(torch.empty(3, 2, device="meta"))])
+    sd, tsd = opt.state_dict(), topt.state_dict()
+    assert sd["state"] == tsd["state"] == {}
+    assert sd["param_groups"][0]["params"] == tsd["param_groups"][0]["params"]
+
+
+def test_meta_to_cpu_then_load_a_real_checkpoint() -> None:
+    """cpu -> meta -> cpu: an optimizer made over meta params, materialised, loads a checkpoint and continues."""
+    params = make_params()
+    opt = make_fused(params)
+    train(params, opt, range(4))
+    sd = copy.deepcopy(opt.state_dict())
+    saved = [p.detach().clone() for p in params]
+
+    with torch.device("meta"):
+        meta = make_params()
+    opt2 = make_fused(meta)
+    assert opt2.state_dict()["state"] == {}
+    real = [torch.nn.Parameter(torch.empty_like(p, device="cpu")) for p in meta]
+    for r, s in zip(real, saved):
+        r.data.copy_(s)
+    opt2 = make_fused(real)
+    opt2.load_state_dict(sd)
+    train(params, opt, range(4, 8))
+    train(real, opt2, range(4, 8))
+    assert_bitwise_equal([p.detach() for p in params], [p.detach() for p in real])
+
+
+# ------------------------------------------------------------------ F: a param twice in one group
+def test_param_twice_in_one_group_is_refused() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="more than once"):
+        fusedlr.AdamW([p, p])
+    opt = fusedlr.AdamW([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check, kept
+        fusedlr.AdamW([{"params": [p]}, {"params": [p]}])
+
+
+# ------------------------------------------------------------------ G: wrong-shaped moments refused at load
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
+def test_load_of_wrong_shaped_moments_is_refused_and_changes_nothing(key: str) -> None:
+    params = make_params()
+    opt = make_fused(params, amsgrad=True)
+    train(params, opt, range(3))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1][key] = torch.zeros(4)  # param 1 has shape (3,)
+    sd["fusedlr"]["schedule_index"] = 0
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=f"'{key}'.*parameter 1"):
+        opt.load_state_dict(sd)
+    assert_bitwise_equal(snapshot(opt), before)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 3e-2]
+
+
+def test_load_of_a_non_tensor_moment_is_refused() -> None:
+    params = make_params()
+    opt = make_fused(params)
+    train(params, opt, range(2))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg"] = [0.0] * 12
+    with pytest.raises(ValueError, match="'exp_avg'.*parameter 0"):
+        opt.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------ H: non-parameter entries in state
+def test_non_parameter_state_entries_are_kept_both_ways() -> None:
+    params, tparams = make_params(), make_params()
+    opt, topt = make_fused(params), torch.optim.AdamW(groups(tparams), lr=1e-2)
+    train(params, opt, range(2))
+    train(tparams, topt, range(2))
+    opt.state["extra"] = 1
+    topt.state["extra"] = 1
+    sd, tsd = opt.state_dict(), topt.state_dict()
+    assert sd["state"]["extra"] == tsd["state"]["extra"] == 1
+    fresh = make_fused(make_params())
+    fresh.load_state_dict(tsd)  # a torch AdamW state dict carrying the key
+    assert fresh.state["extra"] == 1
+    tfresh = torch.optim.AdamW(groups(make_params()), lr=1e-2)
+    tfresh.load_state_dict(sd)
+    assert tfresh.state["extra"] == 1
+    fresh.state_dict()  # and it saves again
+
+
+def test_state_dict_pre_hook_may_add_an_entry() -> None:
+    params = make_params()
+    opt = make_fused(params)
+    train(params, opt, range(1))
+    opt.register_state_dict_pre_hook(lambda o: o.state.__setitem__("note", "hi"))
+    assert opt.state_dict()["state"]["note"] == "hi"
