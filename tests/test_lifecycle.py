@@ -228,3 +228,153 @@ def test_state_dict_pre_hook_may_add_an_entry() -> None:
     train(params, opt, range(1))
     opt.register_state_dict_pre_hook(lambda o: o.state.__setitem__("note", "hi"))
     assert opt.state_dict()["state"]["note"] == "hi"
+
+
+# ------------------------------------------------------------------ the rest of the lifecycle, against torch
+def _cpu_backends() -> list[str]:
+    from fusedlr import backends
+
+    try:
+        backends.resolve("cpu", torch.device("cpu"))
+    except RuntimeError:
+        return ["torch"]
+    return ["torch", "cpu"]
+
+
+def assert_close_params(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_add_param_group_mid_training_matches_torch() -> None:
+    params, ref = make_params(), make_params()
+    extra, textra = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    opt, topt = fusedlr.AdamW(params, lr=1e-2, backend="torch"), torch.optim.AdamW(ref, lr=1e-2)
+    train(params, opt, range(3))
+    train(ref, topt, range(3))
+    opt.add_param_group({"params": [extra], "lr": 5e-2, "amsgrad": True})
+    topt.add_param_group({"params": [textra], "lr": 5e-2, "amsgrad": True})
+    train(params + [extra], opt, range(3, 7))
+    train(ref + [textra], topt, range(3, 7))
+    assert_close_params(params + [extra], ref + [textra])
+    assert int(opt.state[extra]["step"]) == 4 and int(opt.state[params[0]]["step"]) == 7
+
+
+@pytest.mark.parametrize("target", [torch.float64, "meta-and-back"])
+def test_params_moved_then_state_reloaded_matches_torch(target) -> None:
+    """model.to(...) after training starts, then load_state_dict (torch's way of moving an optimizer)."""
+    mods = [torch.nn.Linear(3, 2) for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    opt = fusedlr.AdamW(mods[0].parameters(), lr=1e-2, backend="torch")
+    topt = torch.optim.AdamW(mods[1].parameters(), lr=1e-2)
+    for m, o in zip(mods, (opt, topt)):
+        train(list(m.parameters()), o, range(3))
+        sd = copy.deepcopy(o.state_dict())
+        if target == "meta-and-back":
+            m.to("meta")
+            m.to_empty(device="cpu")
+        else:
+            m.to(target)
+        o.load_state_dict(sd)
+    if target == "meta-and-back":  # to_empty leaves garbage: give both the same weights
+        mods[1].load_state_dict(mods[0].state_dict())
+    for m, o in zip(mods, (opt, topt)):
+        train(list(m.parameters()), o, range(3, 6))
+    assert_close_params(list(mods[0].parameters()), list(mods[1].parameters()))
+    if target == torch.float64:
+        assert opt.state[mods[0].weight]["exp_avg"].dtype == torch.float64
+
+
+def test_weights_only_torch_load_of_the_state_dict(tmp_path) -> None:
+    params = make_params()
+    opt = make_fused(params, amsgrad=True)
+    opt.param_groups[1]["lr"] = torch.tensor(3e-2)
+    train(params, opt, range(3))
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = make_fused(params2, amsgrad=True)
+    opt2.load_state_dict(loaded)
+    train(params, opt, range(3, 6))
+    train(params2, opt2, range(3, 6))
+    assert_bitwise_equal([p.detach() for p in params], [p.detach() for p in params2])
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_params_match_torch(backend: str, dtype: torch.dtype) -> None:
+    """Complex params are updated as torch's AdamW does: through view_as_real of param, grad and moments."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(4, 3, generator=g, dtype=dtype), torch.randn(5, generator=g, dtype=dtype),
+            torch.randn(2, generator=g)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fusedlr.AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True, max_grad_norm=0.5, backend=backend)
+    topt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, amsgrad=True)
+    for i in range(5):
+        set_grads(params, i)
+        set_grads(ref, i)
+        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        topt.step()
+        torch.testing.assert_close(opt.grad_norm.double(), norm.double(), rtol=1e-6, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-7)  # the global norm accumulates in float32, complex128 too
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), **tol)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert opt.state[p][key].dtype == topt.state[r][key].dtype
+            torch.testing.assert_close(opt.state[p][key], topt.state[r][key], **tol)
+    fresh = torch.optim.AdamW([torch.nn.Parameter(t.clone()) for t in init], lr=1e-2, weight_decay=0.1, amsgrad=True)
+    fresh.load_state_dict(opt.state_dict())  # loads into torch, and torch's into ours
+    opt.load_state_dict(topt.state_dict())
+
+
+def test_complex_state_for_a_real_param_is_refused_at_load() -> None:
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    opt = fusedlr.AdamW([p], backend="torch")
+    p.grad = torch.ones(3, dtype=torch.complex64)
+    opt.step()
+    with pytest.raises(ValueError, match="complex64, its parameter torch.float32"):
+        fusedlr.AdamW([torch.nn.Parameter(torch.ones(3))]).load_state_dict(opt.state_dict())
+
+
+def test_tensor_lr_matches_torch_and_is_read_at_each_step() -> None:
+    """A 0-d tensor lr, filled in place between steps (what a host scheduler does under CUDA graphs)."""
+    params, ref = make_params(), make_params()
+    lr, tlr = torch.tensor(1e-2), torch.tensor(1e-2)
+    opt = fusedlr.AdamW(params, lr=lr, weight_decay=0.1, backend="torch")
+    topt = torch.optim.AdamW(ref, lr=tlr, weight_decay=0.1)
+    assert opt.param_groups[0]["lr"] is lr
+    for i in range(6):
+        lr.fill_(1e-2 * (i + 1))
+        tlr.fill_(1e-2 * (i + 1))
+        torch.testing.assert_close(opt.scheduled_lr(), lr.double())
+        train(params, opt, range(i, i + 1))
+        train(ref, topt, range(i, i + 1))
+    assert_close_params(params, ref)
+    sd = opt.state_dict()
+    assert isinstance(sd["param_groups"][0]["lr"], torch.Tensor)
+    topt2 = torch.optim.AdamW(make_params(), lr=torch.tensor(0.5))
+    topt2.load_state_dict(sd)
+    torch.testing.assert_close(topt2.param_groups[0]["lr"], lr)
+
+
+def test_tensor_lr_with_a_schedule_is_the_peak() -> None:
+    params = make_params()
+    opt = fusedlr.AdamW(params, lr=torch.tensor(2e-2), schedule=SCHED, backend="torch")
+    train(params, opt, range(2))
+    torch.testing.assert_close(opt.scheduled_lr(), torch.tensor(2e-2, dtype=torch.float64).float().double() * SCHED(2))
+
+
+@pytest.mark.skipif(_cpu_backends() == ["torch"], reason="needs the compiled CPU kernels (fusedlr._C)")
+def test_tensor_lr_on_a_backend_without_it_is_refused_before_anything_changes() -> None:
+    params = make_params()
+    opt = make_fused(params, backend="cpu")
+    train(params, opt, range(2))
+    opt.param_groups[1]["lr"] = torch.tensor(1e-2)
+    before = snapshot(opt)
+    set_grads(params, 2)
+    with pytest.raises(RuntimeError, match="does not take a tensor lr yet: pass backend='torch'"):
+        opt.step()
+    assert_bitwise_equal(snapshot(opt), before)
