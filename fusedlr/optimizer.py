@@ -518,7 +518,8 @@ class AdamW(torch.optim.Optimizer):
         params = [params] if isinstance(params, Tensor) else params
         if not isinstance(params, set):  # torch refuses sets itself
             params = list(params)
-            if len({id(p) for p in params}) != len(params):
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (name, param) pairs too
+            if len({id(p) for p in tensors}) != len(tensors):
                 raise ValueError(
                     "a parameter group lists a parameter more than once; list each parameter once "
                     "(deduplicate, e.g. with dict.fromkeys(params))"
