@@ -48,8 +48,10 @@ def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object, r
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError("betas must be either both floats or both Tensors")
+    if isinstance(betas[0], Tensor):
+        raise ValueError("Tensor betas are not supported: pass betas as floats")
     for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     if not isinstance(weight_decay, (int, float)) or not 0.0 <= weight_decay < math.inf:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")

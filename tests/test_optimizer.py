@@ -323,6 +323,7 @@ def test_step_counter_is_int64_and_keeps_counting_past_2_pow_24() -> None:
         ({"lr": torch.tensor([0.1, 0.2])}, "1-element"),
         ({"lr": torch.tensor(-1.0)}, "Invalid learning rate"),
         ({"betas": (0.9, torch.tensor(0.99))}, "both floats or both Tensors"),
+        ({"betas": (torch.tensor(0.9), torch.tensor(0.99))}, "Tensor betas are not supported"),
         ({"betas": (1.0, 0.9)}, "index 0"),
         ({"betas": (0.9, -0.1)}, "index 1"),
         ({"eps": -1e-8}, "epsilon"),
