@@ -8,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "resolve", "describe"]
+__all__ = ["BACKENDS", "resolve", "unavailable", "describe"]
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda", "cpu")
 
@@ -54,6 +54,11 @@ def resolve(name: str, device: torch.device) -> ModuleType:
     return module
 
 
+def unavailable(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else why not (and the fix)."""
+    return _check(name, device)[1]
+
+
 def describe(device: torch.device) -> dict[str, str]:
     """For each backend, 'ok' or why it cannot run on ``device`` (for ``python -m fusedlr info``)."""
-    return {name: _check(name, device)[1] or "ok" for name in BACKENDS[1:]}
+    return {name: unavailable(name, device) or "ok" for name in BACKENDS[1:]}

@@ -18,12 +18,7 @@ from fusedlr import backends
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cpu_backends() -> list[str]:
-    try:
-        backends.resolve("cpu", torch.device("cpu"))
-    except RuntimeError:
-        return ["torch"]
-    return ["torch", "cpu"]
+CPU_BACKENDS = [name for name in ("torch", "cpu") if backends.unavailable(name, torch.device("cpu")) is None]
 
 
 # One training run per backend, as a script: the same code trains straight through (saving a checkpoint on
@@ -79,13 +74,13 @@ def test_checkpoint_resumed_in_a_new_process_continues_bit_identically(
 ) -> None:
     """Saved mid-schedule, right after a skipped step, with GradScaler state; resumed in a fresh process
     (so nothing survives in memory) it ends bit for bit where the uninterrupted run (this process) ends."""
-    args = [str(tmp_path), "14", "6", *_cpu_backends()]
+    args = [str(tmp_path), "14", "6", *CPU_BACKENDS]
     monkeypatch.setattr(sys, "argv", ["train", "straight", *args])
     exec(TRAIN, {"__name__": "train"})
     subprocess.run([sys.executable, "-c", TRAIN, "resume", *args], check=True, cwd=ROOT, timeout=300)
     straight = json.loads((tmp_path / "straight.json").read_text())
     resumed = json.loads((tmp_path / "resume.json").read_text())
-    assert straight.keys() == resumed.keys() == set(_cpu_backends())
+    assert straight.keys() == resumed.keys() == set(CPU_BACKENDS)
     for backend, run in straight.items():
         assert run == resumed[backend], backend
         assert run["k"] == 14 - 2 and run["steps"] == [12] * 4  # the two skipped steps did not count
@@ -126,7 +121,7 @@ def _raise_on_call(fn, n: int):
     return wrapper
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "fault", ["grad_stats on the 2nd bucket", "adamw_update", "sparse grad", "grad scaler without a scale"]
 )

@@ -12,33 +12,18 @@ Examples are derandomized, so a run is reproducible; ``tests/test_mutation.py`` 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedlr
+from fusedlr import backends
+
 CUDA = torch.cuda.is_available()
-_saved_env = os.environ.get("TRITON_INTERPRET")
-if not CUDA:  # the interpreter is chosen when the kernels are defined: set it for this import only
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import fusedlr.triton  # noqa: F401
-except ImportError:
-    pass
-finally:
-    if not CUDA:
-        if _saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved_env
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import fusedlr  # noqa: E402
-from fusedlr import backends  # noqa: E402
-
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64)
 LAYOUTS = ("scalar", "empty", "odd", "strided", "transposed", "channels_last")
@@ -232,24 +217,36 @@ def check_case(backend: str, case: Case) -> None:
                                                msg=lambda m, i=i, key=key: f"{what}, param {i} {key}: {m}")
 
 
-def _runs(name: str) -> bool:
-    try:
-        backends.resolve(name, DEVICE)
-    except RuntimeError:
-        return False
-    return True
-
-
-COMPILED = [name for name in ("cpu", "cuda") if _runs(name)]
 INTERPRETED = not CUDA  # triton without a GPU: each launch is interpreted in Python, keep examples few and small
-TRITON = _runs("triton") if CUDA else bool(getattr(sys.modules.get("fusedlr.triton"), "_INTERPRETED", False))
+
+
+def _triton_reason() -> str | None:
+    """Why triton cannot run here (None: it can). Without a GPU it runs under the interpreter, which is chosen
+    when triton and the kernels are first imported: that import happens here, with TRITON_INTERPRET=1 set for
+    it alone (test_triton_backend.py does the same)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if INTERPRETED:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return backends.unavailable("triton", DEVICE)
+    finally:
+        if INTERPRETED and saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        elif INTERPRETED:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+TRITON_REASON = _triton_reason()  # first: checking the compiled backends may import triton (through torch)
+COMPILED = [name for name in ("cpu", "cuda") if backends.unavailable(name, DEVICE) is None]
 EXAMPLES = 100  # per CPU backend; a mutant of the reference is caught within these (tests/test_mutation.py)
 PROPERTY = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture
-def interpreter_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def triton_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    if TRITON_REASON is not None:
+        pytest.skip(f"triton cannot run here: {TRITON_REASON}")
     if INTERPRETED:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
@@ -261,8 +258,7 @@ def test_parity_with_torch(backend: str, case: Case) -> None:
     check_case(backend, case)
 
 
-@pytest.mark.skipif(not TRITON, reason="triton cannot run here (see python -m fusedlr info)")
-@pytest.mark.usefixtures("interpreter_env")
+@pytest.mark.usefixtures("triton_here")
 @settings(PROPERTY, max_examples=8 if INTERPRETED else EXAMPLES)
 @given(case=cases(small=INTERPRETED))
 def test_parity_with_torch_triton(case: Case) -> None:
