@@ -56,7 +56,7 @@ def scheduled_lr(lr: float, ctrl: StepControl) -> Tensor:
     """The applied LR ``lr * sched(k)`` as a float64 0-d tensor on the device."""
     if ctrl.schedule is None:
         return torch.full((), lr, dtype=torch.float64, device=ctrl.k.device)
-    return lr * ctrl.schedule(ctrl.k)
+    return lr * ctrl.schedule(ctrl.k, ctrl.schedule_table)
 
 
 def clip_coefficient(ctrl: StepControl) -> Tensor | None:
