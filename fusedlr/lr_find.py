@@ -59,16 +59,18 @@ class LRFindResult:
 
 
 def _suggest(lrs: list[float], smoothed: list[float]) -> float | None:
-    """The LR of the steepest descent of the smoothed loss against log(lr) (central differences),
-    skipping the first tenth of the points, where the moving average has barely any history."""
+    """The LR of the steepest descent of the smoothed loss against log(lr): central differences over
+    ``h = max(1, n // 20)`` points each side (so batch-to-batch noise does not win), skipping the
+    first tenth of the points, where the moving average has little history."""
     skip = len(lrs) // 10
     lrs, smoothed = lrs[skip:], smoothed[skip:]
-    if len(lrs) < 3:
+    h = max(1, len(lrs) // 20)
+    if len(lrs) < 2 * h + 1:
         return None
     x = torch.tensor(lrs, dtype=torch.float64).log()
     y = torch.tensor(smoothed, dtype=torch.float64)
-    slope = (y[2:] - y[:-2]) / (x[2:] - x[:-2])
-    return lrs[1 + int(torch.argmin(slope))]
+    slope = (y[2 * h :] - y[: -2 * h]) / (x[2 * h :] - x[: -2 * h])
+    return lrs[h + int(torch.argmin(slope))]
 
 
 def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
