@@ -73,6 +73,8 @@ def _cyclic(s: tl.CyclicLR, base: list[float]) -> Schedule:
 
 def _leaf(s: Any, base: list[float]) -> Schedule:
     """One non-composite scheduler (its ``base_lrs`` must be ``base``)."""
+    if not isinstance(s, _SUPPORTED):
+        raise ValueError(_refusal(s))
     name = type(s).__name__
     if abs(_ratio(f"{name}'s base_lrs", s.base_lrs, base) - 1.0) > _REL:  # a later OneCycleLR reset initial_lr
         raise ValueError(f"{name}'s base_lrs are not the groups' initial_lr (another scheduler changed it)")
@@ -96,9 +98,7 @@ def _leaf(s: Any, base: list[float]) -> Schedule:
         return Schedule(name, Kind.POLYNOMIAL_DECAY, (float(s.total_iters), float(s.power)))
     if isinstance(s, tl.OneCycleLR):
         return _onecycle(s, base)
-    if isinstance(s, tl.CyclicLR):
-        return _cyclic(s, base)
-    raise ValueError(_refusal(s))
+    return _cyclic(s, base)
 
 
 def _refusal(s: Any) -> str:
@@ -114,6 +114,10 @@ def _refusal(s: Any) -> str:
             "SequentialLR/ChainedScheduler of them")
 
 
+_SUPPORTED = (
+    tl.StepLR, tl.MultiStepLR, tl.ExponentialLR, tl.CosineAnnealingLR, tl.CosineAnnealingWarmRestarts, tl.LinearLR,
+    tl.ConstantLR, tl.PolynomialLR, tl.OneCycleLR, tl.CyclicLR,
+)
 # ChainedScheduler multiplies the current LR by each scheduler's factor only for these.
 _MULTIPLICATIVE = (tl.StepLR, tl.MultiStepLR, tl.ExponentialLR, tl.LinearLR, tl.ConstantLR, tl.PolynomialLR)
 
