@@ -291,3 +291,15 @@ def test_lr_find_checks_its_arguments() -> None:
         fusedlr.lr_find(_model(), _loss, _batches(1), start_lr=1.0, end_lr=0.1)
     with pytest.raises(ValueError, match="empty"):
         fusedlr.lr_find(_model(), _loss, [], num_iter=5)
+
+
+def test_the_plain_loop_example_runs() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py"
+    spec = importlib.util.spec_from_file_location("plain_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logged = module.main(steps=2 * module.LOG_EVERY)
+    assert len(logged) == 2 and all(math.isfinite(v) for v in logged)
