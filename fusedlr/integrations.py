@@ -54,7 +54,7 @@ class FusedLRCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         norm = self.opt.grad_norm
         if norm is not None and not math.isnan(float(norm)):
             out["grad_norm"] = float(norm)
-        if self.opt._history_size is not None:
+        if self.opt.history_size is not None:
             records = self.opt.read_history()
             fresh = [i for i, s in enumerate(records.step) if s > self._last_step]
             if records.step:

@@ -511,6 +511,11 @@ class AdamW(torch.optim.Optimizer):
             norm = None if ctrl.stats is None else self._grad_norm
             history.record(ctrl.k, self._applied_lr_buffer(ctrl.k.device), norm, clip_coefficient(ctrl), skipped)
 
+    @property
+    def history_size(self) -> int | None:
+        """The ``history=`` this optimizer was built with: steps kept on the device, or None."""
+        return self._history_size
+
     def read_history(self) -> HistoryRecords:
         """The last ``history`` steps, oldest first, with one device-to-host copy (see ``StepHistory``)."""
         if self._history_size is None:

@@ -544,7 +544,7 @@ def get_schedule(
 
     Names: constant, constant_with_warmup, linear, cosine (num_cycles), cosine_with_restarts
     (num_cycles), polynomial (lr_end, power, lr_init), inverse_sqrt (timescale), cosine_with_min_lr
-    (num_cycles, min_lr_rate | min_lr + lr_init), cosine_warmup_with_min_lr (also warmup_lr_rate),
+    (num_cycles, min_lr_rate | min_lr), cosine_warmup_with_min_lr (also warmup_lr_rate),
     warmup_stable_decay (num_decay_steps, num_stable_steps, warmup_type, decay_type, min_lr_ratio,
     num_cycles), and torch's closed forms step (step_size, gamma), multistep (milestones, gamma),
     exponential (gamma), onecycle (pct_start, anneal_strategy, div_factor, final_div_factor,
