@@ -33,7 +33,19 @@ enum ScheduleKind : int {
   kMultistep = 10,
   kExponential = 11,
   kOnecycle = 12,
+  kCosineAnnealing = 13,
+  kCosineWarmRestarts = 14,
+  kLinearFactor = 15,
+  kConstantFactor = 16,
+  kPolynomialDecay = 17,
+  kCyclic = 18,
+  kFactor = 19,
+  kSequential = 20,
+  kProduct = 21,
 };
+
+// ``fusedlr.schedules.CHILD_STRIDE``: table entries of each child of a composite schedule.
+constexpr int kChildStride = 20;
 
 constexpr double kPi = 3.141592653589793;  // math.pi
 
@@ -67,18 +79,61 @@ FUSEDLR_HD double anneal(double start, double end, double pct, bool linear) {
 // ``torch.remainder(x, 1.0)``: Python-style modulo, result in [0, 1).
 FUSEDLR_HD double remainder1(double x) { return x - ::floor(x); }
 
-}  // namespace sched_detail
+// The first update of warm-restart cycle n (an integer; rounded where pow is inexact).
+FUSEDLR_HD double cycle_start(double t0, double t_mult, double n) {
+  return ::round(t0 * (::pow(t_mult, n) - 1.0) / (t_mult - 1.0));
+}
 
-// The multiplier ``sched(k)`` of the schedule encoded in ``table = [kind, *params]``.
+// ``_restarts``: the cosine value of CosineAnnealingWarmRestarts (T_0, T_mult, eta_min_ratio) at k.
+FUSEDLR_HD double warm_restarts(const double* p, double k) {
+  const double t0 = p[0], t_mult = p[1], eta = p[2];
+  double t_cur, t_i;
+  if (t_mult == 1.0) {
+    t_cur = k - t0 * ::floor(k / t0);
+    t_i = t0;
+  } else {
+    double n = ::floor(::log(k / t0 * (t_mult - 1.0) + 1.0) / ::log(t_mult));
+    if (cycle_start(t0, t_mult, n) > k) n -= 1.0;
+    if (cycle_start(t0, t_mult, n + 1.0) <= k) n += 1.0;
+    t_cur = k - cycle_start(t0, t_mult, n);
+    t_i = cycle_start(t0, t_mult, n + 1.0) - cycle_start(t0, t_mult, n);
+  }
+  return eta + (1.0 - eta) * (1.0 + ::cos(kPi * t_cur / t_i)) / 2.0;
+}
+
+// ``_cyclic``: torch CyclicLR relative to base_lr.
+FUSEDLR_HD double cyclic(const double* p, double k) {
+  const double base = p[0], peak = p[1], up = p[2], total = p[3], mode = p[4], gamma = p[5];
+  const double ratio = up / total;
+  const double cycle = ::floor(1.0 + k / total);
+  const double x = 1.0 + k / total - cycle;
+  const double factor = x <= ratio ? x / ratio : (x - 1.0) / (ratio - 1.0);
+  const double scale = mode == 0.0 ? 1.0 : (mode == 1.0 ? ::pow(0.5, cycle - 1.0) : ::pow(gamma, k));
+  return base + (peak - base) * factor * scale;
+}
+
+// One leaf (non-composite) schedule of ``table = [kind, *params]`` at update index k.
 // An unknown kind gives NaN (the Python side only ever encodes valid kinds).
-FUSEDLR_HD double schedule_multiplier(const double* table, int64_t step) {
-  using namespace sched_detail;
-  const double k = static_cast<double>(step);
+FUSEDLR_HD double leaf_multiplier(const double* table, double k) {
   const int kind = static_cast<int>(table[0]);
   const double* p = table + 1;
   switch (kind) {
     case kConstant:
       return 1.0;
+    case kFactor:
+      return p[0];
+    case kCosineAnnealing:
+      return p[1] + (1.0 - p[1]) * (1.0 + ::cos(kPi * k / p[0])) / 2.0;
+    case kCosineWarmRestarts:
+      return warm_restarts(p, k);
+    case kLinearFactor:
+      return p[0] + (p[1] - p[0]) * (k < p[2] ? k : p[2]) / p[2];
+    case kConstantFactor:
+      return p[0] + (k >= p[1] ? 1.0 : 0.0) * (1.0 - p[0]);
+    case kPolynomialDecay:
+      return ::pow(1.0 - (k < p[0] ? k : p[0]) / p[0], p[1]);
+    case kCyclic:
+      return cyclic(p, k);
     case kConstantWithWarmup:
       return k < p[0] ? warmup(k, p[0]) : 1.0;
     case kExponential:
@@ -167,6 +222,29 @@ FUSEDLR_HD double schedule_multiplier(const double* table, int64_t step) {
       return clamp0(factor * (1.0 - floor_) + floor_);
     }
   }
+}
+
+}  // namespace sched_detail
+
+// The multiplier ``sched(k)`` of the schedule encoded in ``table = [kind, *params]``.
+// Composites (``[kind, n, start_0 .. start_{n-1}, n children of kChildStride entries]``) evaluate
+// their children: SEQUENTIAL the last child whose start is <= k, at k - start; PRODUCT all of them.
+FUSEDLR_HD double schedule_multiplier(const double* table, int64_t step) {
+  using sched_detail::leaf_multiplier;
+  const double k = static_cast<double>(step);
+  const int kind = static_cast<int>(table[0]);
+  if (kind != kSequential && kind != kProduct) return leaf_multiplier(table, k);
+  const int n = static_cast<int>(table[1]);
+  const double* starts = table + 2;
+  const double* children = table + 2 + n;
+  if (kind == kProduct) {
+    double out = 1.0;
+    for (int i = 0; i < n; ++i) out *= leaf_multiplier(children + i * kChildStride, k);
+    return out;
+  }
+  int i = 0;
+  while (i + 1 < n && k >= starts[i + 1]) ++i;
+  return leaf_multiplier(children + i * kChildStride, k - starts[i]);
 }
 
 }  // namespace fusedlr

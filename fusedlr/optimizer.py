@@ -16,11 +16,15 @@ from . import backends, distributed, reference
 from .bucket import Bucket
 from .control import GroupHyper, StepControl
 from .distributed import ReduceKey
+from .history import HistoryRecords, StepHistory
+from .reference import clip_coefficient
 from .schedules import Schedule
 
 __all__ = ["AdamW"]
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# Group flags of torch.optim.AdamW that fusedlr does not take (its step is always fused and capturable).
+_TORCH_ONLY_GROUP_KEYS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.complex128)
 
 # GradScaler warns each step that its ``grad_scaler=`` keyword contract will change; fusedlr
@@ -117,7 +121,10 @@ class AdamW(torch.optim.Optimizer):
         max_grad_norm: clip the global L2 norm of all gradients of the optimizer to this, as
             ``clip_grad_norm_`` would, inside the update (gradients are left unmodified).
             ``grad_norm`` is the pre-clip norm of the last step (see the property).
-        backend: "auto", "torch" (reference), "triton", "cuda" or "cpu" (compiled extension).
+        backend: "auto", "torch" (reference), "triton", "cuda" or "cpu" (compiled extension);
+            ``resolved_backend`` names the one that runs.
+        history: keep the last ``history`` steps (step, applied LR per group, pre-clip norm, clip
+            coefficient, skipped) on the device; ``read_history()`` copies them to the host at once.
 
     States ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are float32 (float64 for float64
     params) whatever the param dtype; ``step`` is an int64 tensor on the param's device.
@@ -140,6 +147,7 @@ class AdamW(torch.optim.Optimizer):
         schedule: Schedule | None = None,
         max_grad_norm: float | None = None,
         backend: str = "auto",
+        history: int | None = None,
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
         if schedule is not None and not isinstance(schedule, Schedule):
@@ -161,7 +169,7 @@ class AdamW(torch.optim.Optimizer):
             maximize=bool(maximize),
         )
         super().__init__(params, defaults)
-        self.schedule = schedule
+        self.schedule = None if schedule is None else schedule.bind(self.defaults["lr"])
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
         self._grad_norm: Tensor | None = None
@@ -170,11 +178,20 @@ class AdamW(torch.optim.Optimizer):
         self._plan: _Plan | None = None
         self._impl: Any = None
         self._impl_device: torch.device | None = None
+        self._applied_lr: Tensor | None = None
+        self._history: StepHistory | None = None
+        self._history_size = history
+        self._seen_lrs: list[float] | None = None
+        self._warned_double_schedule = False
         device = self._device()
         if device is not None:  # made here, not in the first step, so that step can be traced or captured
             self._schedule_index(device)
             self._schedule_tensor(device)
             self._norm_buffer(device)
+            self._applied_lr_buffer(device)
+            self._history_buffer(device)
+        elif history is not None:
+            StepHistory(history, 1, torch.device("cpu"))  # validates the argument
 
     # ------------------------------------------------------------------ state
     def _device(self) -> torch.device | None:
@@ -395,6 +412,7 @@ class AdamW(torch.optim.Optimizer):
         plan, grads = self._plan_for_step()
         if not plan.buckets:
             return loss
+        self._warn_on_double_schedule()
         device = plan.buckets[0][1].device
         if self._impl is None or self._impl_device != device:
             self._impl = backends.resolve(self.backend, device)
@@ -428,9 +446,12 @@ class AdamW(torch.optim.Optimizer):
             except BaseException:
                 b.steps.sub_(applied)  # an update that raised did not happen: its counters go back
                 raise
-        ctrl.k.add_(applied)
-        if stats is not None:  # written last, so a step that raised leaves the last norm
+        skipped = None if found_inf is None else found_inf > 0
+        self._record_applied_lr(ctrl, skipped)
+        if stats is not None:  # written after the update, so a step that raised leaves the last norm
             torch.sqrt(stats[0], out=self._norm_buffer(device))
+        self._record_history(ctrl, skipped)
+        ctrl.k.add_(applied)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
@@ -469,6 +490,7 @@ class AdamW(torch.optim.Optimizer):
         before = (self.state, self.param_groups, self._k, self._plan)
         try:
             super().load_state_dict(state_dict)
+            self._adopt_torch_groups()
             largest = 0
             for pid, s in saved.items():
                 p = params_of.get(pid)
@@ -504,6 +526,114 @@ class AdamW(torch.optim.Optimizer):
             for k, v in self.__dict__.items()
             if k not in self._CACHES and not k.startswith("_optimizer_")
         }
+    def _adopt_torch_groups(self) -> None:
+        """After loading a torch state dict: drop torch-only group flags (``fused: True`` would be a lie
+        here) and, with a schedule, take ``initial_lr`` (an LR scheduler's peak) as the peak ``lr``."""
+        for group in self.param_groups:
+            for key in _TORCH_ONLY_GROUP_KEYS:
+                if key not in self.defaults:
+                    group.pop(key, None)
+            if self.schedule is not None and "initial_lr" in group:
+                group["lr"] = group["initial_lr"]
+        self._seen_lrs = None
+
+    # ------------------------------------------------------------------ logging
+    def _applied_lr_buffer(self, device: torch.device) -> Tensor:
+        """``_applied_lr``: float64 ``[len(param_groups)]``, NaN for a group not yet updated."""
+        n = len(self.param_groups)
+        buf = self._applied_lr
+        if buf is None or buf.device != device or buf.numel() != n:
+            new = torch.full((n,), math.nan, dtype=torch.float64, device=device)
+            if buf is not None:
+                keep = min(n, buf.numel())
+                new[:keep].copy_(buf[:keep])
+            self._applied_lr = buf = new
+        return buf
+
+    def _record_applied_lr(self, ctrl: StepControl, skipped: Tensor | None) -> None:
+        """Write each group's LR of this update into ``_applied_lr`` (kept on a skipped step).
+
+        Device ops only. This stands in for the update kernels writing the buffer themselves.
+        """
+        buf = self._applied_lr_buffer(ctrl.k.device)
+        mult = None if ctrl.schedule is None else ctrl.schedule(ctrl.k, ctrl.schedule_table)
+        lrs = torch.stack([
+            torch.full((), g["lr"], dtype=torch.float64, device=buf.device) if mult is None else mult * g["lr"]
+            for g in self.param_groups
+        ])
+        buf.copy_(lrs if skipped is None else torch.where(skipped, buf, lrs))
+
+    def applied_lr(self, group: int = 0) -> Tensor:
+        """The LR the last applied update of ``param_groups[group]`` used: a 0-d float64 device tensor,
+        NaN before the first update, unchanged by a step GradScaler skipped. Reading it never syncs
+        (it is a view of a buffer updated in place: ``.clone()`` it to keep a value)."""
+        device = self._device() or torch.device("cpu")
+        return self._applied_lr_buffer(device)[group]
+
+    def _history_buffer(self, device: torch.device) -> StepHistory | None:
+        if self._history_size is None:
+            return None
+        if self._history is None:
+            self._history = StepHistory(self._history_size, len(self.param_groups), device)
+        self._history = self._history.to(device, len(self.param_groups))
+        return self._history
+
+    def _record_history(self, ctrl: StepControl, skipped: Tensor | None) -> None:
+        history = self._history_buffer(ctrl.k.device)
+        if history is not None:
+            norm = None if ctrl.stats is None else self._grad_norm
+            history.record(ctrl.k, self._applied_lr_buffer(ctrl.k.device), norm, clip_coefficient(ctrl), skipped)
+
+    @property
+    def history_size(self) -> int | None:
+        """The ``history=`` this optimizer was built with: steps kept on the device, or None."""
+        return self._history_size
+
+    def read_history(self) -> HistoryRecords:
+        """The last ``history`` steps, oldest first, with one device-to-host copy (see ``StepHistory``)."""
+        if self._history_size is None:
+            raise RuntimeError("read_history() needs fusedlr.AdamW(..., history=N), the number of steps to keep")
+        device = self._device() or torch.device("cpu")
+        history = self._history_buffer(device)
+        assert history is not None
+        return history.read()
+
+    def _warn_on_double_schedule(self) -> None:
+        """Warn once when something else (an LR scheduler) changes ``lr`` while ``schedule`` applies too."""
+        if self.schedule is None or self._warned_double_schedule:
+            return
+        lrs = [g["lr"] for g in self.param_groups]
+        seen = self._seen_lrs
+        self._seen_lrs = lrs
+        for i, group in enumerate(self.param_groups):
+            before = group.get("initial_lr", group["lr"]) if seen is None or i >= len(seen) else seen[i]
+            if group["lr"] != before:
+                self._warned_double_schedule = True
+                warnings.warn(
+                    f"fusedlr.AdamW(schedule=...) applies param_groups[i]['lr'] * schedule(k), but param_groups[{i}]"
+                    f"['lr'] changed from {before} to {group['lr']}: an LR scheduler drives it too, so the schedule is "
+                    "applied twice. Keep one: drop the LR scheduler (with Hugging Face Trainer pass "
+                    "fusedlr.integrations.constant_scheduler(opt)), convert it (schedule=fusedlr.from_torch_scheduler"
+                    "(scheduler)), or pass schedule=None",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
+
+    @property
+    def resolved_backend(self) -> str:
+        """The backend that runs the steps (``backend`` resolved on the parameters' device)."""
+        device = self._impl_device or self._device() or torch.device("cpu")
+        return backends.resolve(self.backend, device).NAME
+
+    def __repr__(self) -> str:
+        extra = (
+            f"schedule: {'None' if self.schedule is None else _describe(self.schedule)}\n"
+            f"max_grad_norm: {self.max_grad_norm}\n"
+            f"backend: {self.backend} (runs: {self.resolved_backend})\n"
+        )
+        text = super().__repr__()
+        return text[: -1] + extra + ")"
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -565,3 +695,7 @@ def _check_saved_state(pid: object, p: Tensor, state: Any) -> None:
     step = state.get("step")
     if step is not None and isinstance(step, Tensor) and step.numel() != 1:
         raise ValueError(f"loaded state 'step' of parameter {pid} must be a number, got shape {tuple(step.shape)}")
+def _describe(schedule: Schedule) -> str:
+    params = ", ".join(f"{p:g}" for p in schedule.params[:8])
+    more = ", ..." if len(schedule.params) > 8 else ""
+    return f"{schedule.name}({params}{more})"

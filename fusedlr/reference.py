@@ -59,7 +59,7 @@ def scheduled_lr(lr: float | Tensor, ctrl: StepControl) -> Tensor:
         lr = lr.to(device=ctrl.k.device, dtype=torch.float64).reshape(())
     else:
         lr = torch.full((), lr, dtype=torch.float64, device=ctrl.k.device)
-    return lr if ctrl.schedule is None else lr * ctrl.schedule(ctrl.k)
+    return lr if ctrl.schedule is None else lr * ctrl.schedule(ctrl.k, ctrl.schedule_table)
 
 
 def clip_coefficient(ctrl: StepControl) -> Tensor | None:

@@ -23,9 +23,13 @@ from typing import Callable, Sequence, overload
 import torch
 from torch import Tensor
 
-__all__ = ["Kind", "Schedule", "get_schedule", "SCHEDULE_NAMES"]
+__all__ = ["Kind", "Schedule", "get_schedule", "sequential", "product", "SCHEDULE_NAMES"]
 
 MAX_MILESTONES = 16
+#: A composite schedule (SEQUENTIAL, PRODUCT) holds at most this many children ...
+MAX_CHILDREN = 5
+#: ... each padded to this many table entries (its kind, then its parameters).
+CHILD_STRIDE = 20
 
 
 class Kind(enum.IntEnum):
@@ -44,6 +48,18 @@ class Kind(enum.IntEnum):
     MULTISTEP = 10  # (gamma, n, m_1 ... m_n)
     EXPONENTIAL = 11  # (gamma,)
     ONECYCLE = 12  # (anneal (0 cos, 1 linear), n_phases, (end_step, start, end) * n_phases)
+    COSINE_ANNEALING = 13  # (T_max, eta_min_ratio): torch CosineAnnealingLR
+    COSINE_WARM_RESTARTS = 14  # (T_0, T_mult, eta_min_ratio): torch CosineAnnealingWarmRestarts
+    LINEAR_FACTOR = 15  # (start_factor, end_factor, total_iters): torch LinearLR
+    CONSTANT_FACTOR = 16  # (factor, total_iters): torch ConstantLR
+    POLYNOMIAL_DECAY = 17  # (total_iters, power): torch PolynomialLR
+    CYCLIC = 18  # (base_ratio, max_ratio, step_size_up, total_size, mode (0 triangular, 1 triangular2, 2 exp_range), gamma)
+    FACTOR = 19  # (value,): a constant the device may overwrite in the table (fusedlr.DevicePlateau)
+    SEQUENTIAL = 20  # (n, start_0 .. start_{n-1}, n child tables of CHILD_STRIDE entries): torch SequentialLR
+    PRODUCT = 21  # (n, 0 .. 0, n child tables of CHILD_STRIDE entries): torch ChainedScheduler
+
+
+COMPOSITE_KINDS = (Kind.SEQUENTIAL, Kind.PRODUCT)
 
 
 # Shape codes of the warmup-stable-decay ramps.
@@ -71,11 +87,80 @@ def _anneal(start: float, end: float, pct: Tensor, linear: bool) -> Tensor:
     return end + (start - end) / 2.0 * (torch.cos(math.pi * pct) + 1.0)
 
 
-def evaluate(kind: Kind, p: Sequence[float], k: Tensor) -> Tensor:
-    """The multiplier for update index ``k`` (a float64 tensor of non-negative integers)."""
+def _children(p: Sequence[float]) -> list[tuple[float, Kind, Sequence[float], int]]:
+    """A composite's children: ``(start, kind, params, index of params[0] in p)``."""
+    n = int(p[0])
+    out = []
+    for i in range(n):
+        at = 1 + n + i * CHILD_STRIDE
+        out.append((p[1 + i], Kind(int(p[at])), p[at + 1 : at + CHILD_STRIDE], at + 1))
+    return out
+
+
+def _restarts(k: Tensor, t0: float, t_mult: float) -> tuple[Tensor, Tensor]:
+    """CosineAnnealingWarmRestarts' ``(T_cur, T_i)`` at update ``k``, exact for integer k < 2^53.
+
+    The cycle number from a logarithm, corrected by one either way where rounding put it off.
+    """
+    if t_mult == 1.0:
+        return torch.remainder(k, t0), torch.full_like(k, t0)
+    def first(n: Tensor) -> Tensor:  # the first update of cycle n; integers, rounded where pow is inexact
+        return torch.round(t0 * (torch.pow(t_mult, n) - 1.0) / (t_mult - 1.0))
+
+    n = torch.floor(torch.log(k / t0 * (t_mult - 1.0) + 1.0) / math.log(t_mult))
+    n = torch.where(first(n) > k, n - 1.0, n)
+    n = torch.where(first(n + 1.0) <= k, n + 1.0, n)
+    return k - first(n), first(n + 1.0) - first(n)
+
+
+def _cyclic(p: Sequence[float], k: Tensor) -> Tensor:
+    base, peak, up, total, mode, gamma = p[:6]
+    ratio = up / total
+    cycle = torch.floor(1.0 + k / total)
+    x = 1.0 + k / total - cycle
+    factor = torch.where(x <= ratio, x / ratio, (x - 1.0) / (ratio - 1.0))
+    if mode == 0:
+        scale = torch.ones_like(k)
+    elif mode == 1:
+        scale = torch.pow(0.5, cycle - 1.0)
+    else:
+        scale = torch.pow(gamma, k)
+    return base + (peak - base) * factor * scale
+
+
+def evaluate(kind: Kind, p: Sequence[float], k: Tensor, table: Tensor | None = None, at: int = 1) -> Tensor:
+    """The multiplier for update index ``k`` (a float64 tensor of non-negative integers).
+
+    ``table``: the device table ``[kind, *params]`` (``p[0]`` at ``table[at]``); a FACTOR's value is
+    read from it (the device may have overwritten it), else from ``p``.
+    """
     one = torch.ones_like(k)
     if kind == Kind.CONSTANT:
         return one
+    if kind == Kind.FACTOR:
+        return one * (p[0] if table is None else table[at])
+    if kind in COMPOSITE_KINDS:
+        children = _children(p)
+        out = one if kind == Kind.PRODUCT else torch.zeros_like(k)
+        for start, child, q, offset in children:
+            value = evaluate(child, q, torch.clamp(k - start, min=0.0), table, at + offset)
+            out = out * value if kind == Kind.PRODUCT else torch.where(k >= start, value, out)
+        return out
+    if kind == Kind.COSINE_ANNEALING:
+        t_max, eta = p[0], p[1]
+        return eta + (1.0 - eta) * (1.0 + torch.cos(math.pi * k / t_max)) / 2.0
+    if kind == Kind.COSINE_WARM_RESTARTS:
+        t_cur, t_i = _restarts(k, p[0], p[1])
+        return p[2] + (1.0 - p[2]) * (1.0 + torch.cos(math.pi * t_cur / t_i)) / 2.0
+    if kind == Kind.LINEAR_FACTOR:
+        start, end, total_iters = p[0], p[1], p[2]
+        return start + (end - start) * torch.clamp(k, max=total_iters) / total_iters
+    if kind == Kind.CONSTANT_FACTOR:
+        return p[0] + (k >= p[1]).to(k.dtype) * (1.0 - p[0])
+    if kind == Kind.POLYNOMIAL_DECAY:
+        return torch.pow(1.0 - torch.clamp(k, max=p[0]) / p[0], p[1])
+    if kind == Kind.CYCLIC:
+        return _cyclic(p, k)
     if kind == Kind.CONSTANT_WITH_WARMUP:
         return torch.where(k < p[0], _warmup(k, p[0]), one)
     if kind == Kind.EXPONENTIAL:
@@ -104,7 +189,7 @@ def evaluate(kind: Kind, p: Sequence[float], k: Tensor) -> Tensor:
         w, timescale = p[0], p[1]
         return torch.where(k < w, _warmup(k, w), 1.0 / torch.sqrt((k + (timescale - w)) / timescale))
     if kind == Kind.WARMUP_STABLE_DECAY:
-        w, stable, decay, wtype, dtype_, floor, cycles = p
+        w, stable, decay, wtype, dtype_, floor, cycles = p[:7]
         warm = _ramp(k / max(1.0, w), int(wtype), cycles, rising=True)
         dec = _ramp((k - w - stable) / max(1.0, decay), int(dtype_), cycles, rising=False)
         warm = torch.clamp(warm * (1.0 - floor) + floor, min=0.0)
@@ -148,46 +233,113 @@ def evaluate(kind: Kind, p: Sequence[float], k: Tensor) -> Tensor:
 class Schedule:
     """An LR multiplier ``k -> float`` in closed form; see the module docstring for ``k``.
 
-    ``params`` is the encoding the kernels read (see ``Kind`` for the layout).
+    ``params`` is the encoding the kernels read (see ``Kind`` for the layout). ``absolute`` lists
+    ``(index, lr)`` pairs of parameters given as absolute LRs (polynomial's ``lr_end``, ``min_lr``):
+    they are divided by the peak LR when the schedule is given to an optimizer (``bind``).
     """
 
     name: str
     kind: Kind
     params: tuple[float, ...]
+    absolute: tuple[tuple[int, float], ...] = ()
+
+    def bind(self, peak_lr: float) -> "Schedule":
+        """This schedule with its absolute-LR parameters made relative to ``peak_lr``.
+
+        ``fusedlr.AdamW(schedule=...)`` calls it with the optimizer's ``lr`` (Hugging Face's
+        ``get_scheduler`` takes ``optimizer.defaults['lr']`` the same way).
+        """
+        if not self.absolute:
+            return self
+        peak = _real("lr (the peak LR the schedule's absolute LRs are relative to)", peak_lr, 0.0)
+        params = list(self.params)
+        for index, lr in self.absolute:
+            if self.kind == Kind.POLYNOMIAL and not peak > lr:
+                raise ValueError(f"polynomial: lr_end ({lr}) must be smaller than the optimizer's lr ({peak_lr})")
+            if peak == 0.0:
+                raise ValueError(f"{self.name}: an absolute min/end LR needs a positive optimizer lr, got {peak_lr}")
+            params[index] = lr / peak
+        return Schedule(self.name, self.kind, tuple(params))
+
+    def _check_bound(self) -> None:
+        if self.absolute:
+            raise ValueError(
+                f"schedule {self.name!r} holds absolute LRs: give it to fusedlr.AdamW(schedule=...), which takes the "
+                "peak LR from the optimizer's lr, or call .bind(peak_lr) first"
+            )
 
     @overload
     def __call__(self, k: int) -> float: ...
     @overload
-    def __call__(self, k: Tensor) -> Tensor: ...
+    def __call__(self, k: Tensor, table: Tensor | None = None) -> Tensor: ...
 
-    def __call__(self, k: int | Tensor) -> float | Tensor:
+    def __call__(self, k: int | Tensor, table: Tensor | None = None) -> float | Tensor:
         """The multiplier for update index ``k`` (int), or for each element of an integer tensor.
 
         A tensor result is float64 on the tensor's device; evaluating a tensor never syncs.
+        ``table``: the device table (``as_tensor()``) whose FACTOR entries the device may have changed
+        (``fusedlr.DevicePlateau``); None evaluates ``params``.
         """
+        self._check_bound()
         if isinstance(k, Tensor):
             if k.is_floating_point() or k.is_complex():
                 raise ValueError(f"schedule steps must be an integer tensor, got {k.dtype}")
-            return evaluate(self.kind, self.params, k.to(torch.float64))
+            return evaluate(self.kind, self.params, k.to(torch.float64), table)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"schedule step k must be a non-negative int (k=0 is the first update), got {k!r}")
         return float(evaluate(self.kind, self.params, torch.tensor(float(k), dtype=torch.float64)))
 
     def as_tensor(self, device: torch.device | str | None = None) -> Tensor:
         """The encoding ``[kind, *params]`` as a float64 tensor, the form the kernels read."""
+        self._check_bound()
         return torch.tensor([float(self.kind), *self.params], dtype=torch.float64, device=device)
 
 
-def _nonneg_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+def _composite(kind: Kind, name: str, children: Sequence[Schedule], starts: Sequence[float]) -> Schedule:
+    if not 1 <= len(children) <= MAX_CHILDREN:
+        raise ValueError(f"{name}: combine 1 to {MAX_CHILDREN} schedules, got {len(children)}")
+    body: list[float] = []
+    for child in children:
+        if not isinstance(child, Schedule):
+            raise ValueError(f"{name}: children must be fusedlr.Schedule objects, got {child!r}")
+        if child.kind in COMPOSITE_KINDS:
+            raise ValueError(f"{name}: a combined schedule cannot hold another combined schedule ({child.name})")
+        child._check_bound()
+        if len(child.params) >= CHILD_STRIDE:
+            raise ValueError(f"{name}: {child.name} has too many parameters to combine ({len(child.params)})")
+        body += [float(child.kind), *child.params, *[0.0] * (CHILD_STRIDE - 1 - len(child.params))]
+    return Schedule(name, kind, (float(len(children)), *(float(s) for s in starts), *body))
+
+
+def sequential(children: Sequence[Schedule], milestones: Sequence[int]) -> Schedule:
+    """torch ``SequentialLR``: ``children[i]`` from update ``milestones[i-1]`` on, restarted at its k=0 there."""
+    ms = [_nonneg_int("milestones[i]", m) for m in milestones]
+    if len(ms) != len(children) - 1 or ms != sorted(ms):
+        raise ValueError(f"sequential: pass len(children) - 1 increasing milestones, got {list(milestones)}")
+    return _composite(Kind.SEQUENTIAL, "sequential", children, [0, *ms])
+
+
+def product(children: Sequence[Schedule]) -> Schedule:
+    """torch ``ChainedScheduler`` of multiplicative schedulers: the product of the multipliers."""
+    return _composite(Kind.PRODUCT, "product", children, [0] * len(children))
+
+
+def _count(name: str, value: object, least: int) -> int:
+    """An int >= least; an integral float (``1e5``) is accepted, as Hugging Face computes counts in floats."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "a positive" if least > 0 else "a non-negative"
+        raise ValueError(f"{name} must be {kind} int, got {value!r}")
     return value
 
 
+def _nonneg_int(name: str, value: object) -> int:
+    return _count(name, value, 0)
+
+
 def _pos_int(name: str, value: object) -> int:
-    if _nonneg_int(name, value) == 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)  # type: ignore[arg-type]
+    return _count(name, value, 1)
 
 
 def _real(name: str, value: object, lo: float | None = None, hi: float | None = None) -> float:
@@ -205,16 +357,19 @@ def _warmup_total(w: object, total: object) -> tuple[float, float]:
     return float(w_), float(t_)
 
 
-def _min_rate(min_lr: float | None, min_lr_rate: float | None, lr_init: float | None) -> float:
+def _min_rate(
+    min_lr: float | None, min_lr_rate: float | None, lr_init: float | None, index: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """``(min_lr_rate, absolute)``: ``min_lr`` without ``lr_init`` is resolved from the optimizer's lr."""
     if min_lr is not None and min_lr_rate is not None:
         raise ValueError("pass only one of min_lr or min_lr_rate")
     if min_lr is not None:
         if lr_init is None:
-            raise ValueError("min_lr is absolute: also pass lr_init (the peak lr), or pass min_lr_rate instead")
-        return _real("min_lr", min_lr, 0.0) / _real("lr_init", lr_init, 0.0)
+            return 0.0, ((index, _real("min_lr", min_lr, 0.0)),)
+        return _real("min_lr", min_lr, 0.0) / _real("lr_init", lr_init, 0.0), ()
     if min_lr_rate is None:
-        raise ValueError("pass min_lr_rate (a fraction of the peak lr) or min_lr with lr_init")
-    return _real("min_lr_rate", min_lr_rate, 0.0, 1.0)
+        raise ValueError("pass min_lr_rate (a fraction of the peak lr) or min_lr (an absolute LR)")
+    return _real("min_lr_rate", min_lr_rate, 0.0, 1.0), ()
 
 
 def _constant(w: int | None, total: int | None) -> Schedule:
@@ -241,13 +396,10 @@ def _cosine_with_restarts(w: int | None, total: int | None, num_cycles: float = 
 def _polynomial(
     w: int | None, total: int | None, lr_end: float = 1e-7, power: float = 1.0, lr_init: float | None = None
 ) -> Schedule:
-    if lr_init is None:
-        raise ValueError("polynomial: lr_end is absolute, so pass lr_init (the optimizer's peak lr) too")
-    lr_init_ = _real("lr_init", lr_init, 0.0)
-    if not lr_init_ > _real("lr_end", lr_end, 0.0):
-        raise ValueError(f"lr_end ({lr_end}) must be smaller than lr_init ({lr_init})")
-    params = (*_warmup_total(w, total), lr_end / lr_init_, _real("power", power, 0.0))
-    return Schedule("polynomial", Kind.POLYNOMIAL, params)
+    end = _real("lr_end", lr_end, 0.0)
+    params = (*_warmup_total(w, total), 0.0, _real("power", power, 0.0))
+    schedule = Schedule("polynomial", Kind.POLYNOMIAL, params, absolute=((2, end),))
+    return schedule if lr_init is None else schedule.bind(lr_init)
 
 
 def _inverse_sqrt(w: int | None, total: int | None, timescale: int | None = None) -> Schedule:
@@ -264,8 +416,9 @@ def _cosine_with_min_lr(
     min_lr_rate: float | None = None,
     lr_init: float | None = None,
 ) -> Schedule:
-    rate = _min_rate(min_lr, min_lr_rate, lr_init)
-    return Schedule("cosine_with_min_lr", Kind.COSINE, (*_warmup_total(w, total), _real("num_cycles", num_cycles, 0.0), rate))
+    rate, absolute = _min_rate(min_lr, min_lr_rate, lr_init, 3)
+    params = (*_warmup_total(w, total), _real("num_cycles", num_cycles, 0.0), rate)
+    return Schedule("cosine_with_min_lr", Kind.COSINE, params, absolute)
 
 
 def _cosine_warmup_with_min_lr(
@@ -277,10 +430,10 @@ def _cosine_warmup_with_min_lr(
     warmup_lr_rate: float | None = None,
     lr_init: float | None = None,
 ) -> Schedule:
-    rate = _min_rate(min_lr, min_lr_rate, lr_init)
+    rate, absolute = _min_rate(min_lr, min_lr_rate, lr_init, 3)
     wr = -1.0 if warmup_lr_rate is None else _real("warmup_lr_rate", warmup_lr_rate, 0.0, 1.0)
     params = (*_warmup_total(w, total), _real("num_cycles", num_cycles, 0.0), rate, wr)
-    return Schedule("cosine_warmup_with_min_lr", Kind.COSINE_WARMUP_WITH_MIN_LR, params)
+    return Schedule("cosine_warmup_with_min_lr", Kind.COSINE_WARMUP_WITH_MIN_LR, params, absolute)
 
 
 def _warmup_stable_decay(
@@ -384,24 +537,28 @@ def get_schedule(
     name: str,
     num_warmup_steps: int | None = None,
     num_training_steps: int | None = None,
+    scheduler_specific_kwargs: dict[str, object] | None = None,
     **kwargs: object,
 ) -> Schedule:
     """Build a schedule by name, with Hugging Face ``get_scheduler``'s names and keyword arguments.
 
     Names: constant, constant_with_warmup, linear, cosine (num_cycles), cosine_with_restarts
     (num_cycles), polynomial (lr_end, power, lr_init), inverse_sqrt (timescale), cosine_with_min_lr
-    (num_cycles, min_lr_rate | min_lr + lr_init), cosine_warmup_with_min_lr (also warmup_lr_rate),
+    (num_cycles, min_lr_rate | min_lr), cosine_warmup_with_min_lr (also warmup_lr_rate),
     warmup_stable_decay (num_decay_steps, num_stable_steps, warmup_type, decay_type, min_lr_ratio,
     num_cycles), and torch's closed forms step (step_size, gamma), multistep (milestones, gamma),
     exponential (gamma), onecycle (pct_start, anneal_strategy, div_factor, final_div_factor,
     three_phase; ``num_training_steps`` is OneCycleLR's ``total_steps``, the multiplier is relative
     to ``max_lr`` and holds its last value after the last step).
 
-    Absolute LRs (``lr_end``, ``min_lr``) need ``lr_init``, the peak LR they are relative to.
+    ``scheduler_specific_kwargs`` (Hugging Face's way of passing them) are merged into ``kwargs``.
+    Step counts may be integral floats. Absolute LRs (``lr_end``, ``min_lr``) are made relative to the
+    peak LR of the optimizer the schedule is given to (its ``lr``), or to ``lr_init`` when passed.
     Raises ValueError naming the argument for an unknown name or invalid values.
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown schedule name {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    kwargs = {**(scheduler_specific_kwargs or {}), **kwargs}
     try:
         return _FACTORIES[name](num_warmup_steps if num_warmup_steps is not None else 0, num_training_steps, **kwargs)
     except TypeError as err:

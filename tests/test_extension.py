@@ -26,6 +26,7 @@ import fusedlr
 from fusedlr import extension, reference
 from fusedlr.bucket import Bucket
 from fusedlr.control import GroupHyper, StepControl
+from schedule_cases import torch_kind_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -575,6 +576,7 @@ def _schedules() -> list[fusedlr.Schedule]:
         gs("onecycle", num_training_steps=60),
         gs("onecycle", num_training_steps=60, pct_start=0.25, anneal_strategy="linear", three_phase=True),
         gs("onecycle", num_training_steps=10, pct_start=0.0),
+        *torch_kind_schedules(),
     ]
 
 

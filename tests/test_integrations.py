@@ -81,3 +81,33 @@ def test_fused_schedule_and_clipping_inside_trainer_match_trainers_own(tmp_path)
     )
     ref = _train(tmp_path / "b", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0, eps=EPS))
     _assert_trained_alike(ours, ref)
+
+
+def test_callback_logs_the_applied_lr_and_the_pre_clip_norm(tmp_path) -> None:
+    """The fused recipe with FusedLRCallback: each training log's learning_rate is the LR the last
+    update applied (Hugging Face's cosine for that update), with grad_norm and clip_coef."""
+    from fusedlr.integrations import FusedLRCallback, constant_scheduler
+
+    model = _Regression()
+    opt = fusedlr.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, max_grad_norm=CLIP, history=4,
+                        schedule=fusedlr.get_schedule("cosine", num_warmup_steps=3, num_training_steps=16))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=16, max_grad_norm=0.0, logging_steps=4,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Data(),
+                                   optimizers=(opt, constant_scheduler(opt)), callbacks=[FusedLRCallback(opt)])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [4, 8, 12, 16]
+    hf_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    hf = transformers.get_scheduler("cosine", hf_opt, num_warmup_steps=3, num_training_steps=16)
+    applied = []
+    for _ in range(16):
+        applied.append(hf_opt.param_groups[0]["lr"])
+        hf_opt.step()
+        hf.step()
+    for h in logs:
+        assert h["learning_rate"] == pytest.approx(applied[h["step"] - 1], rel=1e-12)
+        assert h["grad_norm"] > 0 and h["clip_coef"] == pytest.approx(min(1.0, CLIP / (h["grad_norm"] + 1e-6)))
+        assert h["skipped_steps"] == 0

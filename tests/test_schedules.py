@@ -154,7 +154,7 @@ def test_every_name_builds_and_encodes() -> None:
         (lambda: fusedlr.get_schedule("linear", num_warmup_steps=11, num_training_steps=10), "num_warmup_steps"),
         (lambda: fusedlr.get_schedule("linear", num_warmup_steps=1), "num_training_steps"),
         (lambda: fusedlr.get_schedule("cosine", 1, 10, num_cycles=-1.0), "num_cycles"),
-        (lambda: fusedlr.get_schedule("polynomial", 1, 10), "lr_init"),
+        (lambda: fusedlr.get_schedule("polynomial", 1, 10)(0), "absolute LRs"),
         (lambda: fusedlr.get_schedule("polynomial", 1, 10, lr_end=1.0, lr_init=0.5), "lr_end"),
         (lambda: fusedlr.get_schedule("cosine_with_min_lr", 1, 10), "min_lr_rate"),
         (lambda: fusedlr.get_schedule("warmup_stable_decay", 5, 10, num_decay_steps=6), "num_decay_steps"),

@@ -38,6 +38,7 @@ from fusedlr import reference
 from fusedlr.bucket import Bucket
 from fusedlr.control import GroupHyper, StepControl
 from fusedlr.schedules import Kind
+from schedule_cases import torch_kind_schedules
 
 # The kernel modules (``fusedlr.triton.grad_stats`` is shadowed by the function of that name).
 K_ADAMW = sys.modules["fusedlr.triton.adamw"]
@@ -219,7 +220,14 @@ SCHEDULES = [
 
 def test_every_schedule_kind_is_covered() -> None:
     kinds = {fusedlr.get_schedule(name, w, t, **kw).kind for name, w, t, kw in SCHEDULES}
-    assert kinds == set(Kind)
+    assert kinds | {s.kind for s in torch_kind_schedules()} == set(Kind)
+
+
+@pytest.mark.parametrize("sched", torch_kind_schedules(), ids=lambda s: s.name)
+def test_in_kernel_torch_kinds_match_python(sched: fusedlr.Schedule) -> None:
+    k = torch.cat([torch.arange(0, 130), torch.tensor([1000, 12345, 10**6, 2**31 + 3, 2**40])]).to(DEVICE)
+    got = K_SCHED.evaluate_multiplier(sched, k)
+    torch.testing.assert_close(got, sched(k), rtol=1e-9, atol=1e-14, equal_nan=True)
 
 
 @pytest.mark.parametrize("name,warmup,total,kwargs", SCHEDULES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCHEDULES)])

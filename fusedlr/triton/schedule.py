@@ -14,12 +14,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..schedules import Kind, Schedule
+from ..schedules import CHILD_STRIDE, COMPOSITE_KINDS, Kind, Schedule
 
 __all__ = ["NO_SCHEDULE", "evaluate_multiplier", "schedule_constexprs", "schedule_multiplier"]
 
 #: ``SCHED_KIND`` for "no schedule": the multiplier is 1 and the table is never read.
 NO_SCHEDULE = -1
+_STRIDE = tl.constexpr(CHILD_STRIDE)
+#: A composite's ``SCHED_N`` packs its child count (low 4 bits) and, per child, 10 bits: kind | n << 5.
+_CHILD_BITS = 10
 
 @triton.jit
 def _param(table_ptr, j: tl.constexpr):
@@ -65,16 +68,92 @@ def _anneal(start, end, pct, linear):
 
 
 @triton.jit
+def _cycle_start(t0, t_mult, n, denom):
+    """The first update of warm-restart cycle ``n`` (an integer; rounded where pow is inexact)."""
+    return tl.floor(t0 * (_pow(t_mult, n) - 1.0) / denom + 0.5)
+
+
+@triton.jit
+def _restarts(t0, t_mult, k):
+    """CosineAnnealingWarmRestarts' ``(T_cur, T_i)`` at ``k`` (``fusedlr.schedules._restarts``)."""
+    geometric = t_mult != 1.0
+    denom = tl.where(geometric, t_mult - 1.0, 1.0)
+    n = tl.floor(tl.log(k / t0 * denom + 1.0) / tl.log(tl.where(geometric, t_mult, 2.0)))
+    n = tl.where(_cycle_start(t0, t_mult, n, denom) > k, n - 1.0, n)
+    n = tl.where(_cycle_start(t0, t_mult, n + 1.0, denom) <= k, n + 1.0, n)
+    start = _cycle_start(t0, t_mult, n, denom)
+    t_cur = tl.where(geometric, k - start, k - t0 * tl.floor(k / t0))
+    t_i = tl.where(geometric, _cycle_start(t0, t_mult, n + 1.0, denom) - start, t0)
+    return t_cur, t_i
+
+
+@triton.jit
+def _cyclic(table_ptr, k):
+    """torch CyclicLR relative to base_lr (``fusedlr.schedules._cyclic``)."""
+    base = _param(table_ptr, 0)
+    peak = _param(table_ptr, 1)
+    total = _param(table_ptr, 3)
+    mode = _param(table_ptr, 4)
+    ratio = _param(table_ptr, 2) / total
+    cycle = tl.floor(1.0 + k / total)
+    x = 1.0 + k / total - cycle
+    factor = tl.where(x <= ratio, x / ratio, (x - 1.0) / (ratio - 1.0))
+    halving = _pow(tl.full((), 0.5, tl.float64), cycle - 1.0)
+    scale = tl.where(mode == 0.0, 1.0, tl.where(mode == 1.0, halving, _pow(_param(table_ptr, 5), k)))
+    return base + (peak - base) * factor * scale
+
+
+@triton.jit
 def schedule_multiplier(table_ptr, k, SCHED_KIND: tl.constexpr, SCHED_N: tl.constexpr):
     """The LR multiplier for update index ``k`` (float64 scalar, a non-negative integer value).
 
     ``table_ptr``: float64 schedule table ``[kind, *params]``. ``SCHED_KIND``: ``Kind`` value or
-    ``NO_SCHEDULE``. ``SCHED_N``: milestone count (MULTISTEP), phase count (ONECYCLE), else 0.
-    Returns a float64 scalar.
+    ``NO_SCHEDULE``. ``SCHED_N``: milestone count (MULTISTEP), phase count (ONECYCLE), the packed
+    children of a composite (``schedule_constexprs``), else 0. Returns a float64 scalar.
     """
+    if SCHED_KIND == 20 or SCHED_KIND == 21:  # SEQUENTIAL, PRODUCT
+        out = tl.full((), 1.0, tl.float64)
+        for i in tl.static_range(SCHED_N & 15):
+            code = (SCHED_N >> (4 + 10 * i)) & 1023  # _CHILD_BITS
+            child = table_ptr + 2 + (SCHED_N & 15) + i * _STRIDE
+            if SCHED_KIND == 21:
+                out = out * _leaf_multiplier(child, k, code & 31, code >> 5)
+            else:
+                start = _param(table_ptr, 1 + i)
+                value = _leaf_multiplier(child, tl.maximum(k - start, 0.0), code & 31, code >> 5)
+                out = tl.where(k >= start, value, out)
+    else:
+        out = _leaf_multiplier(table_ptr, k, SCHED_KIND, SCHED_N)
+    return out
+
+
+@triton.jit
+def _leaf_multiplier(table_ptr, k, SCHED_KIND: tl.constexpr, SCHED_N: tl.constexpr):
+    """``schedule_multiplier`` of a leaf (non-composite) kind."""
     one = tl.full((), 1.0, tl.float64)
     if SCHED_KIND == -1 or SCHED_KIND == 0:
         out = one
+    elif SCHED_KIND == 19:  # FACTOR
+        out = _param(table_ptr, 0)
+    elif SCHED_KIND == 13:  # COSINE_ANNEALING
+        eta = _param(table_ptr, 1)
+        out = eta + (1.0 - eta) * (1.0 + tl.cos(3.141592653589793 * k / _param(table_ptr, 0))) / 2.0
+    elif SCHED_KIND == 14:  # COSINE_WARM_RESTARTS
+        t_cur, t_i = _restarts(_param(table_ptr, 0), _param(table_ptr, 1), k)
+        eta = _param(table_ptr, 2)
+        out = eta + (1.0 - eta) * (1.0 + tl.cos(3.141592653589793 * t_cur / t_i)) / 2.0
+    elif SCHED_KIND == 15:  # LINEAR_FACTOR
+        start = _param(table_ptr, 0)
+        total_iters = _param(table_ptr, 2)
+        out = start + (_param(table_ptr, 1) - start) * tl.minimum(k, total_iters) / total_iters
+    elif SCHED_KIND == 16:  # CONSTANT_FACTOR
+        factor = _param(table_ptr, 0)
+        out = factor + tl.where(k >= _param(table_ptr, 1), 1.0, 0.0) * (1.0 - factor)
+    elif SCHED_KIND == 17:  # POLYNOMIAL_DECAY
+        total_iters = _param(table_ptr, 0)
+        out = _pow(1.0 - tl.minimum(k, total_iters) / total_iters, _param(table_ptr, 1))
+    elif SCHED_KIND == 18:  # CYCLIC
+        out = _cyclic(table_ptr, k)
     elif SCHED_KIND == 1:  # CONSTANT_WITH_WARMUP
         w = _param(table_ptr, 0)
         out = tl.where(k < w, k / tl.maximum(w, 1.0), one)
@@ -165,13 +244,25 @@ def schedule_multiplier(table_ptr, k, SCHED_KIND: tl.constexpr, SCHED_N: tl.cons
     return out
 
 
+def _leaf_n(kind: Kind, params: tuple[float, ...]) -> int:
+    return int(params[1]) if kind in (Kind.MULTISTEP, Kind.ONECYCLE) else 0
+
+
 def schedule_constexprs(schedule: Schedule | None) -> tuple[int, int]:
     """``(SCHED_KIND, SCHED_N)`` for ``schedule_multiplier`` (host side; ``NO_SCHEDULE`` for None)."""
     if schedule is None:
         return NO_SCHEDULE, 0
     kind = Kind(schedule.kind)
-    n = int(schedule.params[1]) if kind in (Kind.MULTISTEP, Kind.ONECYCLE) else 0
-    return int(kind), n
+    if kind not in COMPOSITE_KINDS:
+        return int(kind), _leaf_n(kind, schedule.params)
+    p = schedule.params
+    n = int(p[0])
+    packed = n
+    for i in range(n):
+        at = 1 + n + i * CHILD_STRIDE
+        child = Kind(int(p[at]))
+        packed |= (int(child) | _leaf_n(child, p[at + 1 : at + CHILD_STRIDE]) << 5) << (4 + _CHILD_BITS * i)
+    return int(kind), packed
 
 
 @triton.jit
