@@ -33,7 +33,9 @@ def _check_lr(lr: object, read_value: bool) -> None:
     ``read_value`` (construction), never in a step, where that would be a host-device sync."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"Tensor lr must be 1-element and floating point, got {lr.dtype} of shape {tuple(lr.shape)}")
+            raise ValueError(
+                f"Tensor lr must be 1-element and floating point, got {lr.dtype} of shape {tuple(lr.shape)}"
+            )
         if read_value and not bool(0.0 <= lr < math.inf):
             raise ValueError(f"Invalid learning rate: {lr}")
     elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
