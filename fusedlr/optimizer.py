@@ -468,6 +468,8 @@ class AdamW(torch.optim.Optimizer):
                 _check_saved_state(pid, params_of[pid], s)
         device = self._device()
         index = state_dict.get("fusedlr", {}).get("schedule_index")
+        if isinstance(index, Tensor):  # saved over meta params it holds no value: resume as from torch's
+            index = None if index.is_meta else int(index)
         before = (self.state, self.param_groups, self._k, self._plan)
         try:
             super().load_state_dict(state_dict)
@@ -486,10 +488,8 @@ class AdamW(torch.optim.Optimizer):
                         state[key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
             if device is None:
                 self._k = None
-            elif isinstance(index, Tensor):
-                self._k = index.to(device=device, dtype=torch.int64, copy=True).reshape(())
             else:
-                self._k = torch.tensor(int(largest if index is None else index), dtype=torch.int64, device=device)
+                self._k = torch.tensor(largest if index is None else index, dtype=torch.int64, device=device)
         except BaseException:
             self.state, self.param_groups, self._k, self._plan = before
             raise

@@ -152,7 +152,11 @@ def test_meta_to_cpu_then_load_a_real_checkpoint() -> None:
     with torch.device("meta"):
         meta = make_params()
     opt2 = make_fused(meta)
-    assert opt2.state_dict()["state"] == {}
+    meta_sd = opt2.state_dict()
+    assert meta_sd["state"] == {}
+    fresh = make_fused(make_params())
+    fresh.load_state_dict(meta_sd)  # a meta optimizer's state dict loads into a real one
+    assert int(fresh.schedule_index) == 0 and len(fresh.state) == 0
     real = [torch.nn.Parameter(torch.empty_like(p, device="cpu")) for p in meta]
     for r, s in zip(real, saved):
         r.data.copy_(s)
