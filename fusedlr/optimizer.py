@@ -37,7 +37,9 @@ def _check_lr(lr: object, read_value: bool) -> None:
     ``read_value`` (construction), never in a step, where that would be a host-device sync."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"Tensor lr must be 1-element and floating point, got {lr.dtype} of shape {tuple(lr.shape)}")
+            raise ValueError(
+                f"Tensor lr must be 1-element and floating point, got {lr.dtype} of shape {tuple(lr.shape)}"
+            )
         if read_value and not bool(0.0 <= lr < math.inf):
             raise ValueError(f"Invalid learning rate: {lr}")
     elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
@@ -487,6 +489,8 @@ class AdamW(torch.optim.Optimizer):
                 _check_saved_state(pid, params_of[pid], s)
         device = self._device()
         index = state_dict.get("fusedlr", {}).get("schedule_index")
+        if isinstance(index, Tensor):  # saved over meta params it holds no value: resume as from torch's
+            index = None if index.is_meta else int(index)
         before = (self.state, self.param_groups, self._k, self._plan)
         try:
             super().load_state_dict(state_dict)
@@ -506,10 +510,8 @@ class AdamW(torch.optim.Optimizer):
                         state[key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
             if device is None:
                 self._k = None
-            elif isinstance(index, Tensor):
-                self._k = index.to(device=device, dtype=torch.int64, copy=True).reshape(())
             else:
-                self._k = torch.tensor(int(largest if index is None else index), dtype=torch.int64, device=device)
+                self._k = torch.tensor(largest if index is None else index, dtype=torch.int64, device=device)
         except BaseException:
             self.state, self.param_groups, self._k, self._plan = before
             raise

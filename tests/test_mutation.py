@@ -41,7 +41,10 @@ def _bias_correction_off_by_one(mp: pytest.MonkeyPatch) -> None:
 def _amsgrad_max_dropped(mp: pytest.MonkeyPatch) -> None:
     """amsgrad ignored: the running maximum is neither updated nor used."""
     original = reference.adamw_update
-    mp.setattr(reference, "adamw_update", lambda b, g, h, c: original(dataclasses.replace(b, max_exp_avg_sqs=None), g, h, c))
+    def mutant(bucket, grads, hyper, ctrl):
+        original(dataclasses.replace(bucket, max_exp_avg_sqs=None), grads, hyper, ctrl)
+
+    mp.setattr(reference, "adamw_update", mutant)
 
 
 def _clip_epsilon_changed(mp: pytest.MonkeyPatch) -> None:
