@@ -22,10 +22,12 @@ CLIP_EPS = 1e-6
 class GroupHyper:
     """One param group's AdamW hyperparameters (plain floats, fixed for the launch).
 
-    ``lr`` is the peak LR when a schedule is set (applied LR: ``lr * sched(k)``), else the LR itself.
+    ``lr`` is the peak LR when a schedule is set (applied LR: ``lr * sched(k)``), else the LR itself;
+    a 0-d float32/float64 tensor on the device is read there by the kernels (so filling it in place
+    changes the LR of the next update, also under CUDA-graph replay).
     """
 
-    lr: float
+    lr: float | Tensor
     beta1: float
     beta2: float
     eps: float

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -13,15 +12,13 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from . import backends, distributed
-from .bucket import Bucket
 from .control import GroupHyper, StepControl
 from .distributed import ReduceKey
+from .plan import STATE_KEYS, Plan, plan_for_step, state_dtype
 from .schedules import Schedule
 
 __all__ = ["AdamW"]
 
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # GradScaler warns each step that its ``grad_scaler=`` keyword contract will change; fusedlr
 # also honours the attribute contract (``grad_scale``/``found_inf``) that replaces it.
@@ -30,8 +27,11 @@ warnings.filterwarnings("ignore", message="GradScaler is going to stop passing i
 
 def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -> None:
     if isinstance(lr, Tensor):
-        raise ValueError("lr must be a float; for an LR that changes on the device pass schedule= instead")
-    if not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
+        if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"Tensor lr must be a one-element float32/float64 tensor, got shape {tuple(lr.shape)} {lr.dtype}"
+            )
+    elif not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
         raise ValueError(f"Invalid epsilon value: {eps}")
@@ -47,33 +47,6 @@ def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object) -
 def _inverse(scale: Tensor, device: torch.device) -> Tensor:
     """``1 / scale`` as GradScaler computes it (in float64, then float32), on ``device`` without a sync."""
     return scale.double().reciprocal().float().to(device, non_blocking=True)
-
-
-def _check_state_matches(p: Tensor, state: dict[str, Any]) -> None:
-    """Refuse moments that do not lie over the parameter element for element (a mis-sharded checkpoint)."""
-    for key in _STATE_KEYS:
-        t = state.get(key)
-        if t is not None and (
-            distributed.is_dtensor(t) != distributed.is_dtensor(p)
-            or distributed.local(t).shape != distributed.local(p).shape
-            or t.device != p.device
-        ):
-            raise RuntimeError(
-                f"fusedlr.AdamW: state '{key}' {tuple(distributed.local(t).shape)} on {t.device} does not match its "
-                f"parameter {tuple(distributed.local(p).shape)} on {p.device} (a checkpoint saved with another "
-                "sharding? load sharded state with torch.distributed.checkpoint)"
-            )
-
-
-@dataclass
-class _Plan:
-    """What a step launches, cached while the set of params with gradients stays the same."""
-
-    flat: list[Tensor]  # every param of every group, in order
-    owner: list[int]  # group index of each entry of flat
-    present: list[bool]  # which of flat had a gradient when the plan was built
-    buckets: list[tuple[int, Bucket, list[int], ReduceKey | None]]  # (group, bucket, indices into flat, norm reduction)
-    has_dtensor: bool  # whether gradients must be unwrapped to their local shards
 
 
 class AdamW(torch.optim.Optimizer):
@@ -115,6 +88,8 @@ class AdamW(torch.optim.Optimizer):
         backend: str = "auto",
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
+        if isinstance(lr, Tensor) and not 0.0 <= float(lr) < math.inf:  # read once, at construction
+            raise ValueError(f"Invalid learning rate: {lr}")
         if schedule is not None and not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a fusedlr.Schedule (fusedlr.get_schedule(...)), got {schedule!r}")
         if max_grad_norm is not None and (
@@ -126,7 +101,7 @@ class AdamW(torch.optim.Optimizer):
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
         defaults = dict(
-            lr=float(lr),
+            lr=lr if isinstance(lr, Tensor) else float(lr),
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
@@ -140,14 +115,25 @@ class AdamW(torch.optim.Optimizer):
         self._grad_norm: Tensor | None = None
         self._k: Tensor | None = None
         self._schedule_table: Tensor | None = None
-        self._plan: _Plan | None = None
-        self._impl: Any = None
-        self._impl_device: torch.device | None = None
+        # What step() caches (the plan, the backend): a dict, so that step() mutates no attribute
+        # (Dynamo before torch 2.13 cannot trace an attribute store on the optimizer).
+        self._step_cache: dict[str, Any] = {"plan": None, "impl": None, "impl_device": None}
+        self._applied_lr: Tensor | None = None
         device = self._device()
         if device is not None:  # made here, not in the first step, so that step can be traced or captured
             self._schedule_index(device)
             self._schedule_tensor(device)
             self._norm_buffer(device)
+            self._applied_lr_buffer(device)
+
+    @property
+    def _plan(self) -> Plan | None:
+        """The cached launch plan (``fusedlr.plan``); set to None to rebuild it at the next step."""
+        return self._step_cache["plan"]
+
+    @_plan.setter
+    def _plan(self, plan: Plan | None) -> None:
+        self._step_cache["plan"] = plan
 
     # ------------------------------------------------------------------ state
     def _device(self) -> torch.device | None:
@@ -167,6 +153,27 @@ class AdamW(torch.optim.Optimizer):
         if self._grad_norm is None or self._grad_norm.device != device:
             self._grad_norm = torch.full((), math.nan, dtype=torch.float32, device=device)
         return self._grad_norm
+
+    def _applied_lr_buffer(self, device: torch.device) -> Tensor:
+        n = len(self.param_groups)
+        buf = self._applied_lr
+        if buf is None or buf.device != device or buf.numel() != n:
+            new = torch.full((n,), math.nan, dtype=torch.float64, device=device)
+            if buf is not None:
+                kept = min(n, buf.numel())
+                new[:kept] = buf[:kept].to(device)
+            self._applied_lr = buf = new
+        return buf
+
+    def applied_lr(self, group: int = 0) -> Tensor:
+        """The LR the last applied update of ``param_groups[group]`` used (``lr * sched(k)`` with a
+        schedule), as a 0-d float64 device tensor written by the update pass itself: a view of a
+        buffer updated in place (so it also updates under torch.compile and CUDA-graph replay),
+        unchanged by a step that GradScaler skips, NaN before the group's first applied update."""
+        if self._applied_lr is None:
+            self._applied_lr_buffer(self._device() or torch.device("cpu"))
+        assert self._applied_lr is not None
+        return self._applied_lr[group]
 
     @property
     def grad_norm(self) -> Tensor | None:
@@ -190,106 +197,34 @@ class AdamW(torch.optim.Optimizer):
     def scheduled_lr(self, group: int = 0) -> Tensor:
         """The LR the next update applies to ``param_groups[group]``, as a 0-d float64 device tensor."""
         device = self._device() or torch.device("cpu")
-        lr = torch.full((), self.param_groups[group]["lr"], dtype=torch.float64, device=device)
+        base = self.param_groups[group]["lr"]
+        if isinstance(base, Tensor):
+            lr = base.to(device=device, dtype=torch.float64, copy=True)
+        else:
+            lr = torch.full((), base, dtype=torch.float64, device=device)
         return lr if self.schedule is None else lr * self.schedule(self._schedule_index(device))
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> None:
         state = self.state[p]
         if len(state) == 0:
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dt = state_dtype(p)
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
 
-    def _validate(self, flat: list[Tensor], grads: list[Tensor | None]) -> None:
-        """Every check that must pass before anything is modified."""
-        device = None
-        for p, g in zip(flat, grads):
-            if g is None:
-                continue
-            if g.layout != torch.strided:
-                raise RuntimeError("fusedlr.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-            if torch.is_complex(p):
-                raise RuntimeError(
-                    "fusedlr.AdamW does not support complex parameters; "
-                    "register torch.view_as_real(param) as the parameter instead"
-                )
-            distributed.check_pair(p, g)
-            if p.dtype not in _SUPPORTED_DTYPES or g.dtype not in _SUPPORTED_DTYPES:
-                raise RuntimeError(f"fusedlr.AdamW supports float32/float16/bfloat16/float64, got {p.dtype}")
-            if g.shape != p.shape:
-                raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter {tuple(p.shape)}")
-            device = device or p.device
-            if p.device != device or g.device != device:
-                raise RuntimeError(
-                    f"fusedlr.AdamW needs all parameters and gradients on one device, found {device} "
-                    f"and {p.device}/{g.device}; create one optimizer per device"
-                )
-
-    def _build_plan(self, flat: list[Tensor], owner: list[int], grads: list[Tensor | None]) -> _Plan:
-        """Validate, create missing state, and group the params with grads into buckets.
-
-        Each bucket gets one int64 step counter tensor; ``state['step']`` of its params become views of it.
-        """
-        self._validate(flat, grads)
-        members: dict[tuple[int, torch.dtype, torch.dtype, ReduceKey | None], list[int]] = {}
-        for i, (p, g) in enumerate(zip(flat, grads)):
-            if g is not None:
-                members.setdefault((owner[i], p.dtype, g.dtype, distributed.reduce_key(p)), []).append(i)
-        buckets = []
-        for (gi, _, _, reduce), idx in members.items():
-            amsgrad = bool(self.param_groups[gi]["amsgrad"])
-            for i in idx:
-                self._init_state(flat[i], amsgrad)
-            states = [self.state[flat[i]] for i in idx]
-            for i, state in zip(idx, states):
-                _check_state_matches(flat[i], state)
-            steps = torch.stack([s["step"].to(torch.int64) for s in states])
-            for j, s in enumerate(states):
-                s["step"] = steps[j]
-            local = distributed.local
-            bucket = Bucket(
-                params=[local(flat[i]) for i in idx],
-                exp_avgs=[local(s["exp_avg"]) for s in states],
-                exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
-                max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
-                steps=steps,
-            )
-            buckets.append((gi, bucket, idx, reduce))
-        has_dtensor = any(distributed.is_dtensor(p) for p in flat)
-        return _Plan(flat, owner, [g is not None for g in grads], buckets, has_dtensor)
-
-    def _plan_for_step(self) -> tuple[_Plan, list[Tensor | None]]:
-        """The cached plan (rebuilt only when the set of params with grads changed) and this step's grads.
-
-        Gradients are not kept between steps (that would hold a second set of them alive through the
-        next backward). New gradient tensors are only checked for being dense: torch's ``.grad``
-        setter and autograd guarantee their dtype, shape and device.
-        """
-        plan = self._plan
-        if plan is None:
-            flat = [p for group in self.param_groups for p in group["params"]]
-            owner = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
-        else:
-            flat, owner = plan.flat, plan.owner
-        grads = [p.grad for p in flat]
-        if plan is None or [g is not None for g in grads] != plan.present:
-            self._plan = plan = self._build_plan(flat, owner, grads)
-        else:
-            strided = torch.strided
-            if not all([g is None or g.layout is strided for g in grads]):
-                self._validate(flat, grads)
-        if plan.has_dtensor:
-            grads = [None if g is None else distributed.local(g) for g in grads]
-        return plan, grads
-
-    def _hyper(self, gi: int) -> GroupHyper:
+    def _hyper(self, gi: int, device: torch.device) -> GroupHyper:
         group = self.param_groups[gi]
-        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        lr = group["lr"]
+        _check_hyper(lr, group["betas"], group["eps"], group["weight_decay"])
+        if isinstance(lr, Tensor) and lr.device != device:
+            raise ValueError(
+                f"param_groups[{gi}]['lr'] is a tensor on {lr.device} but the parameters are on {device}: "
+                f"create it on {device} (the kernels read it there)"
+            )
         return GroupHyper(
-            lr=float(group["lr"]),
+            lr=lr if isinstance(lr, Tensor) else float(lr),
             beta1=float(group["betas"][0]),
             beta2=float(group["betas"][1]),
             eps=float(group["eps"]),
@@ -335,7 +270,7 @@ class AdamW(torch.optim.Optimizer):
         """
         stats = torch.zeros(2, dtype=torch.float32, device=device)
         partial: dict[ReduceKey, Tensor] = {}
-        for _, b, gs, reduce in work:
+        for _, b, gs, reduce, _ in work:
             out = stats if reduce is None else partial.setdefault(reduce, torch.zeros_like(stats))
             impl.grad_stats(b, gs, inv_scale, out)
         for reduce, out in partial.items():
@@ -353,15 +288,21 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan, grads = self._plan_for_step()
+        cache = self._step_cache
+        plan, grads = plan_for_step(self, cache["plan"])
+        cache["plan"] = plan
         if not plan.buckets:
             return loss
         device = plan.buckets[0][1].device
-        if self._impl is None or self._impl_device != device:
-            self._impl = backends.resolve(self.backend, device)
-            self._impl_device = device
-        impl = self._impl
-        work = [(self._hyper(gi), b, [grads[i] for i in idx], reduce) for gi, b, idx, reduce in plan.buckets]
+        if cache["impl"] is None or cache["impl_device"] != device:
+            cache["impl"] = backends.resolve(self.backend, device)
+            cache["impl_device"] = device
+        impl = cache["impl"]
+        applied_lr = self._applied_lr_buffer(device)
+        work = [
+            (self._hyper(gi, device), b, [grads[i] for i in idx], reduce, applied_lr[gi])
+            for gi, b, idx, reduce in plan.buckets
+        ]
 
         inv_scale, found_inf, check_inf = self._amp(device, grad_scaler)
         stats = None
@@ -383,9 +324,9 @@ class AdamW(torch.optim.Optimizer):
             found_inf=found_inf,
         )
         applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
-        for hyper, b, gs, _ in work:
+        for hyper, b, gs, _, lr_out in work:
             b.steps.add_(applied)
-            impl.adamw_update(b, gs, hyper, ctrl)
+            impl.adamw_update(b, gs, hyper, ctrl, lr_out)
         ctrl.k.add_(applied)
         return loss
 
@@ -417,14 +358,14 @@ class AdamW(torch.optim.Optimizer):
         largest = 0
         for pid, s in saved.items():
             p = params_of[pid]
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dt = state_dtype(p)
             state = self.state[p]
             for key, value in s.items():
                 if key == "step":
                     step = int(value) if not isinstance(value, Tensor) else int(value.item())
                     largest = max(largest, step)
                     state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
-                elif key in _STATE_KEYS:
+                elif key in STATE_KEYS:
                     state[key] = value.to(device=p.device, dtype=dt, copy=True)
         index = state_dict.get("fusedlr", {}).get("schedule_index", largest)
         device = self._device()
@@ -439,4 +380,8 @@ class AdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._plan = None
+        if "_step_cache" in self.__dict__:  # not while Optimizer.__init__ adds the first groups
+            self._plan = None
+            device = self._device()
+            if device is not None:
+                self._applied_lr_buffer(device)

@@ -89,7 +89,7 @@ def make_opt(params, device, **kw) -> fusedlr.AdamW:
     if device != "emu":
         return fusedlr.AdamW(params, backend=backend_for(device), **kw)
     opt = fusedlr.AdamW(params, backend="torch", **kw)
-    opt._impl, opt._impl_device = emulated_cuda_backend(), torch.device("cpu")
+    opt._step_cache.update(impl=emulated_cuda_backend(), impl_device=torch.device("cpu"))
     return opt
 
 
@@ -107,7 +107,7 @@ class EmulatedCudaBackend:
         lib.fusedlr_emu_fill_table.restype = i64
         lib.fusedlr_emu_fill_table.argtypes = [p, p, i64, i32, p]
         lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, i32]
-        lib.fusedlr_emu_adamw_update.argtypes = [i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32]
+        lib.fusedlr_emu_adamw_update.argtypes = [i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p]
 
     @staticmethod
     def _ptr(t):
@@ -132,13 +132,15 @@ class EmulatedCudaBackend:
         )
         assert rc == 0
 
-    def adamw_update(self, bucket, grads, hyper, ctrl) -> None:
+    def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None) -> None:
         n = len(bucket.params)
+        lr = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
         table, total = self._table(
             [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs], n
         )
         hyper6 = torch.tensor(
-            [hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, ctrl.max_norm or 0.0],
+            [0.0 if lr is not None else hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+             ctrl.max_norm or 0.0],
             dtype=torch.float64,
         )
         grid = max(1, min(total, self.grid))
@@ -158,6 +160,9 @@ class EmulatedCudaBackend:
             self._ptr(ctrl.found_inf),
             bucket.steps.data_ptr(),
             grid,
+            self._ptr(lr if lr is not None and lr.dtype == torch.float32 else None),
+            self._ptr(lr if lr is not None and lr.dtype == torch.float64 else None),
+            self._ptr(applied_lr),
         )
         assert rc == 0
 
@@ -261,7 +266,7 @@ def run_pair(device, sizes, dtype, steps=4, grad_scale=1.0, groups=None, **opt_k
         ref_opt.step()
         opt.step()
         assert_same_state(ref_opt, opt, ref_params, params, what=f"step {step}:")
-    assert opt._impl.NAME == ("cuda-emulated" if device == "emu" else backend_for(device))
+    assert opt._step_cache["impl"].NAME == ("cuda-emulated" if device == "emu" else backend_for(device))
     return ref_opt, opt, ref_params, params
 
 

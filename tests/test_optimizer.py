@@ -320,7 +320,8 @@ def test_step_counter_is_int64_and_keeps_counting_past_2_pow_24() -> None:
     "kwargs,match",
     [
         ({"lr": -1.0}, "Invalid learning rate"),
-        ({"lr": torch.tensor(0.1)}, "schedule="),
+        ({"lr": torch.tensor(-0.1)}, "Invalid learning rate"),
+        ({"lr": torch.ones(2)}, "one-element"),
         ({"betas": (1.0, 0.9)}, "index 0"),
         ({"betas": (0.9, -0.1)}, "index 1"),
         ({"eps": -1e-8}, "epsilon"),

@@ -129,7 +129,8 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& stats, std::optional<double> max_norm,
                        const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
                        double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
+                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr) {
   TORCH_CHECK(steps.is_cuda(), "fusedlr.adamw_update (CUDA): steps must be a CUDA tensor");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
                                          stats, max_norm, inv_scale, found_inf);
@@ -150,13 +151,14 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const int64_t* dtable = upload_table(h, table, table_host, steps.device(), keep);
 
   const AdamWHyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay, max_norm, maximize);
-  StepInputs in;
+  StepInputs in{};
   in.k = k.data_ptr<int64_t>();
   in.schedule = opt_ptr<double>(schedule);
   in.stats = opt_ptr<float>(stats);
   in.inv_scale = opt_ptr<float>(inv_scale);
   in.found_inf = opt_ptr<float>(found_inf);
   in.steps = steps.data_ptr<int64_t>();
+  set_lr_inputs(lr_tensor, applied_lr, steps.device(), in);
   check_launch(launch_adamw_update(chk.dtype, chk.amsgrad, dtable, n, total_chunks, hyper, in,
                                    grid_for(total_chunks, steps.device()), current_stream(steps.device())),
                "adamw_update");

@@ -97,6 +97,8 @@ if _C is not None:
         maximize,
         table=None,
         table_host=None,
+        lr_tensor=None,
+        applied_lr=None,
     ) -> None:
         return None
 
