@@ -28,10 +28,11 @@ TORCH_LIBRARY(fusedlr, m) {
 #endif
   // Pass 1: out[0] += sum((g * inv_scale)^2), out[1] += count of non-finite grads.
   // table/table_host: CUDA only, the cached device pointer table and its host mirror (see
-  // csrc/cuda/bindings_cuda.cpp); None uploads a fresh table.
+  // csrc/cuda/bindings_cuda.cpp); None uploads a fresh table. workspace: CUDA only, float32
+  // [2 * blocks + 1] zeros for the two-stage reduction (left zeroed; None allocates one).
   m.def(
       "grad_stats(Tensor[] grads, Tensor? inv_scale, Tensor(a!) out, Tensor(b!)? table=None, "
-      "Tensor(c!)? table_host=None) -> ()");
+      "Tensor(c!)? table_host=None, Tensor(d!)? workspace=None) -> ()");
   // Pass 2: the fused AdamW update, in place (see fusedlr/reference.py). max_exp_avg_sqs is empty
   // without amsgrad; steps holds each tensor's step number of this update; k is the schedule index.
   // lr_tensor (float32/float64, one element, on the device) replaces lr when given; applied_lr
@@ -174,6 +175,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   }
   if (PyModule_AddIntConstant(mod, "WITH_CUDA", with_cuda) < 0 ||
       PyModule_AddIntConstant(mod, "CUDA_CHUNK", static_cast<long>(fusedlr::cuda::kChunk)) < 0 ||
+      PyModule_AddIntConstant(mod, "CUDA_BLOCKS_PER_SM", static_cast<long>(fusedlr::cuda::kBlocksPerSm)) < 0 ||
       PyModule_AddIntConstant(mod, "STATS_TABLE_PTRS", fusedlr::cuda::kStatsPtrs) < 0 ||
       PyModule_AddIntConstant(mod, "UPDATE_TABLE_PTRS", fusedlr::cuda::kUpdatePtrs) < 0) {
     Py_DECREF(mod);

@@ -194,9 +194,11 @@ void check_cpu(const at::Tensor& t, const char* what) {
 
 // ---------------------------------------------------------------- ops
 void grad_stats_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
-                    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+                    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
+                    const std::optional<at::Tensor>& workspace) {
   (void)table;
   (void)table_host;
+  (void)workspace;
   check_cpu(out, "out");
   const int code = check_grad_stats(grads, inv_scale, out);
   std::vector<at::Tensor> gs;

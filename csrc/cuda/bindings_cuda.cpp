@@ -98,12 +98,13 @@ int sm_count(int device) {
 
 int grid_for(int64_t total_chunks, const at::Device& device) {
   const int sms = sm_count(device.index());
-  const int64_t cap = static_cast<int64_t>(sms) * (2048 / kThreads);
+  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
   return static_cast<int>(std::max<int64_t>(1, std::min(total_chunks, cap)));
 }
 
 void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
-                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
+                     const std::optional<at::Tensor>& workspace) {
   TORCH_CHECK(out.is_cuda(), "fusedlr.grad_stats (CUDA): out must be a CUDA tensor");
   const int code = check_grad_stats(grads, inv_scale, out);
   const c10::cuda::CUDAGuard guard(out.device());
@@ -118,8 +119,19 @@ void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_
   if (total_chunks == 0) return;
   at::Tensor keep;
   const int64_t* dtable = upload_table(h, table, table_host, out.device(), keep);
+  const int grid = grid_for(total_chunks, out.device());
+  at::Tensor ws;
+  if (workspace.has_value()) {
+    ws = *workspace;
+    TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.is_contiguous() && ws.device() == out.device() &&
+                    ws.numel() >= 2 * static_cast<int64_t>(grid) + 1,
+                "fusedlr.grad_stats: workspace must be a contiguous float32 tensor of at least ", 2 * grid + 1,
+                " elements on ", out.device(), " (zeros before its first use)");
+  } else {
+    ws = at::zeros({2 * static_cast<int64_t>(grid) + 1}, out.options());
+  }
   check_launch(launch_grad_stats(code, dtable, n, total_chunks, opt_ptr<float>(inv_scale), out.data_ptr<float>(),
-                                 grid_for(total_chunks, out.device()), current_stream(out.device())),
+                                 ws.data_ptr<float>(), grid, current_stream(out.device())),
                "grad_stats");
 }
 

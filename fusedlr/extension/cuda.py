@@ -70,10 +70,23 @@ def _table(bucket: Bucket, key: str, n: int, nptr: int, device: torch.device) ->
     return cached
 
 
+@torch.compiler.disable
+def _workspace(bucket: Bucket, device: torch.device) -> Tensor:
+    """The zeroed float32 workspace of the two-stage reduction, ``2 * max blocks + 1`` (cached; the
+    kernel leaves it zeroed)."""
+    ws = bucket.cache.get("fusedlr_cuda_stats_workspace")
+    if not isinstance(ws, Tensor) or ws.device != device:
+        blocks = torch.cuda.get_device_properties(device).multi_processor_count * extension._C.CUDA_BLOCKS_PER_SM
+        ws = torch.zeros(2 * blocks + 1, dtype=torch.float32, device=device)
+        bucket.cache["fusedlr_cuda_stats_workspace"] = ws
+    return ws
+
+
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
-    """Pass 1 (see ``fusedlr.reference.grad_stats``): one launch, atomics into ``out``."""
+    """Pass 1 (see ``fusedlr.reference.grad_stats``): one launch, a fixed-order two-stage reduction into
+    ``out`` (bitwise reproducible, no floating-point atomics)."""
     table, host = _table(bucket, "fusedlr_cuda_stats_table", len(grads), extension._C.STATS_TABLE_PTRS, out.device)
-    torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host)
+    torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host, _workspace(bucket, out.device))
 
 
 def adamw_update(

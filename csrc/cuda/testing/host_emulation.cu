@@ -16,6 +16,9 @@ namespace {
 template <typename T>
 void stats(const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale, float* out, int grid) {
   const float inv = inv_scale != nullptr ? *inv_scale : 1.0f;
+  // Stage 1: each block's partials; stage 2 (the kernel's last block): their sum in block order.
+  std::vector<float> block_sum(grid, 0.0f);
+  std::vector<unsigned int> block_count(grid, 0u);
   for (int block = 0; block < grid; ++block) {
     std::vector<float> sum(kThreads, 0.0f);
     std::vector<unsigned int> count(kThreads, 0u);
@@ -23,15 +26,19 @@ void stats(const int64_t* table, int64_t n, int64_t total_chunks, const float* i
       const detail::ChunkRef r = detail::locate<kStatsPtrs>(table, n, chunk);
       for (int tid = 0; tid < kThreads; ++tid) detail::stats_chunk<T>(table, r, inv, tid, kThreads, sum[tid], count[tid]);
     }
-    float s = 0.0f;
-    unsigned int c = 0;
     for (int tid = 0; tid < kThreads; ++tid) {
-      s += sum[tid];
-      c += count[tid];
+      block_sum[block] += sum[tid];
+      block_count[block] += count[tid];
     }
-    out[0] += s;
-    if (c > 0) out[1] += static_cast<float>(c);
   }
+  float s = 0.0f;
+  unsigned int c = 0;
+  for (int block = 0; block < grid; ++block) {
+    s += block_sum[block];
+    c += block_count[block];
+  }
+  out[0] += s;
+  if (c > 0) out[1] += static_cast<float>(c);
 }
 
 template <typename T, bool AMSGRAD>
