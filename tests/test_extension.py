@@ -884,3 +884,29 @@ def test_cuda_tensor_larger_than_2_pow_31_updates_its_tail() -> None:
     torch.testing.assert_close(torch.cat([big.exp_avgs[0][:3], big.exp_avgs[0][tail]]), small.exp_avgs[0])
     torch.testing.assert_close(torch.cat([big.exp_avg_sqs[0][:3], big.exp_avg_sqs[0][tail]]), small.exp_avg_sqs[0])
     assert bool((p[3 : n - 1000] == 0).all())  # zero grads: weight decay of zero params leaves zeros
+
+
+@pytest.mark.parametrize("device", DEVICES_EMU)
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=["lr32", "lr64"])
+def test_tensor_lr_and_applied_lr_match_the_reference(device, lr_dtype) -> None:
+    """A tensor LR filled in place between steps, a schedule and a skipped step: the compiled kernels
+    (and the CUDA kernels' code, emulated) read the LR on the device and write applied_lr as the
+    reference does."""
+    ref_params = make_params([5, 9000], torch.float32, tdev(device))
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    ref_lr, lr = (torch.tensor(1e-2, dtype=lr_dtype, device=tdev(device)) for _ in range(2))
+    kw = dict(max_grad_norm=1.0, schedule=fusedlr.get_schedule("linear", 1, 10))
+    ref_opt = fusedlr.AdamW(ref_params, lr=ref_lr, backend="torch", **kw)
+    opt = make_opt(params, device, lr=lr, **kw)
+    for step in range(4):
+        ref_lr.fill_(1e-2 / (step + 1))
+        lr.fill_(1e-2 / (step + 1))
+        skip = torch.tensor(1.0 if step == 2 else 0.0, device=tdev(device))
+        ref_opt.found_inf, opt.found_inf = skip, skip.clone()
+        set_grads(ref_params, step)
+        set_grads(params, step)
+        ref_opt.step()
+        opt.step()
+        assert_same_state(ref_opt, opt, ref_params, params, what=f"step {step}:")
+        torch.testing.assert_close(opt.applied_lr(), ref_opt.applied_lr(), rtol=1e-15, atol=0)
+    assert float(opt.applied_lr()) == pytest.approx(1e-2 / 4 * fusedlr.get_schedule("linear", 1, 10)(2))
