@@ -61,7 +61,17 @@ struct StepInputs {
   const float* inv_scale;    // float32 0-d, or null
   const float* found_inf;    // float32 0-d, or null
   const int64_t* steps;      // int64 [n]: per-tensor step number of this update
+  const float* lr_f32;       // float32 0-d tensor LR (replaces AdamWHyper::lr), or null
+  const double* lr_f64;      // float64 0-d tensor LR (replaces AdamWHyper::lr), or null
+  double* applied_lr;        // float64 0-d: receives lr_t when the update is applied, or null
 };
+
+// The group's LR: the tensor LR when one is given (read on the device), else the host value.
+FUSEDLR_HD double base_lr(const AdamWHyper& h, const StepInputs& in) {
+  if (in.lr_f64 != nullptr) return *in.lr_f64;
+  if (in.lr_f32 != nullptr) return static_cast<double>(*in.lr_f32);
+  return h.lr;
+}
 
 // Per-step scalars, in double.
 struct StepScalars {
@@ -73,7 +83,8 @@ struct StepScalars {
 FUSEDLR_HD StepScalars step_scalars(const AdamWHyper& h, const StepInputs& in) {
   StepScalars s;
   s.skip = in.found_inf != nullptr && *in.found_inf > 0.0f;
-  s.lr = in.schedule != nullptr ? h.lr * schedule_multiplier(in.schedule, *in.k) : h.lr;
+  const double lr = base_lr(h, in);
+  s.lr = in.schedule != nullptr ? lr * schedule_multiplier(in.schedule, *in.k) : lr;
   double scale = 1.0;
   if (h.has_max_norm) {
     const double x = h.max_norm / (::sqrt(static_cast<double>(in.stats[0])) + kClipEps);

@@ -3,6 +3,7 @@
 // fake (meta) implementations for torch.compile: fusedlr/extension/__init__.py.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "cuda/table.h"
+#include "op_common.h"
 
 #ifdef FUSEDLR_WITH_CUDA
 namespace fusedlr {
@@ -26,17 +28,21 @@ TORCH_LIBRARY(fusedlr, m) {
 #endif
   // Pass 1: out[0] += sum((g * inv_scale)^2), out[1] += count of non-finite grads.
   // table/table_host: CUDA only, the cached device pointer table and its host mirror (see
-  // csrc/cuda/bindings_cuda.cpp); None uploads a fresh table.
+  // csrc/cuda/bindings_cuda.cpp); None uploads a fresh table. workspace: CUDA only, float32
+  // [2 * blocks + 1] zeros for the two-stage reduction (left zeroed; None allocates one).
   m.def(
       "grad_stats(Tensor[] grads, Tensor? inv_scale, Tensor(a!) out, Tensor(b!)? table=None, "
-      "Tensor(c!)? table_host=None) -> ()");
+      "Tensor(c!)? table_host=None, Tensor(d!)? workspace=None) -> ()");
   // Pass 2: the fused AdamW update, in place (see fusedlr/reference.py). max_exp_avg_sqs is empty
   // without amsgrad; steps holds each tensor's step number of this update; k is the schedule index.
+  // lr_tensor (float32/float64, one element, on the device) replaces lr when given; applied_lr
+  // (float64, one element) receives lr * sched(k) when the update is applied (not when skipped).
   m.def(
       "adamw_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor steps, Tensor k, Tensor? schedule, Tensor? stats, float? max_norm, "
       "Tensor? inv_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool maximize, Tensor(e!)? table=None, Tensor(f!)? table_host=None) -> ()");
+      "bool maximize, Tensor(e!)? table=None, Tensor(f!)? table_host=None, Tensor? lr_tensor=None, "
+      "Tensor(g!)? applied_lr=None) -> ()");
   // The LR multiplier sched(k) for each k of ks (float64, shape of ks), as the kernels compute it.
   m.def("schedule_eval(Tensor table, Tensor ks) -> Tensor");
 }
@@ -73,9 +79,74 @@ TORCH_LIBRARY_IMPL(fusedlr, ADInplaceOrView, m) {
   m.impl("adamw_update", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
+namespace {
+
+// Words per parameter in the signature returned by scan_grads.
+constexpr int kSigWords = 3;
+
+// scan_grads(params: list[Tensor]) -> (grads: list[Tensor | None], signature: bytes, bad: int)
+//
+// One pass over the parameters (fusedlr.plan.scan, the Python spec): each one's ``.grad``, and a
+// signature of everything a cached plan depends on, per parameter: storage address, element
+// count, and dtype/device/grad presence/grad dtype packed in one word. ``bad`` is the index of
+// the first gradient the kernels cannot read (sparse, or another shape, device or an unsupported
+// dtype), -1 when none: the caller raises the error naming it, before anything is modified.
+PyObject* scan_grads(PyObject* /*self*/, PyObject* arg) {
+  PyObject* seq = PySequence_Fast(arg, "fusedlr._C.scan_grads: expected a list of tensors");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  PyObject* grads = PyList_New(n);
+  PyObject* sig = PyBytes_FromStringAndSize(nullptr, n * kSigWords * static_cast<Py_ssize_t>(sizeof(int64_t)));
+  if (grads == nullptr || sig == nullptr) {
+    Py_XDECREF(grads);
+    Py_XDECREF(sig);
+    Py_DECREF(seq);
+    return nullptr;
+  }
+  auto* words = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(sig));
+  int64_t bad = -1;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(items[i])) {
+      Py_DECREF(grads);
+      Py_DECREF(sig);
+      Py_DECREF(seq);
+      PyErr_SetString(PyExc_TypeError, "fusedlr._C.scan_grads: every parameter must be a tensor");
+      return nullptr;
+    }
+    const at::Tensor& p = THPVariable_Unpack(items[i]);
+    const at::Tensor& g = p.grad();
+    const bool has_storage = p.unsafeGetTensorImpl()->has_storage();
+    const int p_code = fusedlr::dtype_code(p.scalar_type());
+    int g_code = 0;
+    if (g.defined()) {
+      g_code = g.layout() == at::kStrided ? fusedlr::dtype_code(g.scalar_type()) : -1;
+      if (bad < 0 && (g_code < 0 || p_code < 0 || g.sizes() != p.sizes() || g.device() != p.device())) bad = i;
+      PyList_SET_ITEM(grads, i, THPVariable_Wrap(g));
+    } else {
+      Py_INCREF(Py_None);
+      PyList_SET_ITEM(grads, i, Py_None);
+    }
+    words[i * kSigWords] = has_storage ? reinterpret_cast<int64_t>(p.const_data_ptr()) : 0;
+    words[i * kSigWords + 1] = p.numel();
+    words[i * kSigWords + 2] = static_cast<int64_t>(p_code + 1) | (static_cast<int64_t>(g_code + 1) << 8) |
+                               (static_cast<int64_t>(g.defined()) << 16) |
+                               (static_cast<int64_t>(p.device().type()) << 24) |
+                               (static_cast<int64_t>(p.device().index() + 1) << 32);
+  }
+  Py_DECREF(seq);
+  return Py_BuildValue("(NNL)", grads, sig, static_cast<long long>(bad));
+}
+
+PyMethodDef fusedlr_methods[] = {
+    {"scan_grads", scan_grads, METH_O, "(grads, signature, bad) of a list of parameters (see fusedlr.plan.scan)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 static PyModuleDef fusedlr_module = {
     PyModuleDef_HEAD_INIT, "_C", "fusedlr compiled kernels: registers the torch.ops.fusedlr operators.", -1,
-    nullptr,               nullptr, nullptr, nullptr, nullptr};
+    fusedlr_methods,       nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&fusedlr_module);
@@ -104,6 +175,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   }
   if (PyModule_AddIntConstant(mod, "WITH_CUDA", with_cuda) < 0 ||
       PyModule_AddIntConstant(mod, "CUDA_CHUNK", static_cast<long>(fusedlr::cuda::kChunk)) < 0 ||
+      PyModule_AddIntConstant(mod, "CUDA_BLOCKS_PER_SM", static_cast<long>(fusedlr::cuda::kBlocksPerSm)) < 0 ||
       PyModule_AddIntConstant(mod, "STATS_TABLE_PTRS", fusedlr::cuda::kStatsPtrs) < 0 ||
       PyModule_AddIntConstant(mod, "UPDATE_TABLE_PTRS", fusedlr::cuda::kUpdatePtrs) < 0) {
     Py_DECREF(mod);

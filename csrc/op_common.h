@@ -153,6 +153,23 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
   return out;
 }
 
+// The tensor LR and the applied-LR output of ``adamw_update``, checked and stored into ``in``.
+inline void set_lr_inputs(const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr,
+                          const at::Device& device, StepInputs& in) {
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device() == device &&
+                    (lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble),
+                "fusedlr.adamw_update: lr_tensor must be a one-element float32/float64 tensor on ", device);
+    if (lr_tensor->scalar_type() == at::kDouble) {
+      in.lr_f64 = lr_tensor->data_ptr<double>();
+    } else {
+      in.lr_f32 = lr_tensor->data_ptr<float>();
+    }
+  }
+  check_scalar(applied_lr, "applied_lr", at::kDouble, device);
+  in.applied_lr = applied_lr.has_value() ? applied_lr->data_ptr<double>() : nullptr;
+}
+
 template <typename T>
 inline const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;

@@ -1,5 +1,11 @@
 """Backend selection. A backend is a module with ``NAME``, ``available(device)``, ``grad_stats`` and
-``adamw_update`` (the signatures of ``fusedlr.reference``, which every backend must match)."""
+``adamw_update`` (the signatures of ``fusedlr.reference``, which every backend must match):
+
+* ``grad_stats(bucket, grads, inv_scale, out)``: pass 1, adds into ``out`` (float32 ``[2]``) in a fixed order;
+* ``adamw_update(bucket, grads, hyper, ctrl, applied_lr=None)``: pass 2; ``hyper.lr`` is a float or a 0-d
+  float32/float64 device tensor read on the device; ``applied_lr`` (0-d float64) receives ``lr * sched(k)``
+  unless the step is skipped.
+"""
 
 from __future__ import annotations
 

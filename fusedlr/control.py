@@ -23,7 +23,8 @@ class GroupHyper:
     """One param group's AdamW hyperparameters (plain floats, fixed for the launch).
 
     ``lr`` is the peak LR when a schedule is set (applied LR: ``lr * sched(k)``), else the LR itself;
-    a 1-element tensor when the group's ``lr`` is one (read on the device by the reference only).
+    a 0-d float32/float64 tensor on the device is read there by the kernels (so filling it in place
+    changes the LR of the next update, also under CUDA-graph replay).
     """
 
     lr: float | Tensor

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import backends, distributed, reference
-from .bucket import Bucket
+from . import backends, distributed
 from .control import GroupHyper, StepControl
 from .distributed import ReduceKey
 from .history import HistoryRecords, StepHistory
+from .plan import STATE_KEYS, Plan, plan_for_step, state_dtype
 from .reference import clip_coefficient
 from .schedules import Schedule
 
 __all__ = ["AdamW"]
 
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # Group flags of torch.optim.AdamW that fusedlr does not take (its step is always fused and capturable).
 _TORCH_ONLY_GROUP_KEYS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.complex128)
 
 # GradScaler warns each step that its ``grad_scaler=`` keyword contract will change; fusedlr
 # also honours the attribute contract (``grad_scale``/``found_inf``) that replaces it.
@@ -36,9 +33,9 @@ def _check_lr(lr: object, read_value: bool) -> None:
     """A float, or a 1-element floating tensor (torch's tensor ``lr``); its value is only read when
     ``read_value`` (construction), never in a step, where that would be a host-device sync."""
     if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
+        if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
             raise ValueError(
-                f"Tensor lr must be 1-element and floating point, got {lr.dtype} of shape {tuple(lr.shape)}"
+                f"Tensor lr must be a 1-element float32 or float64 tensor, got {lr.dtype} of shape {tuple(lr.shape)}"
             )
         if read_value and not bool(0.0 <= lr < math.inf):
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -63,50 +60,9 @@ def _check_hyper(lr: object, betas: object, eps: object, weight_decay: object, r
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
-def _state_dtype(p: Tensor) -> torch.dtype:
-    """The dtype of a parameter's moments: float32, float64 for float64 params, complex64/complex128 for
-    complex params (updated through ``torch.view_as_real``, as torch's AdamW does)."""
-    if p.is_complex():
-        return torch.complex128 if p.dtype == torch.complex128 else torch.complex64
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _real(t: Tensor) -> Tensor:
-    """What the kernels read and write for ``t``: a complex tensor's real view (a trailing dim of 2:
-    real, imaginary parts; same storage), anything else as is."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 def _inverse(scale: Tensor, device: torch.device) -> Tensor:
     """``1 / scale`` as GradScaler computes it (in float64, then float32), on ``device`` without a sync."""
     return scale.double().reciprocal().float().to(device, non_blocking=True)
-
-
-def _check_state_matches(p: Tensor, state: dict[str, Any]) -> None:
-    """Refuse moments that do not lie over the parameter element for element (a mis-sharded checkpoint)."""
-    for key in _STATE_KEYS:
-        t = state.get(key)
-        if t is not None and (
-            distributed.is_dtensor(t) != distributed.is_dtensor(p)
-            or distributed.local(t).shape != distributed.local(p).shape
-            or t.device != p.device
-        ):
-            raise RuntimeError(
-                f"fusedlr.AdamW: state '{key}' {tuple(distributed.local(t).shape)} on {t.device} does not match its "
-                f"parameter {tuple(distributed.local(p).shape)} on {p.device} (a checkpoint saved with another "
-                "sharding? load sharded state with torch.distributed.checkpoint)"
-            )
-
-
-@dataclass
-class _Plan:
-    """What a step launches, cached while the set of params with gradients stays the same."""
-
-    flat: list[Tensor]  # every param of every group, in order
-    owner: list[int]  # group index of each entry of flat
-    present: list[bool]  # which of flat had a gradient when the plan was built
-    buckets: list[tuple[int, Bucket, list[int], ReduceKey | None]]  # (group, bucket, indices into flat, norm reduction)
-    unwrap_grads: bool  # whether gradients must be mapped to what kernels read (DTensor shards, complex real views)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -177,14 +133,15 @@ class AdamW(torch.optim.Optimizer):
         self._grad_norm: Tensor | None = None
         self._k: Tensor | None = None
         self._schedule_table: Tensor | None = None
-        self._plan: _Plan | None = None
-        self._impl: Any = None
-        self._impl_device: torch.device | None = None
+        # What step() caches (the plan, the backend): a dict, so that step() mutates no attribute
+        # (Dynamo before torch 2.13 cannot trace an attribute store on the optimizer).
+        self._step_cache: dict[str, Any] = {"plan": None, "impl": None, "impl_device": None}
         self._applied_lr: Tensor | None = None
         self._history: StepHistory | None = None
         self._history_size = history
-        self._seen_lrs: list[float] | None = None
-        self._warned_double_schedule = False
+        # The group LRs the last step saw, and whether the double-schedule warning was given (mutated
+        # in place by step(), never reassigned, for the same reason as _step_cache).
+        self._lr_watch: dict[str, Any] = {"seen": None, "warned": False}
         device = self._device()
         if device is not None:  # made here, not in the first step, so that step can be traced or captured
             self._schedule_index(device)
@@ -194,6 +151,15 @@ class AdamW(torch.optim.Optimizer):
             self._history_buffer(device)
         elif history is not None:
             StepHistory(history, 1, torch.device("cpu"))  # validates the argument
+
+    @property
+    def _plan(self) -> Plan | None:
+        """The cached launch plan (``fusedlr.plan``); set to None to rebuild it at the next step."""
+        return self._step_cache["plan"]
+
+    @_plan.setter
+    def _plan(self, plan: Plan | None) -> None:
+        self._step_cache["plan"] = plan
 
     # ------------------------------------------------------------------ state
     def _device(self) -> torch.device | None:
@@ -246,105 +212,21 @@ class AdamW(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, amsgrad: bool) -> None:
         state = self.state[p]
         if len(state) == 0:
-            dt = _state_dtype(p)
+            dt = state_dtype(p)
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
 
-    def _validate(self, flat: list[Tensor], grads: list[Tensor | None]) -> None:
-        """Every check that must pass before anything is modified."""
-        device = None
-        for p, g in zip(flat, grads):
-            if g is None:
-                continue
-            if g.layout != torch.strided:
-                raise RuntimeError("fusedlr.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-            distributed.check_pair(p, g)
-            if p.dtype not in _SUPPORTED_DTYPES or g.dtype not in _SUPPORTED_DTYPES:
-                raise RuntimeError(
-                    f"fusedlr.AdamW supports float32/float16/bfloat16/float64 (and complex64/complex128) parameters "
-                    f"and gradients, got {p.dtype} with a {g.dtype} gradient"
-                )
-            if p.is_complex() != g.is_complex():
-                raise RuntimeError(f"gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
-            if g.shape != p.shape:
-                raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter {tuple(p.shape)}")
-            device = device or p.device
-            if p.device != device or g.device != device:
-                raise RuntimeError(
-                    f"fusedlr.AdamW needs all parameters and gradients on one device, found {device} "
-                    f"and {p.device}/{g.device}; create one optimizer per device"
-                )
-
-    def _build_plan(self, flat: list[Tensor], owner: list[int], grads: list[Tensor | None]) -> _Plan:
-        """Validate, create missing state, and group the params with grads into buckets.
-
-        Each bucket gets one int64 step counter tensor; ``state['step']`` of its params become views of it.
-        """
-        self._validate(flat, grads)
-        members: dict[tuple[int, torch.dtype, torch.dtype, ReduceKey | None], list[int]] = {}
-        for i, (p, g) in enumerate(zip(flat, grads)):
-            if g is not None:
-                members.setdefault((owner[i], _real(p).dtype, _real(g).dtype, distributed.reduce_key(p)), []).append(i)
-        buckets = []
-        for (gi, _, _, reduce), idx in members.items():
-            amsgrad = bool(self.param_groups[gi]["amsgrad"])
-            for i in idx:
-                self._init_state(flat[i], amsgrad)
-            states = [self.state[flat[i]] for i in idx]
-            for i, state in zip(idx, states):
-                _check_state_matches(flat[i], state)
-            steps = torch.stack([s["step"].to(torch.int64) for s in states])
-            for j, s in enumerate(states):
-                s["step"] = steps[j]
-            def local(t: Tensor) -> Tensor:
-                return _real(distributed.local(t))
-
-            bucket = Bucket(
-                params=[local(flat[i]) for i in idx],
-                exp_avgs=[local(s["exp_avg"]) for s in states],
-                exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
-                max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
-                steps=steps,
-            )
-            buckets.append((gi, bucket, idx, reduce))
-        unwrap = any(distributed.is_dtensor(p) or p.is_complex() for p in flat)
-        return _Plan(flat, owner, [g is not None for g in grads], buckets, unwrap)
-
-    def _plan_for_step(self) -> tuple[_Plan, list[Tensor | None]]:
-        """The cached plan (rebuilt only when the set of params with grads changed) and this step's grads.
-
-        Gradients are not kept between steps (that would hold a second set of them alive through the
-        next backward). New gradient tensors are only checked for being dense: torch's ``.grad``
-        setter and autograd guarantee their dtype, shape and device.
-        """
-        plan = self._plan
-        if plan is None:
-            flat = [p for group in self.param_groups for p in group["params"]]
-            owner = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
-        else:
-            flat, owner = plan.flat, plan.owner
-        grads = [p.grad for p in flat]
-        if plan is None or [g is not None for g in grads] != plan.present:
-            self._plan = plan = self._build_plan(flat, owner, grads)
-        else:
-            strided = torch.strided
-            if not all([g is None or g.layout is strided for g in grads]):
-                self._validate(flat, grads)
-        if plan.unwrap_grads:
-            grads = [None if g is None else _real(distributed.local(g)) for g in grads]
-        return plan, grads
-
-    def _hyper(self, gi: int) -> GroupHyper:
+    def _hyper(self, gi: int, device: torch.device) -> GroupHyper:
         group = self.param_groups[gi]
-        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"], read_lr=False)
         lr = group["lr"]
-        if isinstance(lr, Tensor) and self._impl is not reference:
-            raise RuntimeError(
-                f"fusedlr backend {self._impl.NAME!r} does not take a tensor lr yet: pass backend='torch', "
-                "a float lr, or schedule= for an LR that changes on the device"
+        _check_hyper(lr, group["betas"], group["eps"], group["weight_decay"], read_lr=False)
+        if isinstance(lr, Tensor) and lr.device != device:
+            raise ValueError(
+                f"param_groups[{gi}]['lr'] is a tensor on {lr.device} but the parameters are on {device}: "
+                f"create it on {device} (the kernels read it there)"
             )
         return GroupHyper(
             lr=lr if isinstance(lr, Tensor) else float(lr),
@@ -393,7 +275,7 @@ class AdamW(torch.optim.Optimizer):
         """
         stats = torch.zeros(2, dtype=torch.float32, device=device)
         partial: dict[ReduceKey, Tensor] = {}
-        for _, b, gs, reduce in work:
+        for _, b, gs, reduce, _ in work:
             out = stats if reduce is None else partial.setdefault(reduce, torch.zeros_like(stats))
             impl.grad_stats(b, gs, inv_scale, out)
         for reduce, out in partial.items():
@@ -411,16 +293,22 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan, grads = self._plan_for_step()
+        cache = self._step_cache
+        plan, grads = plan_for_step(self, cache["plan"])
+        cache["plan"] = plan
         if not plan.buckets:
             return loss
         self._warn_on_double_schedule()
         device = plan.buckets[0][1].device
-        if self._impl is None or self._impl_device != device:
-            self._impl = backends.resolve(self.backend, device)
-            self._impl_device = device
-        impl = self._impl
-        work = [(self._hyper(gi), b, [grads[i] for i in idx], reduce) for gi, b, idx, reduce in plan.buckets]
+        if cache["impl"] is None or cache["impl_device"] != device:
+            cache["impl"] = backends.resolve(self.backend, device)
+            cache["impl_device"] = device
+        impl = cache["impl"]
+        applied_lr = self._applied_lr_buffer(device)
+        work = [
+            (self._hyper(gi, device), b, [grads[i] for i in idx], reduce, applied_lr[gi])
+            for gi, b, idx, reduce in plan.buckets
+        ]
 
         inv_scale, found_inf, check_inf = self._amp(device, grad_scaler)
         stats = None
@@ -441,15 +329,14 @@ class AdamW(torch.optim.Optimizer):
             found_inf=found_inf,
         )
         applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
-        for hyper, b, gs, _ in work:
+        for hyper, b, gs, _, lr_out in work:
             b.steps.add_(applied)
             try:
-                impl.adamw_update(b, gs, hyper, ctrl)
+                impl.adamw_update(b, gs, hyper, ctrl, lr_out)
             except BaseException:
                 b.steps.sub_(applied)  # an update that raised did not happen: its counters go back
                 raise
         skipped = None if found_inf is None else found_inf > 0
-        self._record_applied_lr(ctrl, skipped)
         if stats is not None:  # written after the update, so a step that raised leaves the last norm
             torch.sqrt(stats[0], out=self._norm_buffer(device))
         self._record_history(ctrl, skipped)
@@ -506,8 +393,8 @@ class AdamW(torch.optim.Optimizer):
                         step = int(value) if not isinstance(value, Tensor) else int(value.item())
                         largest = max(largest, step)
                         state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
-                    elif key in _STATE_KEYS:
-                        state[key] = value.to(device=p.device, dtype=_state_dtype(p), copy=True)
+                    elif key in STATE_KEYS:
+                        state[key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
             if device is None:
                 self._k = None
             else:
@@ -518,7 +405,7 @@ class AdamW(torch.optim.Optimizer):
         self._plan = None
 
     # Attributes rebuilt on demand from the others: not copied by deepcopy or pickle.
-    _CACHES = ("_plan", "_impl", "_impl_device")
+    _CACHES = ("_step_cache",)
 
     def __getstate__(self) -> dict[str, Any]:
         """Every attribute (schedule, max_grad_norm, backend, schedule index, ... and any added later)
@@ -537,48 +424,40 @@ class AdamW(torch.optim.Optimizer):
                     group.pop(key, None)
             if self.schedule is not None and "initial_lr" in group:
                 group["lr"] = group["initial_lr"]
-        self._seen_lrs = None
+        self._lr_watch["seen"] = None
 
     # ------------------------------------------------------------------ logging
     def _applied_lr_buffer(self, device: torch.device) -> Tensor:
-        """``_applied_lr``: float64 ``[len(param_groups)]``, NaN for a group not yet updated."""
+        """``_applied_lr``: float64 ``[len(param_groups)]`` on ``device``, NaN for a group not yet updated."""
         n = len(self.param_groups)
         buf = self._applied_lr
         if buf is None or buf.device != device or buf.numel() != n:
             new = torch.full((n,), math.nan, dtype=torch.float64, device=device)
             if buf is not None:
-                keep = min(n, buf.numel())
-                new[:keep].copy_(buf[:keep])
+                kept = min(n, buf.numel())
+                new[:kept] = buf[:kept].to(device)
             self._applied_lr = buf = new
         return buf
 
-    def _record_applied_lr(self, ctrl: StepControl, skipped: Tensor | None) -> None:
-        """Write each group's LR of this update into ``_applied_lr`` (kept on a skipped step).
-
-        Device ops only. This stands in for the update kernels writing the buffer themselves.
-        """
-        buf = self._applied_lr_buffer(ctrl.k.device)
-        mult = None if ctrl.schedule is None else ctrl.schedule(ctrl.k, ctrl.schedule_table)
-        lrs = torch.stack([
-            torch.full((), g["lr"], dtype=torch.float64, device=buf.device) if mult is None else mult * g["lr"]
-            for g in self.param_groups
-        ])
-        buf.copy_(lrs if skipped is None else torch.where(skipped, buf, lrs))
-
     def applied_lr(self, group: int = 0) -> Tensor:
-        """The LR the last applied update of ``param_groups[group]`` used: a 0-d float64 device tensor,
-        NaN before the first update, unchanged by a step GradScaler skipped. Reading it never syncs
-        (it is a view of a buffer updated in place: ``.clone()`` it to keep a value)."""
-        device = self._device() or torch.device("cpu")
-        return self._applied_lr_buffer(device)[group]
+        """The LR the last applied update of ``param_groups[group]`` used (``lr * sched(k)`` with a
+        schedule), as a 0-d float64 device tensor written by the update pass itself: a view of a
+        buffer updated in place (so it also updates under torch.compile and CUDA-graph replay; ``.clone()``
+        it to keep a value), unchanged by a step that GradScaler skips, NaN before the group's first
+        applied update."""
+        return self._applied_lr_buffer(self._device() or torch.device("cpu"))[group]
 
     def _history_buffer(self, device: torch.device) -> StepHistory | None:
         if self._history_size is None:
             return None
-        if self._history is None:
-            self._history = StepHistory(self._history_size, len(self.param_groups), device)
-        self._history = self._history.to(device, len(self.param_groups))
-        return self._history
+        history = self._history
+        if history is None:
+            history = StepHistory(self._history_size, len(self.param_groups), device)
+        else:
+            history = history.to(device, len(self.param_groups))
+        if history is not self._history:  # assigned only when it changed (see _step_cache)
+            self._history = history
+        return history
 
     def _record_history(self, ctrl: StepControl, skipped: Tensor | None) -> None:
         history = self._history_buffer(ctrl.k.device)
@@ -602,15 +481,16 @@ class AdamW(torch.optim.Optimizer):
 
     def _warn_on_double_schedule(self) -> None:
         """Warn once when something else (an LR scheduler) changes ``lr`` while ``schedule`` applies too."""
-        if self.schedule is None or self._warned_double_schedule:
+        watch = self._lr_watch
+        if self.schedule is None or watch["warned"]:
             return
         lrs = [g["lr"] for g in self.param_groups]
-        seen = self._seen_lrs
-        self._seen_lrs = lrs
+        seen = watch["seen"]
+        watch["seen"] = lrs
         for i, group in enumerate(self.param_groups):
             before = group.get("initial_lr", group["lr"]) if seen is None or i >= len(seen) else seen[i]
             if group["lr"] != before:
-                self._warned_double_schedule = True
+                watch["warned"] = True
                 warnings.warn(
                     f"fusedlr.AdamW(schedule=...) applies param_groups[i]['lr'] * schedule(k), but param_groups[{i}]"
                     f"['lr'] changed from {before} to {group['lr']}: an LR scheduler drives it too, so the schedule is "
@@ -625,7 +505,7 @@ class AdamW(torch.optim.Optimizer):
     @property
     def resolved_backend(self) -> str:
         """The backend that runs the steps (``backend`` resolved on the parameters' device)."""
-        device = self._impl_device or self._device() or torch.device("cpu")
+        device = self._step_cache["impl_device"] or self._device() or torch.device("cpu")
         return backends.resolve(self.backend, device).NAME
 
     def __repr__(self) -> str:
@@ -639,8 +519,7 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for name in self._CACHES:
-            setattr(self, name, None)
+        self._step_cache = {"plan": None, "impl": None, "impl_device": None}
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -660,7 +539,11 @@ class AdamW(torch.optim.Optimizer):
                 )
             param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
-        self._plan = None
+        if "_step_cache" in self.__dict__:  # not while Optimizer.__init__ adds the first groups
+            self._plan = None
+            device = self._device()
+            if device is not None:
+                self._applied_lr_buffer(device)
 
 
 def _saved_steps(state: Any) -> Any:
@@ -675,7 +558,7 @@ def _check_saved_state(pid: object, p: Tensor, state: Any) -> None:
     """Refuse, before loading anything, a saved state that cannot be parameter ``pid``'s."""
     if not isinstance(state, dict):
         raise ValueError(f"loaded state of parameter {pid} is a {type(state).__name__}, not a dict")
-    for key in _STATE_KEYS:
+    for key in STATE_KEYS:
         t = state.get(key)
         if key not in state:
             continue

@@ -17,7 +17,8 @@ Pass 2, ``adamw_update``, per element, with ``lr_t = lr * sched(k)``, ``t = step
     v_max = max(v_max, v)               (amsgrad; the denominator then uses v_max)
     p = p - lr_t / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-and nothing at all is written when ``found_inf > 0``.
+and nothing at all is written when ``found_inf > 0``. ``applied_lr`` (when given) receives ``lr_t``
+when the update is applied.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def scheduled_lr(lr: float | Tensor, ctrl: StepControl) -> Tensor:
     """The applied LR ``lr * sched(k)`` as a float64 0-d tensor on the device (``lr``: a float, or a
     1-element tensor read on the device, so filling it in place changes the next step's LR)."""
     if isinstance(lr, Tensor):
-        lr = lr.to(device=ctrl.k.device, dtype=torch.float64).reshape(())
+        base = lr.to(torch.float64).reshape(())
     else:
-        lr = torch.full((), lr, dtype=torch.float64, device=ctrl.k.device)
-    return lr if ctrl.schedule is None else lr * ctrl.schedule(ctrl.k, ctrl.schedule_table)
+        base = torch.full((), lr, dtype=torch.float64, device=ctrl.k.device)
+    return base if ctrl.schedule is None else base * ctrl.schedule(ctrl.k, ctrl.schedule_table)
 
 
 def clip_coefficient(ctrl: StepControl) -> Tensor | None:
@@ -71,8 +72,13 @@ def clip_coefficient(ctrl: StepControl) -> Tensor | None:
     return torch.where(coef >= 1.0, torch.ones_like(coef), coef)
 
 
-def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
-    """Pass 2: one AdamW update of every tensor of ``bucket`` (see the module docstring)."""
+def adamw_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> None:
+    """Pass 2: one AdamW update of every tensor of ``bucket`` (see the module docstring).
+
+    ``applied_lr``: a 0-d float64 device tensor that receives ``lr_t`` when the update is applied.
+    """
     dt = _math_dtype(bucket.params[0])  # a bucket holds one param dtype
     lr = scheduled_lr(hyper.lr, ctrl)
     scale = clip_coefficient(ctrl)
@@ -103,3 +109,5 @@ def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: S
         new.append((p, p_new.to(p.dtype)))
         for dst, val in new:
             dst.copy_(val if skip is None else torch.where(skip, dst, val))
+    if applied_lr is not None:
+        applied_lr.copy_(lr if skip is None else torch.where(skip, applied_lr, lr))

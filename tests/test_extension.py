@@ -90,7 +90,7 @@ def make_opt(params, device, **kw) -> fusedlr.AdamW:
     if device != "emu":
         return fusedlr.AdamW(params, backend=backend_for(device), **kw)
     opt = fusedlr.AdamW(params, backend="torch", **kw)
-    opt._impl, opt._impl_device = emulated_cuda_backend(), torch.device("cpu")
+    opt._step_cache.update(impl=emulated_cuda_backend(), impl_device=torch.device("cpu"))
     return opt
 
 
@@ -108,7 +108,7 @@ class EmulatedCudaBackend:
         lib.fusedlr_emu_fill_table.restype = i64
         lib.fusedlr_emu_fill_table.argtypes = [p, p, i64, i32, p]
         lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, i32]
-        lib.fusedlr_emu_adamw_update.argtypes = [i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32]
+        lib.fusedlr_emu_adamw_update.argtypes = [i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p]
 
     @staticmethod
     def _ptr(t):
@@ -133,13 +133,15 @@ class EmulatedCudaBackend:
         )
         assert rc == 0
 
-    def adamw_update(self, bucket, grads, hyper, ctrl) -> None:
+    def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None) -> None:
         n = len(bucket.params)
+        lr = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
         table, total = self._table(
             [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs], n
         )
         hyper6 = torch.tensor(
-            [hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, ctrl.max_norm or 0.0],
+            [0.0 if lr is not None else hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+             ctrl.max_norm or 0.0],
             dtype=torch.float64,
         )
         grid = max(1, min(total, self.grid))
@@ -159,6 +161,9 @@ class EmulatedCudaBackend:
             self._ptr(ctrl.found_inf),
             bucket.steps.data_ptr(),
             grid,
+            self._ptr(lr if lr is not None and lr.dtype == torch.float32 else None),
+            self._ptr(lr if lr is not None and lr.dtype == torch.float64 else None),
+            self._ptr(applied_lr),
         )
         assert rc == 0
 
@@ -262,7 +267,7 @@ def run_pair(device, sizes, dtype, steps=4, grad_scale=1.0, groups=None, **opt_k
         ref_opt.step()
         opt.step()
         assert_same_state(ref_opt, opt, ref_params, params, what=f"step {step}:")
-    assert opt._impl.NAME == ("cuda-emulated" if device == "emu" else backend_for(device))
+    assert opt._step_cache["impl"].NAME == ("cuda-emulated" if device == "emu" else backend_for(device))
     return ref_opt, opt, ref_params, params
 
 
@@ -881,3 +886,29 @@ def test_cuda_tensor_larger_than_2_pow_31_updates_its_tail() -> None:
     torch.testing.assert_close(torch.cat([big.exp_avgs[0][:3], big.exp_avgs[0][tail]]), small.exp_avgs[0])
     torch.testing.assert_close(torch.cat([big.exp_avg_sqs[0][:3], big.exp_avg_sqs[0][tail]]), small.exp_avg_sqs[0])
     assert bool((p[3 : n - 1000] == 0).all())  # zero grads: weight decay of zero params leaves zeros
+
+
+@pytest.mark.parametrize("device", DEVICES_EMU)
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=["lr32", "lr64"])
+def test_tensor_lr_and_applied_lr_match_the_reference(device, lr_dtype) -> None:
+    """A tensor LR filled in place between steps, a schedule and a skipped step: the compiled kernels
+    (and the CUDA kernels' code, emulated) read the LR on the device and write applied_lr as the
+    reference does."""
+    ref_params = make_params([5, 9000], torch.float32, tdev(device))
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    ref_lr, lr = (torch.tensor(1e-2, dtype=lr_dtype, device=tdev(device)) for _ in range(2))
+    kw = dict(max_grad_norm=1.0, schedule=fusedlr.get_schedule("linear", 1, 10))
+    ref_opt = fusedlr.AdamW(ref_params, lr=ref_lr, backend="torch", **kw)
+    opt = make_opt(params, device, lr=lr, **kw)
+    for step in range(4):
+        ref_lr.fill_(1e-2 / (step + 1))
+        lr.fill_(1e-2 / (step + 1))
+        skip = torch.tensor(1.0 if step == 2 else 0.0, device=tdev(device))
+        ref_opt.found_inf, opt.found_inf = skip, skip.clone()
+        set_grads(ref_params, step)
+        set_grads(params, step)
+        ref_opt.step()
+        opt.step()
+        assert_same_state(ref_opt, opt, ref_params, params, what=f"step {step}:")
+        torch.testing.assert_close(opt.applied_lr(), ref_opt.applied_lr(), rtol=1e-15, atol=0)
+    assert float(opt.applied_lr()) == pytest.approx(1e-2 / 4 * fusedlr.get_schedule("linear", 1, 10)(2))

@@ -361,16 +361,3 @@ def test_tensor_lr_with_a_schedule_is_the_peak() -> None:
     opt = fusedlr.AdamW(params, lr=torch.tensor(2e-2), schedule=SCHED, backend="torch")
     train(params, opt, range(2))
     torch.testing.assert_close(opt.scheduled_lr(), torch.tensor(2e-2, dtype=torch.float64).float().double() * SCHED(2))
-
-
-@pytest.mark.skipif(CPU_BACKENDS == ["torch"], reason="needs the compiled CPU kernels (fusedlr._C)")
-def test_tensor_lr_on_a_backend_without_it_is_refused_before_anything_changes() -> None:
-    params = make_params()
-    opt = make_fused(params, backend="cpu")
-    train(params, opt, range(2))
-    opt.param_groups[1]["lr"] = torch.tensor(1e-2)
-    before = snapshot(opt)
-    set_grads(params, 2)
-    with pytest.raises(RuntimeError, match="does not take a tensor lr yet: pass backend='torch'"):
-        opt.step()
-    assert_bitwise_equal(snapshot(opt), before)

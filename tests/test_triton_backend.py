@@ -554,16 +554,21 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
     rows = dict(ROW_=T.ROW, F_NUMEL=T.FIELD_NUMEL, F_FIRST=T.FIELD_FIRST, BLOCK_=T.BLOCK, ITERS_=T.ITERS)
     ptx = build(S, {"rows_ptr": "*i64", "blocks_ptr": "*i64", "grads_ptr": "*i64", "inv_scale_ptr": "*fp32",
-                    "out_ptr": "*fp32"}, dict(HAS_INV_SCALE=True, G_DTYPE=tl.bfloat16, ALIGNED=True, **rows))
+                    "out_ptr": "*fp32", "partials_ptr": "*fp32", "arrived_ptr": "*i32"},
+                dict(HAS_INV_SCALE=True, G_DTYPE=tl.bfloat16, ALIGNED=True, **rows))
     assert "ld.global.v4" in ptx, "grad_stats: no vector loads"
+    assert "atom.global" in ptx and "red.global.add.f32" not in ptx and "atom.global.add.f32" not in ptx, (
+        "grad_stats: the reduction must use an integer arrival counter, never float atomics")
     sig = {n: "*i64" for n in ["rows_ptr", "blocks_ptr", "grads_ptr", "steps_ptr", "k_ptr"]}
-    sig.update({"sched_ptr": "*fp64", "stats_ptr": "*fp32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"})
+    sig.update({"sched_ptr": "*fp64", "stats_ptr": "*fp32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+                "lr_ptr": "*fp32", "applied_lr_ptr": "*fp64"})
     sig.update({n: "fp64" for n in ["lr", "lerp_weight", "beta2", "one_minus_beta2", "log_beta1", "log_beta2",
                                     "eps", "weight_decay", "max_norm"]})
     fields = dict(F_P=T.FIELD_P, F_M=T.FIELD_M, F_V=T.FIELD_V, F_VMAX=T.FIELD_VMAX, F_STEP=T.FIELD_STEP, **rows)
     for kind, n, pd, sd, on in [(3, 0, tl.bfloat16, tl.float32, True), (12, 3, tl.float32, tl.float32, False),
                                 (10, 2, tl.float16, tl.float32, True), (8, 0, tl.float64, tl.float64, True)]:
-        flags = dict(HAS_CLIP=on, HAS_INV_SCALE=on, HAS_FOUND_INF=on, AMSGRAD=on, MAXIMIZE=on)
+        flags = dict(HAS_CLIP=on, HAS_INV_SCALE=on, HAS_FOUND_INF=on, AMSGRAD=on, MAXIMIZE=on, HAS_LR_TENSOR=on,
+                     HAS_APPLIED_LR=on)
         ptx = build(A, sig, dict(SCHED_KIND=kind, SCHED_N=n, P_DTYPE=pd, G_DTYPE=pd, S_DTYPE=sd, CLIP_EPS_=1e-6,
                                  ALIGNED=True, **flags, **fields))
         assert "st.global.v" in ptx, f"adamw {kind} {pd}: no vector stores"

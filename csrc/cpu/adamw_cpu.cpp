@@ -194,9 +194,11 @@ void check_cpu(const at::Tensor& t, const char* what) {
 
 // ---------------------------------------------------------------- ops
 void grad_stats_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
-                    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+                    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
+                    const std::optional<at::Tensor>& workspace) {
   (void)table;
   (void)table_host;
+  (void)workspace;
   check_cpu(out, "out");
   const int code = check_grad_stats(grads, inv_scale, out);
   std::vector<at::Tensor> gs;
@@ -218,22 +220,26 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       std::optional<double> max_norm, const std::optional<at::Tensor>& inv_scale,
                       const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
                       double weight_decay, bool maximize, const std::optional<at::Tensor>& table,
-                      const std::optional<at::Tensor>& table_host) {
+                      const std::optional<at::Tensor>& table_host, const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& applied_lr) {
   (void)table;
   (void)table_host;
   check_cpu(steps, "steps");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
                                          stats, max_norm, inv_scale, found_inf);
   const AdamWHyper h = make_hyper(lr, beta1, beta2, eps, weight_decay, max_norm, maximize);
-  StepInputs in;
+  StepInputs in{};
   in.k = k.data_ptr<int64_t>();
   in.schedule = opt_ptr<double>(schedule);
   in.stats = opt_ptr<float>(stats);
   in.inv_scale = opt_ptr<float>(inv_scale);
   in.found_inf = opt_ptr<float>(found_inf);
   in.steps = steps.data_ptr<int64_t>();
+  set_lr_inputs(lr_tensor, applied_lr, steps.device(), in);
   const StepScalars s = step_scalars(h, in);
-  if (s.skip || params.empty()) return;
+  if (s.skip) return;
+  if (in.applied_lr != nullptr) *in.applied_lr = s.lr;
+  if (params.empty()) return;
   switch (chk.dtype) {
     case kF32:
       adamw_dispatch_ams<float>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);

@@ -1,7 +1,8 @@
 // Pass 2 on CUDA: the fused AdamW update of every tensor of a bucket in one launch.
 //
 // Each block first evaluates the per-step scalars (schedule, clip coefficient, AMP scale,
-// found_inf) from device memory, and exits at once when found_inf > 0; then it walks its
+// found_inf, a tensor LR) from device memory, and exits at once when found_inf > 0 (else block 0
+// records the applied LR); then it walks its
 // chunks (grid-stride), computing each tensor's bias corrections once in shared memory.
 #include "multi_tensor.cuh"
 
@@ -20,6 +21,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (s_step.skip) return;  // uniform over the block
   const StepScalars step = s_step;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && in.applied_lr != nullptr) *in.applied_lr = step.lr;
 
   int64_t current = -1;
   AdamWCoeffs<S> c;

@@ -98,12 +98,13 @@ int sm_count(int device) {
 
 int grid_for(int64_t total_chunks, const at::Device& device) {
   const int sms = sm_count(device.index());
-  const int64_t cap = static_cast<int64_t>(sms) * (2048 / kThreads);
+  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
   return static_cast<int>(std::max<int64_t>(1, std::min(total_chunks, cap)));
 }
 
 void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
-                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
+                     const std::optional<at::Tensor>& workspace) {
   TORCH_CHECK(out.is_cuda(), "fusedlr.grad_stats (CUDA): out must be a CUDA tensor");
   const int code = check_grad_stats(grads, inv_scale, out);
   const c10::cuda::CUDAGuard guard(out.device());
@@ -118,8 +119,19 @@ void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_
   if (total_chunks == 0) return;
   at::Tensor keep;
   const int64_t* dtable = upload_table(h, table, table_host, out.device(), keep);
+  const int grid = grid_for(total_chunks, out.device());
+  at::Tensor ws;
+  if (workspace.has_value()) {
+    ws = *workspace;
+    TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.is_contiguous() && ws.device() == out.device() &&
+                    ws.numel() >= 2 * static_cast<int64_t>(grid) + 1,
+                "fusedlr.grad_stats: workspace must be a contiguous float32 tensor of at least ", 2 * grid + 1,
+                " elements on ", out.device(), " (zeros before its first use)");
+  } else {
+    ws = at::zeros({2 * static_cast<int64_t>(grid) + 1}, out.options());
+  }
   check_launch(launch_grad_stats(code, dtable, n, total_chunks, opt_ptr<float>(inv_scale), out.data_ptr<float>(),
-                                 grid_for(total_chunks, out.device()), current_stream(out.device())),
+                                 ws.data_ptr<float>(), grid, current_stream(out.device())),
                "grad_stats");
 }
 
@@ -129,7 +141,8 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& stats, std::optional<double> max_norm,
                        const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
                        double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host) {
+                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
+                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr) {
   TORCH_CHECK(steps.is_cuda(), "fusedlr.adamw_update (CUDA): steps must be a CUDA tensor");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
                                          stats, max_norm, inv_scale, found_inf);
@@ -150,13 +163,14 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   const int64_t* dtable = upload_table(h, table, table_host, steps.device(), keep);
 
   const AdamWHyper hyper = make_hyper(lr, beta1, beta2, eps, weight_decay, max_norm, maximize);
-  StepInputs in;
+  StepInputs in{};
   in.k = k.data_ptr<int64_t>();
   in.schedule = opt_ptr<double>(schedule);
   in.stats = opt_ptr<float>(stats);
   in.inv_scale = opt_ptr<float>(inv_scale);
   in.found_inf = opt_ptr<float>(found_inf);
   in.steps = steps.data_ptr<int64_t>();
+  set_lr_inputs(lr_tensor, applied_lr, steps.device(), in);
   check_launch(launch_adamw_update(chk.dtype, chk.amsgrad, dtable, n, total_chunks, hyper, in,
                                    grid_for(total_chunks, steps.device()), current_stream(steps.device())),
                "adamw_update");

@@ -15,10 +15,12 @@ namespace cuda {
 
 // dtype codes: 0 float32, 1 float16, 2 bfloat16, 3 float64 (fusedlr::DType).
 
-// Pass 1: out[0] += sum((g * inv_scale)^2) (float32 accumulation), out[1] += non-finite count.
-// inv_scale may be null. grid: number of blocks (<= total_chunks).
+// Pass 1: out[0] += sum((g * inv_scale)^2) (float32 accumulation), out[1] += non-finite count,
+// bitwise reproducible for a given grid. inv_scale may be null. grid: number of blocks
+// (<= total_chunks). workspace: float32 [2 * grid + 1], zero before the first launch (each
+// launch leaves it ready for the next).
 cudaError_t launch_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
-                              float* out, int grid, cudaStream_t stream);
+                              float* out, float* workspace, int grid, cudaStream_t stream);
 
 // Pass 2: the fused AdamW update of every tensor of the table. ``in`` holds device pointers
 // (k, steps required; others null when absent). Nothing is written when *found_inf > 0.

@@ -11,6 +11,8 @@ namespace cuda {
 // Elements handled by one chunk of the multi-tensor launch (a block processes whole chunks).
 constexpr int64_t kChunk = 8192;
 constexpr int kThreads = 512;
+// Most blocks per SM a launch uses (its grid is at most SMs * kBlocksPerSm blocks).
+constexpr int kBlocksPerSm = 2048 / kThreads;
 
 // Device table of a launch over n tensors, int64 entries:
 //   [0, n * nptr)                          pointers, tensor-major (nptr per tensor)

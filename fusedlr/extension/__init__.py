@@ -72,7 +72,7 @@ def schedule_eval(table: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
 if _C is not None:
 
     @torch.library.register_fake("fusedlr::grad_stats")
-    def _grad_stats_fake(grads, inv_scale, out, table=None, table_host=None) -> None:
+    def _grad_stats_fake(grads, inv_scale, out, table=None, table_host=None, workspace=None) -> None:
         return None
 
     @torch.library.register_fake("fusedlr::adamw_update")
@@ -97,6 +97,8 @@ if _C is not None:
         maximize,
         table=None,
         table_host=None,
+        lr_tensor=None,
+        applied_lr=None,
     ) -> None:
         return None
 

@@ -79,7 +79,8 @@ def schedule_table(bucket: Bucket, ctrl: StepControl) -> Tensor | None:
 
 
 def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> tuple:
-    """Positional arguments of ``torch.ops.fusedlr.adamw_update`` (without the table cache)."""
+    """Positional arguments of ``torch.ops.fusedlr.adamw_update`` (without the table cache; a tensor
+    LR goes in ``lr_tensor=``, see ``lr_kwargs``)."""
     found_inf = ctrl.found_inf
     if found_inf is not None and found_inf.dtype != torch.float32:
         found_inf = found_inf.to(torch.float32)
@@ -99,10 +100,15 @@ def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: St
         ctrl.max_norm,
         inv_scale,
         found_inf,
-        hyper.lr,
+        0.0 if isinstance(hyper.lr, Tensor) else hyper.lr,
         hyper.beta1,
         hyper.beta2,
         hyper.eps,
         hyper.weight_decay,
         hyper.maximize,
     )
+
+
+def lr_kwargs(hyper: GroupHyper, applied_lr: Tensor | None) -> dict[str, Tensor | None]:
+    """Keyword arguments of ``torch.ops.fusedlr.adamw_update``: the tensor LR and the applied-LR output."""
+    return {"lr_tensor": hyper.lr if isinstance(hyper.lr, Tensor) else None, "applied_lr": applied_lr}

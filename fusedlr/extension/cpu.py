@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, update_args
+from ._common import compiled_ok, lr_kwargs, update_args
 
 __all__ = ["NAME", "adamw_update", "available", "grad_stats"]
 
@@ -36,8 +36,10 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     torch.ops.fusedlr.grad_stats(grads, inv_scale, out)
 
 
-def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
+def adamw_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> None:
     """Pass 2 (see ``fusedlr.reference.adamw_update``)."""
     if not compiled_ok(bucket, grads, NAME):
-        return reference.adamw_update(bucket, grads, hyper, ctrl)
-    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl))
+        return reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
+    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl), **lr_kwargs(hyper, applied_lr))

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, update_args
+from ._common import compiled_ok, lr_kwargs, update_args
 
 __all__ = ["NAME", "adamw_update", "available", "grad_stats"]
 
@@ -70,17 +70,34 @@ def _table(bucket: Bucket, key: str, n: int, nptr: int, device: torch.device) ->
     return cached
 
 
+@torch.compiler.disable
+def _workspace(bucket: Bucket, device: torch.device) -> Tensor:
+    """The zeroed float32 workspace of the two-stage reduction, ``2 * max blocks + 1`` (cached; the
+    kernel leaves it zeroed)."""
+    ws = bucket.cache.get("fusedlr_cuda_stats_workspace")
+    if not isinstance(ws, Tensor) or ws.device != device:
+        blocks = torch.cuda.get_device_properties(device).multi_processor_count * extension._C.CUDA_BLOCKS_PER_SM
+        ws = torch.zeros(2 * blocks + 1, dtype=torch.float32, device=device)
+        bucket.cache["fusedlr_cuda_stats_workspace"] = ws
+    return ws
+
+
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
-    """Pass 1 (see ``fusedlr.reference.grad_stats``): one launch, atomics into ``out``."""
+    """Pass 1 (see ``fusedlr.reference.grad_stats``): one launch, a fixed-order two-stage reduction into
+    ``out`` (bitwise reproducible, no floating-point atomics)."""
     table, host = _table(bucket, "fusedlr_cuda_stats_table", len(grads), extension._C.STATS_TABLE_PTRS, out.device)
-    torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host)
+    torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host, _workspace(bucket, out.device))
 
 
-def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
+def adamw_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> None:
     """Pass 2 (see ``fusedlr.reference.adamw_update``): one launch, nothing written when found_inf > 0."""
     if not compiled_ok(bucket, grads, NAME):
-        return reference.adamw_update(bucket, grads, hyper, ctrl)
+        return reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
     table, host = _table(
         bucket, "fusedlr_cuda_update_table", len(bucket.params), extension._C.UPDATE_TABLE_PTRS, bucket.device
     )
-    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl), table, host)
+    torch.ops.fusedlr.adamw_update(
+        *update_args(bucket, grads, hyper, ctrl), table, host, **lr_kwargs(hyper, applied_lr)
+    )

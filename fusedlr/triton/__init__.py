@@ -83,13 +83,13 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, inv_scale, out)
 
 
-def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
+def adamw_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> None:
     """Pass 2: one AdamW update of every tensor of ``bucket`` (``fusedlr.reference``'s math); one launch."""
     tables = _tables.bucket_tables(bucket)
-    if tables is None:
-        reference.adamw_update(bucket, grads, hyper, ctrl)
-        return
-    if tables.n_blocks == 0:
+    if tables is None or tables.n_blocks == 0:  # nothing to launch: the reference writes applied_lr
+        reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
         return
     gtab, used = _tables.grad_table(tables, bucket, grads)
     _adamw_kernel.launch_adamw(
@@ -101,4 +101,5 @@ def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: S
         bucket.max_exp_avg_sqs is not None,
         hyper,
         ctrl,
+        applied_lr,
     )

@@ -1,7 +1,7 @@
 """Pass 2 kernel: the fused AdamW update of every tensor of a bucket in one launch.
 
 Per program (one ``CHUNK`` of one tensor) the kernel evaluates, in float64 scalars, the applied
-LR ``lr * sched(k)`` from the schedule table, the clip coefficient from ``stats[0]``, the AMP
+LR ``lr * sched(k)`` from the schedule table (``lr`` read from the device for a tensor LR), the clip coefficient from ``stats[0]``, the AMP
 scale, and the bias corrections ``1 - beta^t = -expm1(t * log(beta))`` for the tensor's step
 ``t``; then it applies ``fusedlr.reference``'s per-element math in the state dtype (float32, or
 float64 for float64 params) with correctly rounded division and square root. When
@@ -151,6 +151,8 @@ def _adamw_kernel(
     stats_ptr,
     inv_scale_ptr,
     found_inf_ptr,
+    lr_ptr,
+    applied_lr_ptr,
     lr: tl.float64,
     lerp_weight: tl.float64,
     beta2: tl.float64,
@@ -166,6 +168,8 @@ def _adamw_kernel(
     HAS_CLIP: tl.constexpr,
     HAS_INV_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_LR_TENSOR: tl.constexpr,
+    HAS_APPLIED_LR: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     P_DTYPE: tl.constexpr,
@@ -209,6 +213,8 @@ def _adamw_kernel(
 
     # Step scalars, float64.
     k = tl.load(k_ptr).to(tl.float64)
+    if HAS_LR_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float64)
     lr_t = lr * schedule_multiplier(sched_ptr, k, SCHED_KIND, SCHED_N)
     bias1 = -_expm1(t * log_beta1)
     bias2_sqrt = tl.sqrt(-_expm1(t * log_beta2))
@@ -225,6 +231,11 @@ def _adamw_kernel(
         scale = tl.load(inv_scale_ptr).to(S_DTYPE)
     else:
         scale = tl.full((), 1.0, S_DTYPE)  # unused
+    if HAS_APPLIED_LR:
+        if HAS_FOUND_INF:
+            tl.store(applied_lr_ptr, lr_t, mask=(pid == 0) & (tl.load(found_inf_ptr) <= 0.0))
+        else:
+            tl.store(applied_lr_ptr, lr_t, mask=pid == 0)
     if HAS_FOUND_INF:
         # Skipped step: no element in range, so every load and store is masked off.
         numel = tl.where(tl.load(found_inf_ptr) > 0.0, 0, numel)
@@ -272,8 +283,10 @@ def launch_adamw(
     amsgrad: bool,
     hyper: GroupHyper,
     ctrl: StepControl,
+    applied_lr: Tensor | None = None,
 ) -> None:
-    """Enqueue the AdamW update of every tensor of a bucket (see the module docstring)."""
+    """Enqueue the AdamW update of every tensor of a bucket (see the module docstring); program 0
+    writes ``lr_t`` into ``applied_lr`` (0-d float64) unless the step is skipped."""
     if tables.n_blocks == 0:
         return
     kind, n = schedule_constexprs(ctrl.schedule)
@@ -284,6 +297,7 @@ def launch_adamw(
     if ctrl.schedule is not None and sched is None:
         raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
     dummy = ctrl.k
+    lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
     _adamw_kernel[(tables.n_blocks,)](
         tables.rows,
         tables.blocks,
@@ -294,7 +308,9 @@ def launch_adamw(
         ctrl.stats if has_clip else dummy,
         ctrl.inv_scale if ctrl.inv_scale is not None else dummy,
         ctrl.found_inf if ctrl.found_inf is not None else dummy,
-        float(hyper.lr),
+        lr_tensor if lr_tensor is not None else dummy,
+        applied_lr if applied_lr is not None else dummy,
+        0.0 if lr_tensor is not None else float(hyper.lr),
         1.0 - float(hyper.beta1),
         float(hyper.beta2),
         1.0 - float(hyper.beta2),
@@ -309,6 +325,8 @@ def launch_adamw(
         HAS_CLIP=has_clip,
         HAS_INV_SCALE=ctrl.inv_scale is not None,
         HAS_FOUND_INF=ctrl.found_inf is not None,
+        HAS_LR_TENSOR=lr_tensor is not None,
+        HAS_APPLIED_LR=applied_lr is not None,
         AMSGRAD=amsgrad,
         MAXIMIZE=bool(hyper.maximize),
         P_DTYPE=TL_DTYPES[param_dtype],

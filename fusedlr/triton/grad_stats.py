@@ -1,8 +1,10 @@
 """Pass 1 kernel: multi-tensor sum of squares of the unscaled gradients and non-finite count.
 
 One launch per bucket; every program reduces one ``CHUNK`` of one gradient in float32 (whatever
-the gradient dtype) and adds its partial results into ``out`` with atomics:
-``out[0] += sum((g.float() * inv_scale)^2)``, ``out[1] += number of non-finite elements``.
+the gradient dtype) and stores its partial results in the bucket's ``partials`` buffer; the last
+program to finish (an integer arrival counter decides) sums the partials in program order and
+adds them to ``out``: ``out[0] += sum((g.float() * inv_scale)^2)``, ``out[1] += number of
+non-finite elements``. No floating-point atomics, so the result is bitwise reproducible.
 """
 
 import torch
@@ -33,6 +35,8 @@ def _grad_stats_kernel(
     grads_ptr,
     inv_scale_ptr,
     out_ptr,
+    partials_ptr,
+    arrived_ptr,
     HAS_INV_SCALE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     ROW_: tl.constexpr,
@@ -70,8 +74,20 @@ def _grad_stats_kernel(
             gf = gf * inv_scale
         acc += gf * gf
         bad += tl.where(finite, 0, 1)
-    tl.atomic_add(out_ptr, tl.sum(acc, axis=0))
-    tl.atomic_add(out_ptr + 1, tl.sum(bad, axis=0).to(tl.float32))
+    tl.store(partials_ptr + 2 * pid, tl.sum(acc, axis=0))
+    tl.store(partials_ptr + 2 * pid + 1, tl.sum(bad, axis=0).to(tl.float32))
+    tl.debug_barrier()
+    n_programs = tl.num_programs(0)
+    if tl.atomic_add(arrived_ptr, 1) == n_programs - 1:  # acq_rel: every other partial is visible
+        total = tl.zeros([BLOCK_], dtype=tl.float32)
+        count = tl.zeros([BLOCK_], dtype=tl.float32)
+        for lo in range(0, n_programs, BLOCK_):
+            idx = lo + tl.arange(0, BLOCK_)
+            total += tl.load(partials_ptr + 2 * idx, mask=idx < n_programs, other=0.0, volatile=True)
+            count += tl.load(partials_ptr + 2 * idx + 1, mask=idx < n_programs, other=0.0, volatile=True)
+        tl.store(out_ptr, tl.load(out_ptr) + tl.sum(total, axis=0))
+        tl.store(out_ptr + 1, tl.load(out_ptr + 1) + tl.sum(count, axis=0))
+        tl.store(arrived_ptr, 0)  # ready for the next launch (and CUDA-graph replay)
 
 
 def launch_grad_stats(
@@ -86,6 +102,8 @@ def launch_grad_stats(
         grads_table,
         inv_scale if inv_scale is not None else out,
         out,
+        tables.partials,
+        tables.arrived,
         HAS_INV_SCALE=inv_scale is not None,
         G_DTYPE=TL_DTYPES[grad_dtype],
         ROW_=ROW,

@@ -74,6 +74,8 @@ class LaunchTables:
     blocks: Tensor  # int64 [n_blocks]
     members: list[int]  # bucket index of each row (the bucket's non-empty tensors)
     n_blocks: int
+    partials: Tensor  # float32 [2 * n_blocks]: per-program (sum of squares, non-finite count) of pass 1
+    arrived: Tensor  # int32 [1]: pass-1 programs done (zero between launches)
     aligned: bool  # every param and state address is a multiple of ALIGN bytes
     grads: Tensor | None = None  # int64 [n_rows] gradient addresses
     grad_ptrs: tuple[int, ...] = ()  # host copy of what ``grads`` holds
@@ -175,6 +177,8 @@ def _build(bucket: Bucket) -> LaunchTables:
         blocks=_upload(host_blocks, device),
         members=members,
         n_blocks=len(blocks),
+        partials=torch.zeros(2 * len(blocks), dtype=torch.float32, device=device),
+        arrived=torch.zeros(1, dtype=torch.int32, device=device),
         aligned=aligned,
     )
 

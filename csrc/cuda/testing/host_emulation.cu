@@ -16,6 +16,9 @@ namespace {
 template <typename T>
 void stats(const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale, float* out, int grid) {
   const float inv = inv_scale != nullptr ? *inv_scale : 1.0f;
+  // Stage 1: each block's partials; stage 2 (the kernel's last block): their sum in block order.
+  std::vector<float> block_sum(grid, 0.0f);
+  std::vector<unsigned int> block_count(grid, 0u);
   for (int block = 0; block < grid; ++block) {
     std::vector<float> sum(kThreads, 0.0f);
     std::vector<unsigned int> count(kThreads, 0u);
@@ -23,15 +26,19 @@ void stats(const int64_t* table, int64_t n, int64_t total_chunks, const float* i
       const detail::ChunkRef r = detail::locate<kStatsPtrs>(table, n, chunk);
       for (int tid = 0; tid < kThreads; ++tid) detail::stats_chunk<T>(table, r, inv, tid, kThreads, sum[tid], count[tid]);
     }
-    float s = 0.0f;
-    unsigned int c = 0;
     for (int tid = 0; tid < kThreads; ++tid) {
-      s += sum[tid];
-      c += count[tid];
+      block_sum[block] += sum[tid];
+      block_count[block] += count[tid];
     }
-    out[0] += s;
-    if (c > 0) out[1] += static_cast<float>(c);
   }
+  float s = 0.0f;
+  unsigned int c = 0;
+  for (int block = 0; block < grid; ++block) {
+    s += block_sum[block];
+    c += block_count[block];
+  }
+  out[0] += s;
+  if (c > 0) out[1] += static_cast<float>(c);
 }
 
 template <typename T, bool AMSGRAD>
@@ -40,6 +47,7 @@ void update(const int64_t* table, int64_t n, int64_t total_chunks, const AdamWHy
   using S = typename detail::Elem<T>::S;
   const StepScalars step = step_scalars(hyper, in);
   if (step.skip) return;
+  if (in.applied_lr != nullptr) *in.applied_lr = step.lr;
   for (int block = 0; block < grid; ++block) {
     int64_t current = -1;
     AdamWCoeffs<S> c{};
@@ -86,21 +94,26 @@ int fusedlr_emu_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t t
   }
 }
 
-// hyper: lr, beta1, beta2, eps, weight_decay, max_norm (used when has_max_norm).
+// hyper: lr, beta1, beta2, eps, weight_decay, max_norm (used when has_max_norm). lr_f32/lr_f64: a
+// tensor LR replacing hyper6[0] (or null); applied_lr receives lr_t when the update is applied (or null).
 int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                              const double* hyper6, int has_max_norm, int maximize, const int64_t* k,
                              const double* schedule, const float* stats, const float* inv_scale,
-                             const float* found_inf, const int64_t* steps, int grid) {
+                             const float* found_inf, const int64_t* steps, int grid, const float* lr_f32,
+                             const double* lr_f64, double* applied_lr) {
   const AdamWHyper h = make_hyper(hyper6[0], hyper6[1], hyper6[2], hyper6[3], hyper6[4],
                                   has_max_norm != 0 ? std::optional<double>(hyper6[5]) : std::nullopt,
                                   maximize != 0);
-  StepInputs in;
+  StepInputs in{};
   in.k = k;
   in.schedule = schedule;
   in.stats = stats;
   in.inv_scale = inv_scale;
   in.found_inf = found_inf;
   in.steps = steps;
+  in.lr_f32 = lr_f32;
+  in.lr_f64 = lr_f64;
+  in.applied_lr = applied_lr;
   switch (dtype) {
     case 0: update_ams<float>(amsgrad != 0, table, n, total_chunks, h, in, grid); return 0;
     case 1: update_ams<__half>(amsgrad != 0, table, n, total_chunks, h, in, grid); return 0;
