@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import backends, distributed
+from . import backends, distributed, precision
 from .bucket import Bucket
 from .control import GroupHyper, StepControl
 from .distributed import ReduceKey
@@ -51,7 +51,7 @@ def _inverse(scale: Tensor, device: torch.device) -> Tensor:
 
 def _check_state_matches(p: Tensor, state: dict[str, Any]) -> None:
     """Refuse moments that do not lie over the parameter element for element (a mis-sharded checkpoint)."""
-    for key in _STATE_KEYS:
+    for key in _STATE_KEYS + precision.STATE_KEYS:
         t = state.get(key)
         if t is not None and (
             distributed.is_dtensor(t) != distributed.is_dtensor(p)
@@ -91,9 +91,23 @@ class AdamW(torch.optim.Optimizer):
             ``clip_grad_norm_`` would, inside the update (gradients are left unmodified).
             ``grad_norm`` is the pre-clip norm of the last step (see the property).
         backend: "auto", "torch" (reference), "triton", "cuda" or "cpu" (compiled extension).
+        master_weights: False; True: keep an fp32 copy of each bf16/fp16 param (``state['master_param']``),
+            update it and write the param rounded to nearest; "remainder" (bf16 only): keep only
+            the 16 low bits of that copy (int16 ``state['master_remainder']``), recovered exactly
+            with the param.
+        stochastic_rounding: round the bf16 values the update stores (params without master,
+            bf16 moments) up or down at random, unbiased, from a counter-based RNG keyed by
+            (``seed``, param index, step, element), so runs are reproducible.
+        state_dtype: None (float32, float64 for float64 params) or torch.float32 / torch.bfloat16
+            for ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``.
+        seed: the stochastic rounding seed, 0 <= seed < 2**32.
+        ``master_weights``, ``stochastic_rounding`` and ``state_dtype`` are param group options
+        (e.g. a group of fp32 params with ``master_weights=False``). Those modes run in the
+        torch reference backend for now (exact spec: ``fusedlr.precision``).
 
     States ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are float32 (float64 for float64
-    params) whatever the param dtype; ``step`` is an int64 tensor on the param's device.
+    params) whatever the param dtype unless ``state_dtype`` says otherwise; ``step`` is an int64
+    tensor on the param's device.
     With ``torch.amp.GradScaler``, ``scaler.step(opt)`` unscales and checks for inf/NaN inside
     the step; a step with a non-finite gradient changes nothing.
     """
@@ -113,6 +127,10 @@ class AdamW(torch.optim.Optimizer):
         schedule: Schedule | None = None,
         max_grad_norm: float | None = None,
         backend: str = "auto",
+        master_weights: bool | str = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
         if schedule is not None and not isinstance(schedule, Schedule):
@@ -125,6 +143,10 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+        precision.check_options(master_weights, stochastic_rounding, state_dtype, "")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        self.seed = seed
         defaults = dict(
             lr=float(lr),
             betas=tuple(betas),
@@ -132,6 +154,9 @@ class AdamW(torch.optim.Optimizer):
             weight_decay=weight_decay,
             amsgrad=bool(amsgrad),
             maximize=bool(maximize),
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
         self.schedule = schedule
@@ -193,15 +218,19 @@ class AdamW(torch.optim.Optimizer):
         lr = torch.full((), self.param_groups[group]["lr"], dtype=torch.float64, device=device)
         return lr if self.schedule is None else lr * self.schedule(self._schedule_index(device))
 
-    def _init_state(self, p: Tensor, amsgrad: bool) -> None:
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        if len(state) == 0:
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dt = precision.moment_dtype(p.dtype, group["state_dtype"])
+        if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+        for key in _STATE_KEYS:
+            if key in state and state[key].dtype != dt:
+                state[key] = state[key].to(dt)
+        precision.init_master(p, state, group["master_weights"])
 
     def _validate(self, flat: list[Tensor], grads: list[Tensor | None]) -> None:
         """Every check that must pass before anything is modified."""
@@ -238,11 +267,14 @@ class AdamW(torch.optim.Optimizer):
         for i, (p, g) in enumerate(zip(flat, grads)):
             if g is not None:
                 members.setdefault((owner[i], p.dtype, g.dtype, distributed.reduce_key(p)), []).append(i)
+        for gi, dtype, _, _ in members:
+            precision.check_bucket(self.param_groups[gi], gi, dtype)
         buckets = []
         for (gi, _, _, reduce), idx in members.items():
-            amsgrad = bool(self.param_groups[gi]["amsgrad"])
+            group = self.param_groups[gi]
+            amsgrad = bool(group["amsgrad"])
             for i in idx:
-                self._init_state(flat[i], amsgrad)
+                self._init_state(flat[i], group)
             states = [self.state[flat[i]] for i in idx]
             for i, state in zip(idx, states):
                 _check_state_matches(flat[i], state)
@@ -256,10 +288,27 @@ class AdamW(torch.optim.Optimizer):
                 exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
                 max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
                 steps=steps,
+                precision=self._bucket_precision(group, states, idx, steps.device),
             )
             buckets.append((gi, bucket, idx, reduce))
         has_dtensor = any(distributed.is_dtensor(p) for p in flat)
         return _Plan(flat, owner, [g is not None for g in grads], buckets, has_dtensor)
+
+    def _bucket_precision(
+        self, group: dict[str, Any], states: list[dict[str, Any]], idx: list[int], device: torch.device
+    ) -> precision.BucketPrecision | None:
+        """The low-precision part of a bucket (None in the default mode); ``idx`` are the params' indices."""
+        master = group["master_weights"]
+        if master is False and not group["stochastic_rounding"] and group["state_dtype"] is None:
+            return None
+        local = distributed.local
+        return precision.BucketPrecision(
+            master=[local(s["master_param"]) for s in states] if master is True else None,
+            remainder=[local(s["master_remainder"]) for s in states] if master == "remainder" else None,
+            stochastic=bool(group["stochastic_rounding"]),
+            seed=self.seed,
+            pids=torch.tensor(idx, dtype=torch.int64, device=device),
+        )
 
     def _plan_for_step(self) -> tuple[_Plan, list[Tensor | None]]:
         """The cached plan (rebuilt only when the set of params with grads changed) and this step's grads.
@@ -391,20 +440,27 @@ class AdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim.AdamW's format (``step`` as a float64 CPU tensor), plus the schedule index."""
+        """torch.optim.AdamW's format (``step`` as a float64 CPU tensor), plus the schedule index and seed.
+
+        The low-precision modes add their state keys (``master_param``, ``master_remainder``) and
+        param group options (``master_weights``, ``stochastic_rounding``, ``state_dtype``), which
+        torch.optim.AdamW carries along unused when it loads this state dict.
+        """
         sd = super().state_dict()
         sd["state"] = {
             i: {key: (v.to("cpu", torch.float64) if key == "step" else v) for key, v in s.items()}
             for i, s in sd["state"].items()
         }
-        sd["fusedlr"] = {"schedule_index": 0 if self._k is None else int(self._k)}
+        sd["fusedlr"] = {"schedule_index": 0 if self._k is None else int(self._k), "seed": self.seed}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of ``fusedlr.AdamW`` or ``torch.optim.AdamW`` (any of its modes).
 
-        States are kept in float32 (float64 for float64 params) whatever dtype they were saved in.
-        Without a saved schedule index (a torch state dict), the index resumes at the largest
+        States are kept in float32 (float64 for float64 params, or the group's ``state_dtype``)
+        whatever dtype they were saved in. The low-precision options of the param groups stay
+        this optimizer's: a master missing from the state dict starts from the param, and a
+        full master and a remainder convert into each other exactly. Without a saved schedule index (a torch state dict), the index resumes at the largest
         per-parameter step, the number of updates applied when every parameter trained every step.
         """
         saved = state_dict["state"]
@@ -413,11 +469,19 @@ class AdamW(torch.optim.Optimizer):
             for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
             for pid, p in zip(saved_group["params"], group["params"])
         }
+        group_of = {
+            pid: group
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+            for pid in saved_group["params"]
+        }
+        options = [{key: group[key] for key in precision.GROUP_DEFAULTS} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, kept in zip(self.param_groups, options):
+            group.update(kept)
         largest = 0
         for pid, s in saved.items():
             p = params_of[pid]
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dt = precision.moment_dtype(p.dtype, group_of[pid]["state_dtype"])
             state = self.state[p]
             for key, value in s.items():
                 if key == "step":
@@ -426,7 +490,12 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
                 elif key in _STATE_KEYS:
                     state[key] = value.to(device=p.device, dtype=dt, copy=True)
+                elif key == "master_param":
+                    state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                elif key == "master_remainder":
+                    state[key] = value.to(device=p.device, dtype=torch.int16, copy=True)
         index = state_dict.get("fusedlr", {}).get("schedule_index", largest)
+        self.seed = int(state_dict.get("fusedlr", {}).get("seed", self.seed))
         device = self._device()
         self._k = None if device is None else torch.tensor(int(index), dtype=torch.int64, device=device)
         self._plan = None
@@ -436,7 +505,12 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+            for key, default in precision.GROUP_DEFAULTS.items():
+                group.setdefault(key, default)
+        self.__dict__.setdefault("seed", 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        options = [param_group.get(key, self.defaults[key]) for key in precision.GROUP_DEFAULTS]
+        precision.check_options(*options, f"param group {len(self.param_groups)}: ")
         super().add_param_group(param_group)
         self._plan = None
