@@ -500,6 +500,9 @@ class AdamW(torch.optim.Optimizer):
         self._k = None if device is None else torch.tensor(int(index), dtype=torch.int64, device=device)
         self._plan = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "seed": self.seed}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:

@@ -179,7 +179,7 @@ def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: S
             values += [_rounded(o, n, prec, None if keys is None else keys[i], stream) for i, o, n in zip(idx, olds, news)]
         if prec is not None and prec.master is not None:
             dsts += p32 + params
-            values += p_new + [v.to(p.dtype) for p, v in zip(params, p_new)]
+            values += list(p_new) + [v.to(p.dtype) for p, v in zip(params, p_new)]
         elif prec is not None and prec.remainder is not None:
             halves = [precision.split_master(v) for v in p_new]
             dsts += params + [prec.remainder[i] for i in idx]
