@@ -4,11 +4,14 @@ Written for clarity and exactness: every formula appears once, step-index scalar
 corrections, clip coefficient) are float64 device tensors, elementwise math runs in the math
 dtype (float32, or float64 for float64 parameters) whatever the parameter and state dtypes, and
 nothing reads a device value on the host, so it never syncs. Tensors are processed with
-``torch._foreach_*`` ops, a chunk of a bucket at a time.
+``torch._foreach_*`` ops, a chunk of a bucket at a time, in place where they are in the math dtype
+(as fast as torch's foreach AdamW on the CPU; within rounding of the formulas below, whose
+evaluation order follows torch's: ``v = v * beta2 + (1 - beta2) * (g * g)`` and
+``p = p * decay - m / (denom / step_size)``).
 
 Pass 1, ``grad_stats``: ``out[0] += sum over tensors of (norm(g) * inv_scale)^2`` with ``norm(g)``
-each tensor's L2 norm accumulated in float32 (float64 for float64 grads), ``out[1] += number of
-tensors whose norm is not finite`` (a non-finite element, or a norm beyond the float32 range).
+each tensor's L2 norm accumulated in float32 (float64 for float64 grads), ``out[1] += count of
+non-finite gradient elements``.
 Pass 2, ``adamw_update``, per element, with ``lr_t = lr * sched(k)``, ``t = steps[i]`` and
 ``c = min(1, max_norm / (sqrt(stats[0]) + 1e-6))`` (NaN propagates)::
 
@@ -19,7 +22,8 @@ Pass 2, ``adamw_update``, per element, with ``lr_t = lr * sched(k)``, ``t = step
     v_max = max(v_max, v)               (amsgrad; the denominator then uses v_max)
     p = p - lr_t / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-and nothing at all is written when ``found_inf > 0``.
+and nothing at all changes when ``found_inf > 0`` (the reference runs such a step with zeroed
+gradients, step size 0 and decays 1, which rewrites every finite value with itself).
 
 Low-precision modes (``bucket.precision``; exact bit-level spec in ``fusedlr.precision``): ``p`` on
 the right-hand side is the fp32 master when there is one (``master_param``, or the param joined with
@@ -67,7 +71,8 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     norms = torch.stack(torch._foreach_norm(grads, 2, dtype=_math_dtype(grads[0]))).to(torch.float32)
     scaled = norms if inv_scale is None else norms * inv_scale
     out[0] += scaled.square().sum()
-    out[1] += (~torch.isfinite(norms)).sum().to(torch.float32)
+    finite = torch.stack([torch.isfinite(g).sum() for g in grads]).sum()
+    out[1] += (sum(g.numel() for g in grads) - finite).to(torch.float32)
 
 
 def scheduled_lr(lr: float, ctrl: StepControl) -> Tensor:
@@ -110,17 +115,13 @@ def _rounded(dst: Tensor, value: Tensor, prec: BucketPrecision | None, key: Tens
     return value.to(dst.dtype)
 
 
-def _store(dsts: list[Tensor], values: list[Tensor], skip: Tensor | None) -> None:
-    """Write ``values`` into ``dsts``, or nothing at all where ``skip`` (a 0-d bool device tensor) is true."""
-    if skip is None:
-        torch._foreach_copy_(dsts, values)
-        return
-    for dst, value in zip(dsts, values):
-        dst.copy_(torch.where(skip, dst, value))
-
-
 def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> None:
-    """Pass 2: one AdamW update of every tensor of ``bucket`` (see the module docstring)."""
+    """Pass 2: one AdamW update of every tensor of ``bucket`` (see the module docstring).
+
+    Tensors already in the math dtype are updated in place, the others through a math-dtype copy
+    stored back rounded. A skipped step (``found_inf > 0``) runs with gradients zeroed, the LR-side
+    scalars at 0 and the decays at 1: every formula then rewrites each (finite) value with itself.
+    """
     dt = _math_dtype(bucket.params[0])  # a bucket holds one param dtype
     lr = scheduled_lr(hyper.lr, ctrl)
     scale = clip_coefficient(ctrl)
@@ -128,17 +129,32 @@ def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: S
         scale = ctrl.inv_scale.to(torch.float64) if scale is None else scale * ctrl.inv_scale
     if hyper.maximize:
         scale = -1.0 if scale is None else -scale
-    skip = None if ctrl.found_inf is None else ctrl.found_inf > 0
+    gscale = None if scale is None else torch.as_tensor(scale, dtype=torch.float64).to(dt)
     # Per-tensor scalars of the whole bucket at once: t = this update's step of each tensor.
     t = bucket.steps.to(torch.float64)
-    step_size = (lr / (1.0 - torch.pow(hyper.beta1, t))).to(dt).unbind()
-    bias2_sqrt = torch.sqrt(1.0 - torch.pow(hyper.beta2, t)).to(dt).unbind()
-    decay = (1.0 - lr * hyper.weight_decay).to(dt)
-    gscale = None if scale is None else torch.as_tensor(scale, dtype=torch.float64).to(dt)
+    step_size = lr / (1.0 - torch.pow(hyper.beta1, t))
+    bias2_sqrt = torch.sqrt(1.0 - torch.pow(hyper.beta2, t))
+    decay = 1.0 - lr * hyper.weight_decay
+    skip = None if ctrl.found_inf is None else ctrl.found_inf > 0
+    weight1: float | list[Tensor] = 1.0 - hyper.beta1
+    beta2: float | Tensor = hyper.beta2
+    if skip is not None:
+        zero, one = torch.zeros((), dtype=dt, device=t.device), torch.ones((), dtype=dt, device=t.device)
+        step_size = torch.where(skip, 0.0, step_size)
+        bias2_sqrt = torch.where(skip, 1.0, bias2_sqrt)  # a skipped first step has t = 0
+        decay = torch.where(skip, 1.0, decay)
+        weight1 = [torch.where(skip, zero, torch.full_like(zero, 1.0 - hyper.beta1))] * len(bucket.params)
+        beta2 = torch.where(skip, one, torch.full_like(one, hyper.beta2))
+    step_size_dt = step_size.to(dt).unbind()
+    bias2_sqrt_dt = bias2_sqrt.to(dt).unbind()
+    decay = decay.to(dt)
     prec = bucket.precision
     keys = None
     if prec is not None and prec.stochastic:
         keys = precision.tensor_keys(prec.seed, prec.pids, bucket.steps).unbind()
+
+    def key(i: int) -> Tensor | None:
+        return None if keys is None else keys[i]
 
     for idx in _chunks(bucket.params):
         params = [bucket.params[i] for i in idx]
@@ -151,43 +167,47 @@ def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: S
         g32 = [grads[i].to(dt) for i in idx]
         if gscale is not None:
             g32 = torch._foreach_mul(g32, gscale)
+        if skip is not None:  # a skipped step's grads may be inf/NaN
+            g32 = [torch.where(skip, 0.0, g) for g in g32]
         ms = [bucket.exp_avgs[i] for i in idx]
         vs = [bucket.exp_avg_sqs[i] for i in idx]
-        m_new = torch._foreach_lerp([m.to(dt) for m in ms], g32, 1.0 - hyper.beta1)
-        v_new = torch._foreach_mul([v.to(dt) for v in vs], hyper.beta2)
-        g2 = torch._foreach_mul(g32, 1.0 - hyper.beta2)
-        torch._foreach_mul_(g2, g32)
-        torch._foreach_add_(v_new, g2)
-        moments = [(ms, m_new, Streams.EXP_AVG), (vs, v_new, Streams.EXP_AVG_SQ)]
-        denom = v_new
+        m32, v32 = [m.to(dt) for m in ms], [v.to(dt) for v in vs]
+        torch._foreach_lerp_(m32, g32, weight1 if isinstance(weight1, float) else weight1[: len(idx)])
+        torch._foreach_mul_(v32, beta2)
+        torch._foreach_addcmul_(v32, g32, g32, value=1.0 - hyper.beta2)
+        stores = [(ms, m32, Streams.EXP_AVG), (vs, v32, Streams.EXP_AVG_SQ)]
+        vden = v32
         if bucket.max_exp_avg_sqs is not None:
             vmaxs = [bucket.max_exp_avg_sqs[i] for i in idx]
-            denom = torch._foreach_maximum([v.to(dt) for v in vmaxs], v_new)
-            moments.append((vmaxs, denom, Streams.MAX_EXP_AVG_SQ))
-        denom = torch._foreach_sqrt(denom)
-        torch._foreach_div_(denom, [bias2_sqrt[i] for i in idx])
+            vden = [v.to(dt) for v in vmaxs]
+            torch._foreach_maximum_(vden, v32)
+            stores.append((vmaxs, vden, Streams.MAX_EXP_AVG_SQ))
+        denom = torch._foreach_sqrt(vden)
+        torch._foreach_div_(denom, [bias2_sqrt_dt[i] for i in idx])
         torch._foreach_add_(denom, hyper.eps)
-        step = torch._foreach_div(m_new, denom)
-        torch._foreach_mul_(step, [step_size[i] for i in idx])
-        p_new = torch._foreach_mul(p32, decay)
-        torch._foreach_sub_(p_new, step)
+        torch._foreach_div_(denom, [step_size_dt[i] for i in idx])  # p -= m / (denom / step_size)
+        torch._foreach_mul_(p32, decay)
+        torch._foreach_addcdiv_(p32, m32, denom, value=-1.0)
 
         dsts: list[Tensor] = []
         values: list[Tensor] = []
-        for olds, news, stream in moments:
-            dsts += olds
-            values += [_rounded(o, n, prec, None if keys is None else keys[i], stream) for i, o, n in zip(idx, olds, news)]
+        for olds, news, stream in stores:
+            for i, old, new in zip(idx, olds, news):
+                if new is not old:
+                    dsts.append(old)
+                    values.append(_rounded(old, new, prec, key(i), stream))
         if prec is not None and prec.master is not None:
-            dsts += p32 + params
-            values += list(p_new) + [v.to(p.dtype) for p, v in zip(params, p_new)]
-        elif prec is not None and prec.remainder is not None:
-            halves = [precision.split_master(v) for v in p_new]
-            dsts += params + [prec.remainder[i] for i in idx]
-            values += [h for h, _ in halves] + [r for _, r in halves]
-        else:
             dsts += params
-            values += [
-                _rounded(p, v, prec, None if keys is None else keys[i], Streams.PARAM)
-                for i, p, v in zip(idx, params, p_new)
-            ]
-        _store(dsts, values, skip)
+            values += p32
+        elif prec is not None and prec.remainder is not None:
+            for i, p, new in zip(idx, params, p32):
+                high, low = precision.split_master(new)
+                dsts += [p, prec.remainder[i]]
+                values += [high, low]
+        else:
+            for i, p, new in zip(idx, params, p32):
+                if new is not p:
+                    dsts.append(p)
+                    values.append(_rounded(p, new, prec, key(i), Streams.PARAM))
+        if dsts:
+            torch._foreach_copy_(dsts, values)
