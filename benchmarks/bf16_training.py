@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import fusedlr
+from fusedlr import backends
 
 VOCAB, SEQ, D, LAYERS, HEADS = 64, 64, 64, 2, 4
 
@@ -166,7 +167,7 @@ def write_report(results: list[dict], meta: dict, out: Path, stem: str) -> None:
     lines = [
         f"# bf16 training: fusedlr precision modes vs fp32 ({meta['date']})",
         "",
-        f"{meta['model']}; {meta['data']}; {meta['schedule']}; {meta['compute']}. torch {meta['torch']}, "
+        f"{meta['model']}; {meta['data']}; {meta['schedule']}; {meta['compute']}; {meta['backend']}. torch {meta['torch']}, "
         f"{meta['device']}.",
         f"Best achievable loss (entropy rate of the language): {floor:.4f} nats.",
         "",
@@ -237,6 +238,8 @@ def main() -> None:
         "compute": "fp32 forward/backward from the stored weights; weight grads rounded to the weights' dtype"
         if compute_name == "fp32" else "forward/backward in the weights' dtype",
         "schedule": f"AdamW lr {args.lr:g} (warmup {args.steps // 20}, cosine to 0 at {args.steps}), wd 0.01, clip 1.0",
+        "backend": f"fusedlr backend 'auto' = {backends.resolve('auto', torch.device('cpu')).NAME!r} "
+        "(the precision modes run in the reference)",
         "steps": args.steps,
         "entropy_rate": entropy_rate(probs),
     }

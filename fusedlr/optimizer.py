@@ -270,7 +270,7 @@ class AdamW(torch.optim.Optimizer):
         for gi, dtype, _, _ in members:
             precision.check_bucket(self.param_groups[gi], gi, dtype)
         buckets = []
-        for (gi, _, _, reduce), idx in members.items():
+        for (gi, dtype, _, reduce), idx in members.items():
             group = self.param_groups[gi]
             amsgrad = bool(group["amsgrad"])
             for i in idx:
@@ -288,18 +288,21 @@ class AdamW(torch.optim.Optimizer):
                 exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
                 max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
                 steps=steps,
-                precision=self._bucket_precision(group, states, idx, steps.device),
+                precision=self._bucket_precision(group, dtype, states, idx, steps.device),
             )
             buckets.append((gi, bucket, idx, reduce))
         has_dtensor = any(distributed.is_dtensor(p) for p in flat)
         return _Plan(flat, owner, [g is not None for g in grads], buckets, has_dtensor)
 
     def _bucket_precision(
-        self, group: dict[str, Any], states: list[dict[str, Any]], idx: list[int], device: torch.device
+        self, group: dict[str, Any], dtype: torch.dtype, states: list[dict[str, Any]], idx: list[int],
+        device: torch.device,
     ) -> precision.BucketPrecision | None:
-        """The low-precision part of a bucket (None in the default mode); ``idx`` are the params' indices."""
+        """The low-precision part of a bucket of ``dtype`` params (None in the default mode); ``idx`` are
+        the params' indices."""
         master = group["master_weights"]
-        if master is False and not group["stochastic_rounding"] and group["state_dtype"] is None:
+        default_moments = precision.moment_dtype(dtype, group["state_dtype"]) == precision.moment_dtype(dtype, None)
+        if master is False and not group["stochastic_rounding"] and default_moments:
             return None
         local = distributed.local
         return precision.BucketPrecision(

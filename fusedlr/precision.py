@@ -216,6 +216,8 @@ def tensor_keys(seed: int, pids: Tensor, steps: Tensor) -> Tensor:
 
 def element_index(t: Tensor) -> Tensor:
     """int64 tensor shaped like ``t``: each element's offset in memory from ``t``'s first element."""
+    if t.is_contiguous():
+        return torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(t.shape)
     index = torch.zeros((), dtype=torch.int64, device=t.device)
     for d, (size, stride) in enumerate(zip(t.shape, t.stride())):
         shape = [1] * t.dim()

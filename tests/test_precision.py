@@ -404,3 +404,31 @@ def test_fp32_params_can_sit_beside_master_weights_in_their_own_group() -> None:
     w.grad, norm.grad = torch.ones_like(w), torch.ones_like(norm)
     opt.step()
     assert "master_param" in opt.state[w] and "master_param" not in opt.state[norm]
+
+
+def _compiled_cpu() -> list[str]:
+    """The compiled CPU backend when it is built (the Triton one is covered by test_triton_backend.py's set-up)."""
+    from fusedlr import backends
+
+    try:
+        backends.resolve("cpu", torch.device("cpu"))
+    except RuntimeError:
+        return []
+    return ["cpu"]
+
+
+@pytest.mark.parametrize("backend", _compiled_cpu())
+def test_compiled_backend_hands_the_modes_to_the_reference(backend: str) -> None:
+    a, b = make_model(torch.bfloat16), make_model(torch.bfloat16)
+    # No clipping: the compiled grad-norm pass (not a precision matter) sums in another order.
+    kwargs = dict(master_weights="remainder", stochastic_rounding=True, state_dtype=torch.bfloat16, max_grad_norm=None)
+    opt, ref = optimizer(a, backend=backend, **kwargs), optimizer(b, **kwargs)
+    with pytest.warns(RuntimeWarning, match="reference backend for now"):
+        for step in range(3):
+            set_grads([a, b], step)
+            opt.step()
+            ref.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], ref.state[q][key]), key
