@@ -168,7 +168,10 @@ def adamw_update(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: S
         if gscale is not None:
             g32 = torch._foreach_mul(g32, gscale)
         if skip is not None:  # a skipped step's grads may be inf/NaN
-            g32 = [torch.where(skip, 0.0, g) for g in g32]
+            if gscale is None:
+                g32 = [torch.where(skip, 0.0, g) for g in g32]
+            else:  # g32 is our own copy: in place
+                g32 = [g.masked_fill_(skip, 0.0) for g in g32]
         ms = [bucket.exp_avgs[i] for i in idx]
         vs = [bucket.exp_avg_sqs[i] for i in idx]
         m32, v32 = [m.to(dt) for m in ms], [v.to(dt) for v in vs]
