@@ -61,7 +61,8 @@ def entropy_rate(probs: Tensor) -> float:
     pair = torch.full((VOCAB * VOCAB,), 1.0 / VOCAB**2, dtype=torch.float64)
     trans = torch.zeros(VOCAB * VOCAB, VOCAB * VOCAB, dtype=torch.float64)
     for a in range(VOCAB):  # (a, b) -> (b, c) with probability probs[a, b, c]
-        trans[a * VOCAB : (a + 1) * VOCAB].view(VOCAB, VOCAB, VOCAB)[torch.arange(VOCAB), torch.arange(VOCAB)] = probs[a]
+        rows = trans[a * VOCAB : (a + 1) * VOCAB].view(VOCAB, VOCAB, VOCAB)
+        rows[torch.arange(VOCAB), torch.arange(VOCAB)] = probs[a]
     for _ in range(200):
         pair = pair @ trans
     cond = -(probs * probs.log()).sum(-1).flatten()
@@ -125,7 +126,9 @@ def optimizer_bytes_per_param(opt: torch.optim.Optimizer, params: list[Tensor]) 
     return total / sum(p.numel() for p in params)
 
 
-def train(name: str, dtype: torch.dtype, kwargs: dict, args: argparse.Namespace, train_data: Tensor, eval_data: Tensor) -> dict:
+def train(
+    name: str, dtype: torch.dtype, kwargs: dict, args: argparse.Namespace, train_data: Tensor, eval_data: Tensor
+) -> dict:
     torch.manual_seed(args.seed)
     model = TinyGPT().to(dtype)
     params = list(model.parameters())
@@ -167,8 +170,8 @@ def write_report(results: list[dict], meta: dict, out: Path, stem: str) -> None:
     lines = [
         f"# bf16 training: fusedlr precision modes vs fp32 ({meta['date']})",
         "",
-        f"{meta['model']}; {meta['data']}; {meta['schedule']}; {meta['compute']}; {meta['backend']}. torch {meta['torch']}, "
-        f"{meta['device']}.",
+        f"{meta['model']}; {meta['data']}; {meta['schedule']}; {meta['compute']}; {meta['backend']}. "
+        f"torch {meta['torch']}, {meta['device']}.",
         f"Best achievable loss (entropy rate of the language): {floor:.4f} nats.",
         "",
         "| run | final held-out loss | vs fp32 | excess over entropy vs fp32's | param B/param | optimizer B/param |",

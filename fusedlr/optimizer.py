@@ -463,8 +463,10 @@ class AdamW(torch.optim.Optimizer):
         States are kept in float32 (float64 for float64 params, or the group's ``state_dtype``)
         whatever dtype they were saved in. The low-precision options of the param groups stay
         this optimizer's: a master missing from the state dict starts from the param, and a
-        full master and a remainder convert into each other exactly. Without a saved schedule index (a torch state dict), the index resumes at the largest
-        per-parameter step, the number of updates applied when every parameter trained every step.
+        full master and a remainder convert into each other exactly. Without a saved schedule
+        index (a torch state dict), the index resumes at the largest per-parameter step, the
+        number of updates applied when every parameter trained every step. The saved ``seed``
+        (stochastic rounding) replaces this optimizer's, so that a resumed run draws the same bits.
         """
         saved = state_dict["state"]
         params_of = {

@@ -80,7 +80,8 @@ def test_element_index_is_the_memory_offset() -> None:
 
 
 def _special_values() -> torch.Tensor:
-    highs = torch.tensor([0x0000, 0x0001, 0x3F80, 0x3F81, 0x7F7F, 0x7F80, 0x8000, 0xBF80, 0xFF7F, 0xFF80], dtype=torch.int64)
+    highs = [0x0000, 0x0001, 0x3F80, 0x3F81, 0x7F7F, 0x7F80, 0x8000, 0xBF80, 0xFF7F, 0xFF80]
+    highs = torch.tensor(highs, dtype=torch.int64)
     u = (highs[:, None] << 16) | torch.arange(0x10000, dtype=torch.int64)[None, :]
     sample = torch.arange(0, 2**32, 4099, dtype=torch.int64)
     u = torch.cat([u.flatten(), sample])
@@ -214,7 +215,8 @@ def test_stochastic_rounding_is_reproducible_and_seeded() -> None:
     a, sa = _sr_run(3, 10, sr=True, state_dtype=torch.bfloat16)
     b, sb = _sr_run(3, 10, sr=True, state_dtype=torch.bfloat16)
     c, _ = _sr_run(4, 10, sr=True, state_dtype=torch.bfloat16)
-    assert torch.equal(a, b) and torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert torch.equal(a, b)
+    assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert not torch.equal(a, c)
 
 
@@ -323,7 +325,8 @@ def test_a_master_checkpoint_loads_into_remainder_mode_exactly() -> None:
     opt.step()
     ropt.step()
     for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(opt.state[p]["master_param"], precision.join_master(q.detach(), ropt.state[q]["master_remainder"]))
+        joined = precision.join_master(q.detach(), ropt.state[q]["master_remainder"])
+        assert torch.equal(opt.state[p]["master_param"], joined)
 
 
 def test_skipped_step_changes_no_master_remainder_or_rounded_state() -> None:
@@ -400,7 +403,8 @@ def test_bad_options_raise(kwargs: dict, match: str) -> None:
 def test_fp32_params_can_sit_beside_master_weights_in_their_own_group() -> None:
     w = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
     norm = torch.nn.Parameter(torch.ones(8))
-    opt = fusedlr.AdamW([{"params": [w]}, {"params": [norm], "master_weights": False}], master_weights=True)
+    groups = [{"params": [w]}, {"params": [norm], "master_weights": False}]
+    opt = fusedlr.AdamW(groups, master_weights=True, backend="torch")
     w.grad, norm.grad = torch.ones_like(w), torch.ones_like(norm)
     opt.step()
     assert "master_param" in opt.state[w] and "master_param" not in opt.state[norm]
