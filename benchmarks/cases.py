@@ -1,12 +1,21 @@
 """Benchmark cases: parameter shape sets x parameter dtype, their deterministic tensors and byte model.
 
-Bytes model (what one fused fusedlr step must move, per parameter, states always float32)::
+Bytes model (what one fused fusedlr step must move, per parameter; default mode: float32 states)::
 
     reduction pass (global norm + inf check): read grad                       = g
     update pass: read param + grad + exp_avg + exp_avg_sq                     = p + g + 4 + 4
                  write param + exp_avg + exp_avg_sq                           = p + 4 + 4
     fp32 params/grads (p = g = 4): 4 + (4+4+4+4) + (4+4+4) = 32 bytes
     bf16 params/grads (p = g = 2): 2 + (2+2+4+4) + (2+4+4) = 24 bytes
+
+Precision modes (``MODES``, bf16 cases named ``<shapes>-bf16-<mode>``) change what is moved and kept,
+with s the moment size (4, or 2 for bf16 moments) and c the master (4) or remainder (2) size::
+
+    master:    read g; read g, m, v, master (not the param); write p, m, v, master = 2 + (2+8+4) + (2+8+4) = 30
+    remainder: read g; read p, rem, g, m, v; write p, rem, m, v                  = 2 + (2+2+2+8) + (2+2+8) = 28
+    sr:        as the default (the random bits are computed, not loaded)                                = 24
+    sr-bf16-states: s = 2                                                     = 2 + (2+2+4) + (2+4)     = 16
+    optimizer state bytes per param: 2 s + c = default/sr 8, master 12, remainder 10, sr-bf16-states 4
 
 The bandwidth floor of a case is ``fused_bytes / measured copy bandwidth`` (read+write bytes per second).
 """
@@ -22,12 +31,15 @@ from torch import Tensor
 __all__ = [
     "ALL_CASES",
     "CPU_CASES",
+    "MODE_CASES",
     "GPU_CASES",
     "PARAM_STD",
     "SHAPE_SETS",
     "Case",
     "Shape",
+    "MODES",
     "fused_bytes_per_param",
+    "state_bytes_per_param",
     "gpt_shapes",
     "make_grads",
     "make_params",
@@ -39,7 +51,30 @@ Shape = tuple[int, ...]
 
 #: Parameters are N(0, PARAM_STD^2), like GPT-2's initialisation.
 PARAM_STD = 0.02
-_STATE_BYTES = 4  # fusedlr keeps exp_avg / exp_avg_sq in float32 for fp32/bf16/fp16 params
+_STATE_BYTES = 4  # fusedlr keeps exp_avg / exp_avg_sq in float32 for fp32/bf16/fp16 params by default
+
+#: Precision modes of the fusedlr pipelines (bf16 cases): mode name -> ``fusedlr.AdamW`` keyword arguments.
+MODES: dict[str, dict[str, object]] = {
+    "": {},
+    "sr": {"stochastic_rounding": True},
+    "sr-bf16-states": {"stochastic_rounding": True, "state_dtype": torch.bfloat16},
+    "master": {"master_weights": True},
+    "remainder": {"master_weights": "remainder"},
+}
+
+
+def _mode_sizes(mode: str) -> tuple[int, int]:
+    """(bytes of one moment, bytes of the master copy or remainder) per parameter in ``mode``."""
+    options = MODES[mode]
+    moment = 2 if options.get("state_dtype") is torch.bfloat16 else _STATE_BYTES
+    master = {True: 4, "remainder": 2}.get(options.get("master_weights", False), 0)  # type: ignore[arg-type]
+    return moment, master
+
+
+def state_bytes_per_param(mode: str = "") -> int:
+    """Optimizer state bytes per parameter (moments and master, not the step counters) in ``mode``."""
+    moment, master = _mode_sizes(mode)
+    return 2 * moment + master
 
 
 def gpt_shapes(vocab: int, d: int, layers: int, seq: int) -> list[tuple[str, Shape]]:
@@ -81,25 +116,35 @@ SHAPE_SETS: dict[str, list[tuple[str, Shape]]] = {
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def fused_bytes_per_param(param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> int:
-    """Bytes a fused step moves per parameter (see the module docstring): 32 for fp32, 24 for bf16."""
+def fused_bytes_per_param(param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None, mode: str = "") -> int:
+    """Bytes a fused step moves per parameter (see the module docstring): 32 for fp32, 24 for bf16 (default mode)."""
     p = torch.empty((), dtype=param_dtype).element_size()
     g = torch.empty((), dtype=grad_dtype or param_dtype).element_size()
+    moment, master = _mode_sizes(mode)
     reduction = g
-    update = (p + g + 2 * _STATE_BYTES) + (p + 2 * _STATE_BYTES)
+    read_param = 0 if MODES[mode].get("master_weights") is True else p  # the update reads the master instead
+    update = (read_param + master + g + 2 * moment) + (p + master + 2 * moment)
     return reduction + update
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark case: a shape set with one parameter dtype (grads have the parameter dtype)."""
+    """One benchmark case: a shape set with one parameter dtype (grads have the parameter dtype) and a
+    precision mode of the fusedlr pipelines (``MODES``; "" the default)."""
 
     shape_set: str
     dtype_name: str
+    mode: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.shape_set}-{self.dtype_name}"
+        base = f"{self.shape_set}-{self.dtype_name}"
+        return f"{base}-{self.mode}" if self.mode else base
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The ``fusedlr.AdamW`` keyword arguments of the mode."""
+        return MODES[self.mode]
 
     @property
     def named_shapes(self) -> list[tuple[str, Shape]]:
@@ -130,18 +175,25 @@ class Case:
     @property
     def fused_bytes(self) -> int:
         """Bytes one fused step must move for this case."""
-        return self.num_params * fused_bytes_per_param(self.dtype)
+        return self.num_params * fused_bytes_per_param(self.dtype, mode=self.mode)
+
+    @property
+    def state_bytes_per_param(self) -> int:
+        """fusedlr's optimizer state bytes per parameter in this case's mode."""
+        return state_bytes_per_param(self.mode)
 
     def memory_needed(self) -> int:
         """Rough device bytes to benchmark this case: shared grads, one pipeline's grad copy, params,
-        fp32 states, a reference snapshot for the agreement check and ~8 B/param of workspace."""
+        states, a reference snapshot for the agreement check and ~8 B/param of workspace."""
         e = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_params * (2 * e + 2 * e + 2 * _STATE_BYTES + 8)
+        return self.num_params * (2 * e + 2 * e + max(self.state_bytes_per_param, 2 * _STATE_BYTES) + 8)
 
 
 GPU_CASES: list[Case] = [Case(s, d) for s in ("gpt2-124m", "gpt-1.3b", "2000x4096") for d in ("fp32", "bf16")]
 CPU_CASES: list[Case] = [Case(s, d) for s in ("tiny-gpt", "tiny-many") for d in ("fp32", "bf16")]
-ALL_CASES: dict[str, Case] = {c.name: c for c in GPU_CASES + CPU_CASES}
+#: The precision modes, on bf16 params (run on request: ``--cases modes`` / ``--cases cpu-modes``).
+MODE_CASES: list[Case] = [Case(s, "bf16", m) for s in ("gpt2-124m", "tiny-gpt") for m in MODES if m]
+ALL_CASES: dict[str, Case] = {c.name: c for c in GPU_CASES + CPU_CASES + MODE_CASES}
 
 
 def select_cases(spec: str | None, default: list[Case]) -> list[Case]:
@@ -155,10 +207,12 @@ def select_cases(spec: str | None, default: list[Case]) -> list[Case]:
             continue
         if token == "all":
             found = GPU_CASES + CPU_CASES
+        elif token in ("modes", "cpu-modes"):
+            found = [c for c in MODE_CASES if (c.shape_set == "tiny-gpt") == (token == "cpu-modes")]
         elif token in ALL_CASES:
             found = [ALL_CASES[token]]
         elif token in SHAPE_SETS:
-            found = [c for c in ALL_CASES.values() if c.shape_set == token]
+            found = [c for c in ALL_CASES.values() if c.shape_set == token and not c.mode]
         else:
             raise ValueError(f"unknown case {token!r}; choose from {', '.join(ALL_CASES)} or {', '.join(SHAPE_SETS)}")
         out += [c for c in found if c not in out]

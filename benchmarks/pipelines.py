@@ -211,8 +211,11 @@ def _reset(opt: fusedlr.AdamW, params: list[Tensor], case: Case) -> None:
     refill_params_(params, case)
     for p in params:
         state = opt.state[p]
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            state[key].zero_()
+        for key in ("step", "exp_avg", "exp_avg_sq", "master_remainder"):
+            if key in state:
+                state[key].zero_()
+        if "master_param" in state:
+            state["master_param"].copy_(p)
     index = opt.schedule_index
     if index is not None:
         index.zero_()
@@ -222,7 +225,8 @@ def _build_fusedlr(spec: PipelineSpec, case: Case, params: list[Tensor], device:
                    grads: list[Tensor]) -> Pipeline:
     _assign(params, grads)
     opt = fusedlr.AdamW(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay,
-                        schedule=hyper.schedule(), max_grad_norm=hyper.max_grad_norm, backend=spec.impl)
+                        schedule=hyper.schedule(), max_grad_norm=hyper.max_grad_norm, backend=spec.impl,
+                        **case.options)  # type: ignore[arg-type]
     keep: list[object] = [opt]
     norm_scale = 1.0
     step: Callable[[], object] = opt.step

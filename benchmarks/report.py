@@ -59,6 +59,12 @@ NOTES: list[str] = [
         "(read + write bytes); x floor = time / (bytes / copy bandwidth)."
     ),
     (
+        "Precision-mode cases (<shapes>-bf16-<mode>, `--cases modes`): the fusedlr rows run with master_weights / "
+        "stochastic_rounding / state_dtype; bytes and floor follow what the mode must move (master 30 B/param, "
+        "remainder 28, sr 24, sr-bf16-states 16; see cases.py). These modes run in the reference backend in "
+        "every fusedlr row for now; the torch rows are the same default-mode pipelines as in the bf16 case."
+    ),
+    (
         "torch.optim.AdamW keeps exp_avg/exp_avg_sq in the param dtype: with bf16 params the torch rows move "
         "fewer bytes (bf16 states) than fusedlr, which keeps fp32 states."
     ),
@@ -214,13 +220,18 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     if m["device_type"] != "cuda" or "H100" not in m["device"]:
         lines += ["", "The targets are defined for an H100; this device is not one."]
     for case in report["cases"]:
-        per = fused_bytes_per_param({"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]])
+        per = case.get("bytes_per_param") or fused_bytes_per_param(
+            {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+        )
+        mode = f"; fusedlr mode {case['options']}" if case.get("mode") else ""
+        state = case.get("state_bytes_per_param")
         lines += [
             "",
             f"## {case['name']}",
             "",
-            f"{case['num_tensors']} tensors, {case['num_params'] / 1e6:.1f}M params, {case['dtype']} params and grads; "
+            f"{case['num_tensors']} tensors, {case['num_params'] / 1e6:.1f}M params, {case['dtype']} params and grads{mode}; "
             f"the fused step moves {case['fused_bytes'] / 1e9:.2f} GB ({per} B/param)"
+            + (f", fusedlr keeps {state} B/param of optimizer state" if state is not None else "")
             + (f", bandwidth floor {_ms(case.get('floor_ms'))} ms." if case.get("floor_ms") else "."),
         ]
         if case["status"] != "ok":

@@ -112,7 +112,9 @@ def run_case(case: C.Case, device: torch.device, specs: list[tuple[P.PipelineSpe
     entry: dict[str, Any] = {
         "name": case.name, "shape_set": case.shape_set, "dtype": case.dtype_name, "num_tensors": case.num_tensors,
         "num_params": case.num_params, "fused_bytes": case.fused_bytes,
-        "bytes_per_param": C.fused_bytes_per_param(case.dtype), "status": "ok", "results": [],
+        "mode": case.mode, "options": {k: str(v) for k, v in case.options.items()},
+        "bytes_per_param": C.fused_bytes_per_param(case.dtype, mode=case.mode),
+        "state_bytes_per_param": case.state_bytes_per_param, "status": "ok", "results": [],
     }
     entry["floor_ms"] = case.fused_bytes / copy_bps * 1e3
     skip = T.fit_reason(case.memory_needed(), device)

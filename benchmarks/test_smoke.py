@@ -31,6 +31,16 @@ def test_case_shapes_and_bytes() -> None:
     assert many.num_tensors == 2000 and many.num_params == 2000 * 4096
     assert C.fused_bytes_per_param(torch.float32) == 32 and C.fused_bytes_per_param(torch.bfloat16) == 24
     assert many.fused_bytes == 32 * 2000 * 4096 and big.fused_bytes == 24 * big.num_params
+    # Per mode (bf16 params and grads): reduction reads g 2; the update reads/writes moments of s bytes
+    # and a master (4, read instead of the param) or a remainder (2, beside the param).
+    expected = {"": (24, 8), "sr": (24, 8), "sr-bf16-states": (2 + 8 + 6, 4), "master": (2 + 14 + 14, 12),
+                "remainder": (2 + 14 + 12, 10)}
+    for mode, (moved, kept) in expected.items():
+        case = C.Case("gpt2-124m", "bf16", mode)
+        assert C.fused_bytes_per_param(torch.bfloat16, mode=mode) == moved and case.state_bytes_per_param == kept
+        assert case.fused_bytes == moved * case.num_params
+    assert [c.name for c in C.select_cases("cpu-modes", [])] == [
+        "tiny-gpt-bf16-sr", "tiny-gpt-bf16-sr-bf16-states", "tiny-gpt-bf16-master", "tiny-gpt-bf16-remainder"]
     assert [c.name for c in C.select_cases("gpt-1.3b,2000x4096-bf16", [])] == [
         "gpt-1.3b-fp32", "gpt-1.3b-bf16", "2000x4096-bf16"]
     with pytest.raises(ValueError, match="unknown case"):

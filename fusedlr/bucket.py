@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .precision import BucketPrecision
 
 __all__ = ["Bucket"]
 
@@ -19,6 +23,8 @@ class Bucket:
     step number of this update (1 for a parameter's first update).
     ``cache`` belongs to the backend (pointer tables and the like); it dies with the bucket, which
     is rebuilt whenever the set of parameters with gradients changes or state is loaded.
+    ``precision`` holds the master weights and rounding of the low-precision modes (``fusedlr.precision``);
+    None for the default mode, the only one the compiled kernels implement so far.
     """
 
     params: list[Tensor]
@@ -26,6 +32,7 @@ class Bucket:
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor] | None
     steps: Tensor
+    precision: BucketPrecision | None = None
     cache: dict[str, object] = field(default_factory=dict)
 
     @property

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import backends, distributed
+from . import backends, distributed, precision
 from .control import GroupHyper, StepControl
 from .distributed import ReduceKey
 from .history import HistoryRecords, StepHistory
@@ -83,9 +83,22 @@ class AdamW(torch.optim.Optimizer):
             ``resolved_backend`` names the one that runs.
         history: keep the last ``history`` steps (step, applied LR per group, pre-clip norm, clip
             coefficient, skipped) on the device; ``read_history()`` copies them to the host at once.
+        master_weights: False; True: keep an fp32 copy of each bf16/fp16 param (``state['master_param']``),
+            update it and write the param rounded to nearest; "remainder" (bf16 only): keep only
+            the 16 low bits of that copy (int16 ``state['master_remainder']``), recovered exactly
+            with the param.
+        stochastic_rounding: round the bf16 values the update stores (params without master,
+            bf16 moments) up or down at random, unbiased, from a counter-based RNG keyed by
+            (``seed``, param index, step, element), so runs are reproducible.
+        state_dtype: None (float32, float64 for float64 params) or torch.float32 / torch.bfloat16
+            for ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``.
+        seed: the stochastic rounding seed, 0 <= seed < 2**32.
+        ``master_weights``, ``stochastic_rounding`` and ``state_dtype`` are param group options
+        (e.g. a group of fp32 params with ``master_weights=False``). Those modes run in the
+        torch reference backend for now (exact spec: ``fusedlr.precision``).
 
     States ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are float32 (float64 for float64
-    params) whatever the param dtype; ``step`` is an int64 tensor on the param's device.
+    params) whatever the param dtype unless ``state_dtype`` says otherwise; ``step`` is an int64 tensor on the param's device.
     With ``torch.amp.GradScaler``, ``scaler.step(opt)`` unscales and checks for inf/NaN inside
     the step; a step with a non-finite gradient changes nothing.
     """
@@ -106,6 +119,10 @@ class AdamW(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         backend: str = "auto",
         history: int | None = None,
+        master_weights: bool | str = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
         if schedule is not None and not isinstance(schedule, Schedule):
@@ -118,6 +135,10 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+        precision.check_options(master_weights, stochastic_rounding, state_dtype, "")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        self.seed = seed
         defaults = dict(
             lr=lr if isinstance(lr, Tensor) else float(lr),
             betas=tuple(betas),
@@ -125,6 +146,9 @@ class AdamW(torch.optim.Optimizer):
             weight_decay=weight_decay,
             amsgrad=bool(amsgrad),
             maximize=bool(maximize),
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
         self.schedule = None if schedule is None else schedule.bind(self.defaults["lr"])
@@ -209,15 +233,36 @@ class AdamW(torch.optim.Optimizer):
             lr = torch.full((), lr, dtype=torch.float64, device=device)
         return lr if self.schedule is None else lr * self.schedule(self._schedule_index(device))
 
-    def _init_state(self, p: Tensor, amsgrad: bool) -> None:
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Create the missing state of ``p`` for its ``group``: step, moments in the group's state dtype,
+        ``max_exp_avg_sq`` with amsgrad, the master of the low-precision mode."""
         state = self.state[p]
-        if len(state) == 0:
-            dt = state_dtype(p)
+        dt = state_dtype(p, group["state_dtype"])
+        if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+        precision.init_master(p, state, group["master_weights"])
+
+    def _bucket_precision(
+        self, group: dict[str, Any], p: Tensor, states: list[dict[str, Any]], idx: list[int], device: torch.device
+    ) -> precision.BucketPrecision | None:
+        """The low-precision part of a bucket of params like ``p`` (None in the default mode); ``idx`` are
+        the params' indices."""
+        master = group["master_weights"]
+        default_moments = group["state_dtype"] in (None, state_dtype(p))
+        if master is False and not group["stochastic_rounding"] and default_moments:
+            return None
+        local = distributed.local
+        return precision.BucketPrecision(
+            master=[local(s["master_param"]) for s in states] if master is True else None,
+            remainder=[local(s["master_remainder"]) for s in states] if master == "remainder" else None,
+            stochastic=bool(group["stochastic_rounding"]),
+            seed=self.seed,
+            pids=torch.tensor(idx, dtype=torch.int64, device=device),
+        )
 
     def _hyper(self, gi: int, device: torch.device) -> GroupHyper:
         group = self.param_groups[gi]
@@ -345,25 +390,31 @@ class AdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim.AdamW's format (``step`` as a float64 CPU tensor), plus the schedule index.
+        """torch.optim.AdamW's format (``step`` as a float64 CPU tensor), plus the schedule index and seed.
 
-        Entries of ``self.state`` that are not a parameter's are kept as they are, as torch does.
+        The low-precision modes add their state keys (``master_param``, ``master_remainder``) and
+        param group options (``master_weights``, ``stochastic_rounding``, ``state_dtype``), which
+        torch.optim.AdamW carries along unused when it loads this state dict. Entries of ``self.state`` that are not a parameter's are kept as they are, as torch does.
         Over meta params, steps and the index stay meta tensors (they hold no value).
         """
         sd = super().state_dict()
         sd["state"] = {i: _saved_steps(s) for i, s in sd["state"].items()}
         k = self._k
-        sd["fusedlr"] = {"schedule_index": 0 if k is None else k.clone() if k.is_meta else int(k)}
+        sd["fusedlr"] = {"schedule_index": 0 if k is None else k.clone() if k.is_meta else int(k), "seed": self.seed}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of ``fusedlr.AdamW`` or ``torch.optim.AdamW`` (any of its modes).
 
-        States are kept in float32 (float64 for float64 params, complex for complex params) whatever
-        dtype they were saved in. Without a saved schedule index (a torch state dict), the index resumes
-        at the largest per-parameter step, the number of updates applied when every parameter trained
-        every step. A state dict that does not fit (group sizes, moment shapes) raises ValueError and
-        leaves the optimizer unchanged; entries of ``state`` that are not a parameter's are kept as is.
+        States are kept in float32 (float64 for float64 params, complex for complex params, or the
+        group's ``state_dtype``) whatever dtype they were saved in. The low-precision options of the
+        param groups stay this optimizer's: a master missing from the state dict starts from the param,
+        and a full master and a remainder convert into each other exactly. Without a saved schedule index
+        (a torch state dict), the index resumes at the largest per-parameter step, the number of updates
+        applied when every parameter trained every step. The saved ``seed`` (stochastic rounding)
+        replaces this optimizer's, so that a resumed run draws the same bits. A state dict that does not
+        fit (group sizes, moment shapes) raises ValueError and leaves the optimizer unchanged; entries of
+        ``state`` that are not a parameter's are kept as is.
         """
         saved = state_dict["state"]
         params_of = {
@@ -378,9 +429,17 @@ class AdamW(torch.optim.Optimizer):
         index = state_dict.get("fusedlr", {}).get("schedule_index")
         if isinstance(index, Tensor):  # saved over meta params it holds no value: resume as from torch's
             index = None if index.is_meta else int(index)
-        before = (self.state, self.param_groups, self._k, self._plan)
+        group_of = {
+            pid: group
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+            for pid in saved_group["params"]
+        }
+        options = [{key: group[key] for key in precision.GROUP_DEFAULTS} for group in self.param_groups]
+        before = (self.state, self.param_groups, self._k, self._plan, self.seed)
         try:
             super().load_state_dict(state_dict)
+            for group, kept in zip(self.param_groups, options):
+                group.update(kept)
             self._adopt_torch_groups()
             largest = 0
             for pid, s in saved.items():
@@ -394,13 +453,19 @@ class AdamW(torch.optim.Optimizer):
                         largest = max(largest, step)
                         state["step"] = torch.tensor(step, dtype=torch.int64, device=p.device)
                     elif key in STATE_KEYS:
-                        state[key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
+                        dt = state_dtype(p, group_of[pid]["state_dtype"])
+                        state[key] = value.to(device=p.device, dtype=dt, copy=True)
+                    elif key == "master_param":
+                        state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                    elif key == "master_remainder":
+                        state[key] = value.to(device=p.device, dtype=torch.int16, copy=True)
+            self.seed = int(state_dict.get("fusedlr", {}).get("seed", self.seed))
             if device is None:
                 self._k = None
             else:
                 self._k = torch.tensor(largest if index is None else index, dtype=torch.int64, device=device)
         except BaseException:
-            self.state, self.param_groups, self._k, self._plan = before
+            self.state, self.param_groups, self._k, self._plan, self.seed = before
             raise
         self._plan = None
 
@@ -523,6 +588,9 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+            for key, default in precision.GROUP_DEFAULTS.items():
+                group.setdefault(key, default)
+        self.__dict__.setdefault("seed", 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, and a parameter listed twice in the group is refused (torch only warns, then
@@ -538,6 +606,8 @@ class AdamW(torch.optim.Optimizer):
                     "(deduplicate, e.g. with dict.fromkeys(params))"
                 )
             param_group = {**param_group, "params": params}
+        options = [param_group.get(key, self.defaults[key]) for key in precision.GROUP_DEFAULTS]
+        precision.check_options(*options, f"param group {len(self.param_groups)}: ")
         super().add_param_group(param_group)
         if "_step_cache" in self.__dict__:  # not while Optimizer.__init__ adds the first groups
             self._plan = None

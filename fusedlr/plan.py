@@ -17,7 +17,7 @@ from typing import Any, Hashable
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import distributed, precision
 from .bucket import Bucket
 from .distributed import ReduceKey
 
@@ -50,9 +50,12 @@ class Plan:
     n_state: int  # its length then
 
 
-def state_dtype(p: Tensor) -> torch.dtype:
-    """The dtype of a parameter's moments: float32, float64 for float64 params, complex64/complex128 for
-    complex params (updated through ``torch.view_as_real``, as torch's AdamW does)."""
+def state_dtype(p: Tensor, override: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of a parameter's moments: ``override`` (its group's ``state_dtype``) when given, else
+    float32, float64 for float64 params, complex64/complex128 for complex params (updated through
+    ``torch.view_as_real``, as torch's AdamW does)."""
+    if override is not None:
+        return override
     if p.is_complex():
         return torch.complex128 if p.dtype == torch.complex128 else torch.complex64
     return torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -131,7 +134,7 @@ def validate(flat: list[Tensor], grads: list[Tensor | None]) -> None:
 
 def check_state_matches(p: Tensor, state: dict[str, Any]) -> None:
     """Refuse moments that do not lie over the parameter element for element (a mis-sharded checkpoint)."""
-    for key in STATE_KEYS:
+    for key in STATE_KEYS + precision.STATE_KEYS:
         t = state.get(key)
         if t is not None and (
             distributed.is_dtensor(t) != distributed.is_dtensor(p) or distributed.local(t).shape != distributed.local(p).shape
@@ -143,13 +146,17 @@ def check_state_matches(p: Tensor, state: dict[str, Any]) -> None:
             )
 
 
-def _follow_param(p: Tensor, state: dict[str, Any]) -> None:
+def _follow_param(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     """Move the moments to the param's device and state dtype (after ``module.to()``, ``.half()``, ``.double()``)."""
-    dt = state_dtype(p)
+    dt = state_dtype(p, group["state_dtype"])
     for key in STATE_KEYS:
         t = state.get(key)
         if t is not None and not distributed.is_dtensor(t) and (t.device != p.device or t.dtype != dt):
             state[key] = t.to(device=p.device, dtype=dt)
+    for key in precision.STATE_KEYS:
+        t = state.get(key)
+        if t is not None and not distributed.is_dtensor(t) and t.device != p.device:
+            state[key] = t.to(device=p.device)
 
 
 def _build(opt: Any, flat: list[Tensor], owner: list[int], grads: list[Tensor | None], signature: Hashable) -> Plan:
@@ -162,18 +169,21 @@ def _build(opt: Any, flat: list[Tensor], owner: list[int], grads: list[Tensor | 
     for i, (p, g) in enumerate(zip(flat, grads)):
         if g is not None:
             members.setdefault((owner[i], real(p).dtype, real(g).dtype, distributed.reduce_key(p)), []).append(i)
+    for gi, dtype, _, _ in members:
+        precision.check_bucket(opt.param_groups[gi], gi, dtype)
     buckets = []
 
     def local(t: Tensor) -> Tensor:
         return real(distributed.local(t))
 
     for (gi, _, _, reduce), idx in members.items():
-        amsgrad = bool(opt.param_groups[gi]["amsgrad"])
+        group = opt.param_groups[gi]
+        amsgrad = bool(group["amsgrad"])
         for i in idx:
             check_state_matches(flat[i], opt.state[flat[i]])
         for i in idx:
-            _follow_param(flat[i], opt.state[flat[i]])
-            opt._init_state(flat[i], amsgrad)
+            _follow_param(flat[i], opt.state[flat[i]], group)
+            opt._init_state(flat[i], group)
         states = [opt.state[flat[i]] for i in idx]
         device = flat[idx[0]].device
         steps = torch.stack([s["step"].to(device=device, dtype=torch.int64) for s in states])
@@ -185,6 +195,7 @@ def _build(opt: Any, flat: list[Tensor], owner: list[int], grads: list[Tensor | 
             exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
             max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
             steps=steps,
+            precision=opt._bucket_precision(group, flat[idx[0]], states, idx, device),
         )
         buckets.append((gi, bucket, idx, reduce))
     unwrap = any(_needs_unwrap(p) for p in flat)

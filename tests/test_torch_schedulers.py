@@ -12,7 +12,6 @@ import torch
 from torch.optim import lr_scheduler as L
 
 import fusedlr
-from fusedlr.schedules import Kind
 
 LR = 0.1
 

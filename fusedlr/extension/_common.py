@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
+from ..precision import reference_only
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -48,8 +49,11 @@ def compiled_ok(bucket: Bucket, grads: list[Tensor], backend: str) -> bool:
 
     The parameter/state layout is checked once per bucket (cached in ``bucket.cache``); tensors
     updated in place are never copied. Gradients are only read: the kernels copy any whose
-    layout differs from its parameter's, but a grad dtype different from the param dtype falls back.
+    layout differs from its parameter's, but a grad dtype different from the param dtype falls back,
+    and so does a bucket using a low-precision mode (``fusedlr.precision``; reference only so far).
     """
+    if reference_only(bucket, backend):
+        return False
     reason = bucket.cache.get("fusedlr_ext_reason", False)
     if reason is False:
         reason = _bucket_reason(bucket)

@@ -7,7 +7,8 @@ captured in a CUDA graph (after one eager step, which builds the tables).
 
 Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow,
 for tests). Buckets whose params or states are not dense in one shared layout (see
-``tables.py``) are updated by the reference backend instead.
+``tables.py``), or using a low-precision mode (``fusedlr.precision``; reference only so far), are
+updated by the reference backend instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 from .. import reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
+from ..precision import reference_only
 
 # The kernel modules import triton (which reads TRITON_INTERPRET when the kernels are defined).
 # Imported before the functions below are defined: ``grad_stats`` names both a submodule and a
@@ -73,7 +75,7 @@ def available(device: torch.device) -> str | None:
 
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
     """Pass 1: ``out[0] += sum((g * inv_scale)^2)`` (float32), ``out[1] += non-finite count``; one launch."""
-    tables = _tables.bucket_tables(bucket)
+    tables = None if reference_only(bucket, NAME) else _tables.bucket_tables(bucket)
     if tables is None:
         reference.grad_stats(bucket, grads, inv_scale, out)
         return
@@ -87,8 +89,8 @@ def adamw_update(
     bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
 ) -> None:
     """Pass 2: one AdamW update of every tensor of ``bucket`` (``fusedlr.reference``'s math); one launch."""
-    tables = _tables.bucket_tables(bucket)
-    if tables is None or tables.n_blocks == 0:  # nothing to launch: the reference writes applied_lr
+    tables = None if reference_only(bucket, NAME) else _tables.bucket_tables(bucket)
+    if tables is None or tables.n_blocks == 0:  # nothing to launch, or a mode the kernel lacks: the reference
         reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
         return
     gtab, used = _tables.grad_table(tables, bucket, grads)
