@@ -36,10 +36,23 @@ _SHARED = re.compile(r"\b__shared__\s+([^;{}()=]*?)\s*\b(\w+)\s*((?:\[[^\]]*\]\s
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
 
 
-def rewrite_cuda(source: str) -> str:
-    """The two edits made to a .cu: launches ``k<<<cfg>>>(args)`` -> ``::cudashim::Launch(cfg).run(k, args)``,
-    and ``__shared__ T x[N];`` -> ``static T x[N]; ::cudashim::shared_region(&x, sizeof(x));``."""
+# -O2 as shipped code would be; -fno-ipa-reference: a __shared__ static may change across any shim call.
+_FLAGS = ["-std=c++17", "-O2", "-fno-ipa-reference", "-g0", "-fPIC", "-shared", "-Wl,--no-undefined", "-pthread"]
+_BARRIER = re.compile(r"\b__syncthreads\(\)")
+
+
+def rewrite_cuda(source: str, name: str = "", barrier_sites: list[str] | None = None) -> str:
+    """The edits made to a .cu: launches ``k<<<cfg>>>(args)`` -> ``::cudashim::Launch(cfg).run(k, args)``;
+    ``__shared__ T x[N];`` -> ``static T x[N]; ::cudashim::shared_region(&x, sizeof(x));``; each
+    ``__syncthreads()`` -> ``::cudashim::barrier_at(SITE)``, its "file:line" appended to ``barrier_sites``."""
     source = _SHARED.sub(r"static \1 \2\3; ::cudashim::shared_region(&\2, sizeof(\2));", source)
+    sites = barrier_sites if barrier_sites is not None else []
+
+    def barrier(m: re.Match) -> str:
+        sites.append(f"{name}:{source.count(chr(10), 0, m.start()) + 1}")
+        return f"::cudashim::barrier_at({len(sites) - 1})"
+
+    source = _BARRIER.sub(barrier, source)
     out, pos = [], 0
     for m in _LAUNCH.finditer(source):
         if m.start() < pos:
@@ -66,8 +79,11 @@ def cuda_include() -> Path | None:
     return Path(folder) / "include" if proc.returncode == 0 and folder else None
 
 
-def build_library(sources: list[Path | tuple[str, str]], name: str, defines: dict[str, str] | None = None) -> Path:
-    """Compiles ``sources`` (paths, or (file name, text) pairs) with the shim into a shared library.
+def build_library(
+    sources: list[Path | tuple[str, str]], name: str, defines: dict[str, str] | None = None
+) -> tuple[Path, list[str]]:
+    """Compiles ``sources`` (paths, or (file name, text) pairs) with the shim into a shared library;
+    returns it and its __syncthreads() sites ("file:line", numbered as ``cudashim_disable_barrier`` takes them).
 
     ``.cu`` sources are rewritten by ``rewrite_cuda``; the result is cached by content under the temp dir.
     """
@@ -77,20 +93,22 @@ def build_library(sources: list[Path | tuple[str, str]], name: str, defines: dic
     files = [(Path(s).name, Path(s).read_text()) if not isinstance(s, tuple) else s for s in sources]
     files.append(("cuda_shim.cpp", (SHIM_DIR / "cuda_shim.cpp").read_text()))
     defines = defines or {}
+    sites: list[str] = []
+    texts = {f: rewrite_cuda(t, f, sites) if f.endswith(".cu") else t for f, t in files}
     key = hashlib.sha256(
-        repr((files, sorted(defines.items()), (SHIM_DIR / "cuda_shim.h").read_text())).encode()
+        repr((texts, sorted(defines.items()), _FLAGS, [p.read_bytes() for p in sorted(ROOT.glob("csrc/**/*.*h"))])).encode()
     ).hexdigest()[:16]
     out_dir = Path(tempfile.gettempdir()) / f"fusedlr-cuda-on-host-{key}"
     lib = out_dir / f"{name}.so"
     if lib.exists():
-        return lib
+        return lib, sites
     work = Path(tempfile.mkdtemp(prefix="fusedlr-cuda-on-host-"))
     paths = []
-    for fname, text in files:
+    for fname, text in texts.items():
         path = work / (fname + ".cpp" if fname.endswith(".cu") else fname)
-        path.write_text(f'#line 1 "{fname}"\n' + (rewrite_cuda(text) if fname.endswith(".cu") else text))
+        path.write_text(f'#line 1 "{fname}"\n' + text)
         paths.append(str(path))
-    cmd = ["g++", "-std=c++17", "-O2", "-fno-ipa-reference", "-fno-ipa-reference-addressable", "-g0", "-fPIC", "-shared", "-Wl,--no-undefined", "-pthread"]
+    cmd = ["g++", *_FLAGS]
     cmd += ["-include", str(SHIM_DIR / "cuda_shim.h"), "-I", str(SHIM_DIR), "-I", str(ROOT / "csrc")]
     cmd += ["-I", str(ROOT / "csrc" / "cuda"), "-isystem", str(include)]
     cmd += [f"-D{k}={v}" for k, v in defines.items()]
@@ -101,20 +119,26 @@ def build_library(sources: list[Path | tuple[str, str]], name: str, defines: dic
     out_dir.mkdir(exist_ok=True)
     os.replace(work / lib.name, lib)
     shutil.rmtree(work, ignore_errors=True)
-    return lib
+    return lib, sites
 
 
 class ShimLibrary:
-    """A library built by ``build_library``, with the scheduler's controls."""
+    """CUDA sources built for the host (``build_library``), with the scheduler's controls."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, sources: list[Path | tuple[str, str]], name: str, defines: dict[str, str] | None = None) -> None:
+        path, self.barrier_sites = build_library(sources, name, defines)
         self.lib = ctypes.CDLL(str(path))
         self.lib.cudashim_configure.argtypes = [ctypes.c_uint64, ctypes.c_double, ctypes.c_int]
+        self.lib.cudashim_disable_barrier.argtypes = [ctypes.c_int]
         self.lib.cudashim_take_error.restype = ctypes.c_char_p
 
     def configure(self, seed: int, yield_prob: float = 0.25, resident_blocks: int = 2) -> None:
         """The interleaving: seed, chance of a switch at each primitive, blocks running at once."""
         self.lib.cudashim_configure(seed, yield_prob, resident_blocks)
+
+    def disable_barrier(self, site: int | None) -> None:
+        """Turns __syncthreads() number ``site`` (an index into ``barrier_sites``) into a no-op; None: none."""
+        self.lib.cudashim_disable_barrier(-1 if site is None else site)
 
     def check(self, rc: int = 0) -> None:
         """Raises if the last launches failed (a barrier that cannot complete, a bad warp op...)."""
@@ -126,7 +150,7 @@ class ShimLibrary:
 @functools.cache
 def fusedlr_kernels() -> ShimLibrary:
     """csrc/cuda/*.cu and their launch glue, built for the host."""
-    return ShimLibrary(build_library([*KERNEL_SOURCES, SHIM_DIR / "kernels_on_host.cpp"], "fusedlr_kernels"))
+    return ShimLibrary([*KERNEL_SOURCES, SHIM_DIR / "kernels_on_host.cpp"], "fusedlr_kernels")
 
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}

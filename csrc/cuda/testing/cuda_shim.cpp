@@ -56,6 +56,7 @@ struct Config {
   uint64_t seed = 0;
   double yield_prob = 0.25;
   int resident = 2;
+  int disabled_barrier = -1;
 };
 
 Config config;
@@ -100,17 +101,16 @@ void fiber_main() {
 
 unsigned block_size(const dim3& b) { return b.x * b.y * b.z; }
 
-// Runs the fibers of ``blocks`` until all finish or none can move; returns false on a deadlock.
+// Runs ``fibers`` (the threads of the resident blocks) until all finish or none can move; returns false
+// on a deadlock. ``ready`` holds the runnable ones but the one running, which the loop puts back when
+// it comes back runnable (a yield) and the primitives put back when they release others.
+std::vector<Fiber*> ready;
+
 bool run_wave(std::vector<Fiber>& fibers, const std::string& where) {
-  std::vector<Fiber*> ready;
-  for (;;) {
-    ready.clear();
-    size_t done = 0;
-    for (Fiber& f : fibers) {
-      if (f.state == State::kReady) ready.push_back(&f);
-      done += f.state == State::kDone;
-    }
-    if (done == fibers.size()) return true;
+  ready.clear();
+  for (Fiber& f : fibers) ready.push_back(&f);
+  size_t live = fibers.size();
+  while (live > 0) {
     if (ready.empty()) {
       for (Fiber& f : fibers) {
         if (f.state == State::kBarrier || f.state == State::kWarp) {
@@ -128,14 +128,26 @@ bool run_wave(std::vector<Fiber>& fibers, const std::string& where) {
       fail(where + ": no runnable thread");
       return false;
     }
-    Fiber* f = ready[std::uniform_int_distribution<size_t>(0, ready.size() - 1)(rng)];
+    const size_t pick = std::uniform_int_distribution<size_t>(0, ready.size() - 1)(rng);
+    Fiber* f = ready[pick];
+    ready[pick] = ready.back();
+    ready.pop_back();
     load_shared(f->block);
     running = f;
     current = &f->view;
     swapcontext(&scheduler, &f->ctx);
     running = nullptr;
     current = nullptr;
+    if (f->state == State::kReady) ready.push_back(f);
+    live -= f->state == State::kDone;
   }
+  return true;
+}
+
+// Makes the waiting fiber ``g`` runnable (the running one is put back by run_wave).
+void release(Fiber* g) {
+  g->state = State::kReady;
+  if (g != running) ready.push_back(g);
 }
 
 Fiber& self() {
@@ -172,8 +184,8 @@ int block_barrier_count(int predicate) {
     b.barrier_count = 0;
     b.at_barrier = 0;
     for (Fiber* g = &f - f.linear; g != &f - f.linear + b.threads; ++g) {
-      g->state = State::kReady;
       g->barrier_generation_result = b.barrier_result;
+      release(g);
     }
   }
   to_scheduler();
@@ -182,12 +194,20 @@ int block_barrier_count(int predicate) {
 
 void block_barrier() { block_barrier_count(0); }
 
+void barrier_at(int site) {
+  if (site == config.disabled_barrier) {
+    yield_point();
+  } else {
+    block_barrier_count(0);
+  }
+}
+
 unsigned lane_id() { return self().linear % 32; }
 
 const uint64_t* warp_exchange(unsigned mask, uint64_t bits) {
   Fiber& f = self();
   Block& b = *f.block;
-  const unsigned lane = f.linear % 32, first = f.linear - lane;
+  const unsigned lane = f.linear % 32;
   Warp& w = b.warps[f.linear / 32];
   if (((mask >> lane) & 1u) == 0) {
     fail("warp op called by lane " + std::to_string(lane) + " which is not in its mask");
@@ -205,12 +225,11 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t bits) {
   f.exchanged = w.slots[buffer];
   if (w.arrived == w.mask) {
     for (unsigned l = 0; l < 32; ++l) {
-      if ((w.mask >> l) & 1u) (&f - lane + l)->state = State::kReady;
+      if ((w.mask >> l) & 1u) release(&f - lane + l);
     }
     w.arrived = 0;
     w.generation += 1;
   }
-  (void)first;
   to_scheduler();
   return f.exchanged;
 }
@@ -290,9 +309,14 @@ extern "C" {
 
 // The scheduler's seed, the chance of a switch at each primitive and the blocks run at once.
 void cudashim_configure(uint64_t seed, double yield_prob, int resident_blocks) {
-  cudashim::config = {seed, yield_prob, resident_blocks < 1 ? 1 : resident_blocks};
+  cudashim::config.seed = seed;
+  cudashim::config.yield_prob = yield_prob;
+  cudashim::config.resident = resident_blocks < 1 ? 1 : resident_blocks;
   cudashim::rng.seed(seed);
 }
+
+// Makes __syncthreads() number ``site`` a no-op (-1: none), to prove that a test needs it.
+void cudashim_disable_barrier(int site) { cudashim::config.disabled_barrier = site; }
 
 // The first failure since the last call ("" if none), cleared by the call.
 const char* cudashim_take_error() {

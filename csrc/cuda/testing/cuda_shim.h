@@ -5,7 +5,8 @@
 //
 // Model (cuda_shim.cpp): every CUDA thread is a fiber with its own stack; the fibers of up to
 // ``resident`` blocks at a time run interleaved on one OS thread, in a random (seeded) order:
-//   - __syncthreads() is a per-block barrier over all blockDim threads. A barrier that can never
+//   - __syncthreads() is a per-block barrier over all blockDim threads (each call site numbered by
+//     the rewrite, so that a test can remove one at run time and check that something then fails). A barrier that can never
 //     complete (some threads exited or wait elsewhere) is reported as an error, not a hang.
 //   - __shfl_*_sync / __ballot_sync / __syncwarp wait for every lane of their mask (the masks must
 //     agree), like the hardware since Volta.
@@ -64,6 +65,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_smem, const std::func
 // Primitives of the running thread (not inline: the compiler must assume they touch memory).
 void yield_point();
 void block_barrier();
+void barrier_at(int site);  // __syncthreads() number ``site`` of the sources (see cudashim_disable_barrier)
 int block_barrier_count(int predicate);
 unsigned warp_sync(unsigned mask);
 const uint64_t* warp_exchange(unsigned mask, uint64_t bits);  // the 32 lanes' values
