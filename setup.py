@@ -9,7 +9,8 @@ Environment:
                               when torch has CUDA (torch.version.cuda) and nvcc is found, falling back
                               to the CPU kernels if that fails.
     CUDA_HOME                 the CUDA folder. Unset: found from the nvcc on PATH (following links and
-                              wrapper scripts, see ``cuda_home``); ``python setup.py --cuda-home`` prints it.
+                              wrapper scripts, see ``cuda_home``); ``python setup.py --cuda-home`` prints it
+                              (and ``python setup.py --nvcc-flags`` the flags the .cu files are built with).
     TORCH_CUDA_ARCH_LIST      CUDA architectures (default "8.0;9.0+PTX").
     MAX_JOBS                  parallel compile jobs (ninja).
 """
@@ -29,6 +30,8 @@ CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/adamw_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/bindings_cuda.cpp", "csrc/cuda/grad_stats.cu", "csrc/cuda/adamw_update.cu"]
 CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda")
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# -lineinfo: line tables (no change to the code) so that tests/test_machine_code.py can tell loops apart.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 HINT = "set FUSEDLR_BUILD_EXT=1 to make this an error, or FUSEDLR_BUILD_EXT=0 to skip the extension"
 
 
@@ -138,7 +141,7 @@ def _extension(cuda: bool):
         CPU_SOURCES + CUDA_SOURCES,
         include_dirs=include_dirs,
         define_macros=[("FUSEDLR_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
         extra_link_args=["-fopenmp"],
     )
 
@@ -211,6 +214,9 @@ if __name__ == "__main__" and sys.argv[1:] == ["--cuda-home"]:
     print(folder or "", flush=True)
     print(f"fusedlr: CUDA folder {folder} (from {how})", file=sys.stderr, flush=True)
     sys.exit(0 if folder else 1)
+if __name__ == "__main__" and sys.argv[1:] == ["--nvcc-flags"]:
+    print(" ".join(NVCC_FLAGS))
+    sys.exit(0)
 if BUILD_EXT is not False and BUILD_CUDA is not False:
     _set_cuda_home()
 cmdclass, ext_modules = _cmdclass_and_modules()
