@@ -3,7 +3,8 @@
 
 *Element loops* are the source loops that hand elements to the threads of a block: a ``for``/``while``
 whose header uses ``threadIdx``, ``blockDim`` or a per-thread index (``tid``, ``nthreads``, ``lane``),
-found in the kernels' sources. A SASS instruction is inside one when its line info (``-lineinfo``,
+found in the kernels' sources; in Triton sources, a ``for ... in range(...)`` whose body works on
+blocks of elements (``tl.arange``). A SASS instruction is inside one when its line info (``-lineinfo``,
 including the inlining chain) points into one. ``problems`` lists, per kernel: local-memory traffic
 (``LDL``/``STL``: spills or stack arrays) inside element loops; fp64 instructions inside element loops
 (for kernels whose data are not float64); and, for kernels that should vectorize, element loops
@@ -55,9 +56,30 @@ def _tool(name: str) -> str:
     return str(path)
 
 
+_PY_LOOP = re.compile(r"^(\s*)for .* in (?:tl\.)?(?:static_)?range\(.*:\s*$")
+
+
+def _python_element_loop_lines(text: str) -> set[int]:
+    """Triton sources: ``for ... in range(...)`` loops whose body works on element blocks (``tl.arange``)."""
+    lines = text.splitlines()
+    out: set[int] = set()
+    for i, line in enumerate(lines):
+        m = _PY_LOOP.match(line)
+        if not m:
+            continue
+        j = i + 1
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(m.group(1))):
+            j += 1
+        if any("tl.arange" in body for body in lines[i:j]):
+            out.update(range(i + 1, j + 1))
+    return out
+
+
 def element_loop_lines(source: Path) -> set[int]:
     """The lines of ``source`` inside its element loops (header included)."""
     text = source.read_text()
+    if source.suffix == ".py":
+        return _python_element_loop_lines(text)
     lines: set[int] = set()
     for m in _LOOP.finditer(text):
         depth, i = 1, m.end()
