@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
 # The test suite under another torch, in its own venv, on a copy of the tree (so that the extension
-# built here never replaces the one of the main run). Prints the time of each phase.
+# built there never replaces the one of the main run). Prints the time of each phase.
 #
-#   .ci/other_torch.sh 2.11.0 cuda   the GPU machine's stack: PyPI's CUDA 13 build of torch 2.11
-#                                    (imports without a driver), the CUDA extension built for sm_90
-#                                    with nvcc found by setup.py (no CUDA_HOME), then the suite
-#   .ci/other_torch.sh 2.6.0 cpu     the oldest supported torch: the CPU extension, then the suite
+#   .ci/other_torch.sh install DIR 2.11.0 cuda    venv + PyPI's torch 2.11 (the CUDA 13 build the GPU
+#                                                 machine runs; imports without a driver)
+#   .ci/other_torch.sh install DIR 2.6.0 cpu      venv + the oldest supported torch
+#   .ci/other_torch.sh test DIR [pytest args]     copy the tree, build the extension (for "cuda": the
+#                                                 CUDA kernels for sm_90, nvcc found by setup.py, no
+#                                                 CUDA_HOME), import fusedlr._C, run the suite
 #
-# PyPI's Linux torch wheels depend on the CUDA libraries (GBs); for "cpu" they are installed too,
-# since torch refuses to import without them. pip's cache (~/.cache/pip) makes a second run faster.
+# "install" is network-bound: .ci/run starts it in the background while the main suite runs.
+# PyPI's Linux torch wheels depend on the CUDA libraries (GBs), which torch needs to import even
+# on a CPU machine; pip's cache (~/.cache/pip) makes a second run faster.
 set -euo pipefail
-version=${1:?usage: other_torch.sh TORCH_VERSION cpu|cuda}
-kind=${2:?usage: other_torch.sh TORCH_VERSION cpu|cuda}
+action=${1:?usage: other_torch.sh install DIR VERSION cpu|cuda | test DIR [pytest args]}
+dir=${2:?usage: other_torch.sh install DIR VERSION cpu|cuda | test DIR [pytest args]}
 root=$(cd "$(dirname "$0")/.." && pwd)
-work=$(mktemp -d "${TMPDIR:-/tmp}/fusedlr-torch-$version-XXXX")
-trap 'rm -rf "$work"' EXIT
 phase_start=$(date +%s)
-phase() { local now; now=$(date +%s); echo "[torch $version/$kind] $1: $((now - phase_start))s"; phase_start=$now; }
+phase() { local now; now=$(date +%s); echo "[$(cat "$dir/label")] $1: $((now - phase_start))s"; phase_start=$now; }
 
-python -m venv "$work/venv"
-py="$work/venv/bin/python"
-"$py" -m pip install -q "torch==$version" ninja setuptools wheel
-phase "install torch"
+if [ "$action" = install ]; then
+  version=${3:?torch version}
+  kind=${4:?cpu or cuda}
+  rm -rf "$dir" && mkdir -p "$dir"
+  echo "torch $version/$kind" > "$dir/label"
+  echo "$kind" > "$dir/kind"
+  python -m venv "$dir/venv"
+  "$dir/venv/bin/python" -m pip install -q "torch==$version" ninja setuptools wheel
+  phase "install torch"
+  exit 0
+fi
 
-mkdir "$work/src"
-git -C "$root" ls-files -co --exclude-standard -z | tar -C "$root" --null -T - -cf - | tar -C "$work/src" -xf -
-cd "$work/src"
+shift 2
+py="$dir/venv/bin/python"
+kind=$(cat "$dir/kind")
+rm -rf "$dir/src" && mkdir "$dir/src"
+git -C "$root" ls-files -co --exclude-standard -z | tar -C "$root" --null -T - -cf - | tar -C "$dir/src" -xf -
+cd "$dir/src"
 if [ "$kind" = cuda ]; then
   export FUSEDLR_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   unset CUDA_HOME CUDA_PATH
@@ -33,11 +44,11 @@ else
   export FUSEDLR_BUILD_CUDA=0
 fi
 if ! FUSEDLR_BUILD_EXT=1 MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip install -v --no-build-isolation -e ".[test]" \
-  > "$work/build.log" 2>&1; then
-  tail -n 60 "$work/build.log"
+  > "$dir/build.log" 2>&1; then
+  tail -n 60 "$dir/build.log"
   exit 1
 fi
-grep -E "^fusedlr: (no )?CUDA folder" "$work/build.log" | sort -u
+grep -E "^fusedlr: (no )?CUDA folder" "$dir/build.log" | sort -u || true
 KIND=$kind "$py" - <<'EOF'
 import os
 
@@ -52,5 +63,5 @@ assert cuda == (os.environ["KIND"] == "cuda"), "the extension was not built as a
 EOF
 phase "build + import fusedlr._C"
 
-"$py" -m pytest -q -p no:cacheprovider
+"$py" -m pytest -q -p no:cacheprovider "$@"
 phase "test suite"
