@@ -19,7 +19,6 @@ const ThreadView* current = nullptr;
 namespace {
 
 constexpr size_t kStack = 256 * 1024;
-constexpr unsigned kFull = 0xffffffffu;
 
 enum class State { kReady, kBarrier, kWarp, kDone };
 
@@ -235,12 +234,17 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t bits) {
 }
 
 unsigned warp_sync(unsigned mask) {
+  warp_exchange(mask, 0);
+  return mask;
+}
+
+unsigned active_lanes() {
   Fiber& f = self();
   const unsigned lane = f.linear % 32;
   const unsigned warp_threads = std::min(32u, f.block->threads - (f.linear - lane));
-  const unsigned all = warp_threads == 32 ? kFull : (1u << warp_threads) - 1u;
-  warp_exchange(mask == 0u ? all : mask, 0);
-  return mask == 0u ? all : mask;
+  unsigned out = 0;
+  for (unsigned l = 0; l < warp_threads; ++l) out |= (&f - lane + l)->state != State::kDone ? (1u << l) : 0u;
+  return out;
 }
 
 cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& body) {

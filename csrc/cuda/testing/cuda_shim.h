@@ -68,6 +68,7 @@ void block_barrier();
 void barrier_at(int site);  // __syncthreads() number ``site`` of the sources (see cudashim_disable_barrier)
 int block_barrier_count(int predicate);
 unsigned warp_sync(unsigned mask);
+unsigned active_lanes();  // lanes of the running thread's warp that have not exited
 const uint64_t* warp_exchange(unsigned mask, uint64_t bits);  // the 32 lanes' values
 unsigned lane_id();
 
@@ -142,7 +143,7 @@ inline int __syncthreads_and(int p) {
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cudashim::warp_sync(mask); }
 inline void __threadfence() { ::cudashim::yield_point(); }
 inline void __threadfence_block() { ::cudashim::yield_point(); }
-inline unsigned __activemask() { return ::cudashim::warp_sync(0u); }
+inline unsigned __activemask() { return ::cudashim::active_lanes(); }
 
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
