@@ -23,10 +23,14 @@ triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (90, 80)
-# Open findings (reported, not waived: any other problem fails; this xfails with the details):
-# the Triton AdamW kernel's element loop holds a float64 division sequence (DMUL, MUFU.RCP64H, DFMA
-# attributed to adamw.py's ``_adamw_block`` call inside ``for it in range(ITERS_)``) and, for some
-# schedule kinds, local-memory traffic (STL/LDL.64): scalar float64 step math sunk into the loop.
+# Open findings (reported, not waived: any other problem fails; these make the test xfail with details):
+# the Triton AdamW kernel has float64 instructions (a DMUL/MUFU.RCP64H/DFMA division sequence) whose line
+# info points into the element loop (adamw.py: ``_adamw_block``'s store, inlined at the call inside
+# ``for it in range(ITERS_)``), and for some specializations local-memory traffic (STL/LDL.64) there.
+# ``_adamw_block`` itself has no float64 math for float32 states: this is the scalar float64 step math
+# (``lr_t / bias1`` ...) placed by the compiler at its first use inside the fully unrolled loop, which
+# line info cannot tell from per-element code. Moving that math out (e.g. computing the float32
+# coefficients before the loop into values the loop only reads) should clear it.
 KNOWN = re.compile(r"^_adamw_kernel-\S+ .*(fp64 instructions in element loops|local memory in an element loop)")
 
 

@@ -31,13 +31,7 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
   const AdamWHyper h = make_hyper(hyper6[0], hyper6[1], hyper6[2], hyper6[3], hyper6[4],
                                   has_max_norm != 0 ? std::optional<double>(hyper6[5]) : std::nullopt,
                                   maximize != 0);
-  StepInputs in;
-  in.k = k;
-  in.schedule = schedule;
-  in.stats = stats;
-  in.inv_scale = inv_scale;
-  in.found_inf = found_inf;
-  in.steps = steps;
+  const StepInputs in{k, schedule, stats, inv_scale, found_inf, steps};
   return launch_adamw_update(dtype, amsgrad != 0, table, n, total_chunks, h, in, grid, nullptr);
 }
 
