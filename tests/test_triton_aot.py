@@ -28,9 +28,8 @@ ARCHS = (90, 80)
 # info points into the element loop (adamw.py: ``_adamw_block``'s store, inlined at the call inside
 # ``for it in range(ITERS_)``), and for some specializations local-memory traffic (STL/LDL.64) there.
 # ``_adamw_block`` itself has no float64 math for float32 states: this is the scalar float64 step math
-# (``lr_t / bias1`` ...) placed by the compiler at its first use inside the fully unrolled loop, which
-# line info cannot tell from per-element code. Moving that math out (e.g. computing the float32
-# coefficients before the loop into values the loop only reads) should clear it.
+# (``lr_t / bias1`` ...), written before the loop but placed by the compiler at its first use inside
+# the fully unrolled loop, which line info cannot tell from per-element code.
 KNOWN = re.compile(r"^_adamw_kernel-\S+ .*(fp64 instructions in element loops|local memory in an element loop)")
 
 
