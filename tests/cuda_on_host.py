@@ -26,7 +26,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ROOT", "ShimLibrary", "build_library", "cuda_include", "rewrite_cuda", "EmulatedCudaBackend"]
+__all__ = [
+    "EmulatedCudaBackend",
+    "ShimLibrary",
+    "build_library",
+    "cuda_include",
+    "fusedlr_kernels",
+    "kernel_barrier_sites",
+    "rewrite_cuda",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM_DIR = ROOT / "csrc" / "cuda" / "testing"
@@ -145,6 +153,14 @@ class ShimLibrary:
         error = self.lib.cudashim_take_error().decode()
         if rc != 0 or error:
             raise RuntimeError(f"kernel launch failed (rc {rc}): {error}")
+
+
+def kernel_barrier_sites() -> list[str]:
+    """The __syncthreads() sites of csrc/cuda/*.cu, as ``fusedlr_kernels().barrier_sites`` numbers them."""
+    sites: list[str] = []
+    for path in KERNEL_SOURCES:
+        rewrite_cuda(path.read_text(), path.name, sites)
+    return sites
 
 
 @functools.cache

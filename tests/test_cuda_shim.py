@@ -16,7 +16,7 @@ from fusedlr import reference
 from fusedlr.bucket import Bucket
 from fusedlr.control import GroupHyper, StepControl
 
-from cuda_on_host import EmulatedCudaBackend, ShimLibrary, cuda_include, fusedlr_kernels
+from cuda_on_host import EmulatedCudaBackend, ShimLibrary, cuda_include, fusedlr_kernels, kernel_barrier_sites
 
 pytestmark = pytest.mark.skipif(cuda_include() is None, reason="no CUDA headers (nvcc on PATH)")
 
@@ -225,12 +225,12 @@ def test_fusedlr_kernels_on_thousands_of_tensors() -> None:
     assert _kernels_match_reference(EmulatedCudaBackend(shim, grid=5), 0, sizes, steps)
 
 
-@pytest.mark.parametrize("site", range(len(fusedlr_kernels().barrier_sites)) if cuda_include() else [],
-                         ids=lambda i: fusedlr_kernels().barrier_sites[i])
+@pytest.mark.parametrize("site", range(len(kernel_barrier_sites())), ids=lambda i: kernel_barrier_sites()[i])
 def test_every_barrier_of_the_kernels_is_needed(site: int) -> None:
     """Without this __syncthreads(), some interleaving gives a result other than the reference's, or threads
     of a block stop at different barriers (reported by the shim)."""
     shim = fusedlr_kernels()
+    assert shim.barrier_sites == kernel_barrier_sites()
     shim.disable_barrier(site)
     try:
         caught = False
