@@ -15,6 +15,7 @@ reached through a generic pointer is read with ``LD``/``ST`` rather than ``LDG``
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -36,15 +37,16 @@ _PER_THREAD = re.compile(r"\b(threadIdx|blockDim|tid|nthreads|lane)\b")
 
 
 def cuda_tool(name: str) -> Path | None:
-    """``cuobjdump`` / ``nvdisasm``: from triton's NVIDIA backend, else the CUDA toolkit on PATH."""
-    try:
-        import triton
+    """``cuobjdump`` / ``nvdisasm``: from triton's NVIDIA backend, else the CUDA toolkit on PATH.
 
-        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    Triton is located, not imported: importing it here, at collection, would come before
+    tests/test_triton_backend.py sets TRITON_INTERPRET=1.
+    """
+    spec = importlib.util.find_spec("triton")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "backends" / "nvidia" / "bin" / name
         if path.exists():
             return path
-    except ImportError:
-        pass
     found = shutil.which(name)
     return Path(found) if found else None
 
