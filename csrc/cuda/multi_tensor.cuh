@@ -1,7 +1,7 @@
 // The per-chunk work of the fusedlr CUDA kernels, as __host__ __device__ functions (plain CUDA,
 // no torch headers): the kernels (grad_stats.cu, adamw_update.cu) run them with one CUDA thread
-// per ``tid``; csrc/cuda/testing/host_emulation.cu runs the very same code on the host, thread
-// after thread, so that the tests check the kernels' indexing and math without a GPU.
+// per ``tid``; the tests also run the kernels themselves on the CPU against a CUDA shim
+// (csrc/cuda/testing/cuda_shim.h, tests/cuda_on_host.py).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,0 +1,50 @@
+// The launch glue of the fusedlr CUDA kernels run on the host by cuda_shim.h: extern "C" entry
+// points (called through ctypes by tests/cuda_on_host.py) over the kernels' own host launchers
+// (csrc/cuda/launch.h), so the launch configuration, the grid and every __global__ kernel run as
+// written. This is the only file that knows the launchers' signatures.
+#include <optional>
+
+#include "../launch.h"
+
+using namespace fusedlr;
+using namespace fusedlr::cuda;
+
+extern "C" {
+
+int64_t fusedlr_emu_chunk() { return kChunk; }
+
+// Same as the CUDA binding: returns the total number of chunks.
+int64_t fusedlr_emu_fill_table(const int64_t* ptrs, const int64_t* numels, int64_t n, int nptr, int64_t* out) {
+  return fill_table(ptrs, numels, n, nptr, out);
+}
+
+// workspace: float32 [2 * grid + 1], zero before the first launch (see launch_grad_stats).
+int fusedlr_emu_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
+                           float* out, float* workspace, int grid) {
+  return launch_grad_stats(dtype, table, n, total_chunks, inv_scale, out, workspace, grid, nullptr);
+}
+
+// hyper6: lr, beta1, beta2, eps, weight_decay, max_norm (used when has_max_norm). lr_f32/lr_f64: a
+// tensor LR replacing hyper6[0] (or null); applied_lr receives lr_t when the update is applied (or null).
+int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
+                             const double* hyper6, int has_max_norm, int maximize, const int64_t* k,
+                             const double* schedule, const float* stats, const float* inv_scale,
+                             const float* found_inf, const int64_t* steps, int grid, const float* lr_f32,
+                             const double* lr_f64, double* applied_lr) {
+  const AdamWHyper h = make_hyper(hyper6[0], hyper6[1], hyper6[2], hyper6[3], hyper6[4],
+                                  has_max_norm != 0 ? std::optional<double>(hyper6[5]) : std::nullopt,
+                                  maximize != 0);
+  StepInputs in{};
+  in.k = k;
+  in.schedule = schedule;
+  in.stats = stats;
+  in.inv_scale = inv_scale;
+  in.found_inf = found_inf;
+  in.steps = steps;
+  in.lr_f32 = lr_f32;
+  in.lr_f64 = lr_f64;
+  in.applied_lr = applied_lr;
+  return launch_adamw_update(dtype, amsgrad != 0, table, n, total_chunks, h, in, grid, nullptr);
+}
+
+}  // extern "C"

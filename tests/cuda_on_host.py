@@ -1,0 +1,251 @@
+"""CUDA kernels executed on the CPU, for tests without a GPU (csrc/cuda/testing/cuda_shim.h).
+
+``build_library`` compiles ``.cu`` files with g++ for the host: the launch syntax
+``kernel<<<grid, block, smem, stream>>>(args)`` is rewritten into ``cudashim::Launch(...).run(kernel, args)``
+and each ``__shared__`` declaration into a registered static (``rewrite_cuda``); ``cuda_shim.h`` (force-included) supplies thread/block indices, ``__shared__``, barriers, warp
+ops and atomics. The kernels then run with a real grid over CPU memory, every CUDA thread a fiber,
+switched in a random order chosen by ``seed``.
+
+``EmulatedCudaBackend`` is the fusedlr backend interface over the kernels of csrc/cuda (launched by
+their own host launchers through csrc/cuda/testing/kernels_on_host.cpp): the Python half of the
+launch glue, the only place besides that file that knows the launchers' arguments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "EmulatedCudaBackend",
+    "ShimLibrary",
+    "build_library",
+    "cuda_include",
+    "fusedlr_kernels",
+    "kernel_barrier_sites",
+    "rewrite_cuda",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIM_DIR = ROOT / "csrc" / "cuda" / "testing"
+KERNEL_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+_SHARED = re.compile(r"\b__shared__\s+([^;{}()=]*?)\s*\b(\w+)\s*((?:\[[^\]]*\]\s*)*);")
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
+
+
+# -O2 as shipped code would be; -fno-ipa-reference: a __shared__ static may change across any shim call.
+_FLAGS = ["-std=c++17", "-O2", "-fno-ipa-reference", "-g0", "-fPIC", "-shared", "-Wl,--no-undefined", "-pthread"]
+_BARRIER = re.compile(r"\b__syncthreads\(\)")
+
+
+def rewrite_cuda(source: str, name: str = "", barrier_sites: list[str] | None = None) -> str:
+    """The edits made to a .cu: launches ``k<<<cfg>>>(args)`` -> ``::cudashim::Launch(cfg).run(k, args)``;
+    ``__shared__ T x[N];`` -> ``static T x[N]; ::cudashim::shared_region(&x, sizeof(x));``; each
+    ``__syncthreads()`` -> ``::cudashim::barrier_at(SITE)``, its "file:line" appended to ``barrier_sites``."""
+    source = _SHARED.sub(r"static \1 \2\3; ::cudashim::shared_region(&\2, sizeof(\2));", source)
+    sites = barrier_sites if barrier_sites is not None else []
+
+    def barrier(m: re.Match) -> str:
+        sites.append(f"{name}:{source.count(chr(10), 0, m.start()) + 1}")
+        return f"::cudashim::barrier_at({len(sites) - 1})"
+
+    source = _BARRIER.sub(barrier, source)
+    out, pos = [], 0
+    for m in _LAUNCH.finditer(source):
+        if m.start() < pos:
+            continue
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        args = source[m.end() : i - 1].strip()
+        out.append(source[pos : m.start()])
+        out.append(f"::cudashim::Launch({m.group(2)}).run({m.group(1)}{', ' + args if args else ''})")
+        pos = i
+    out.append(source[pos:])
+    return "".join(out)
+
+
+@functools.cache
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder (for cuda_fp16.h & co.), found the way setup.py finds it."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "--cuda-home"], capture_output=True, text=True, check=False
+    )
+    folder = proc.stdout.strip()
+    return Path(folder) / "include" if proc.returncode == 0 and folder else None
+
+
+def build_library(
+    sources: list[Path | tuple[str, str]], name: str, defines: dict[str, str] | None = None
+) -> tuple[Path, list[str]]:
+    """Compiles ``sources`` (paths, or (file name, text) pairs) with the shim into a shared library;
+    returns it and its __syncthreads() sites ("file:line", numbered as ``cudashim_disable_barrier`` takes them).
+
+    ``.cu`` sources are rewritten by ``rewrite_cuda``; the result is cached by content under the temp dir.
+    """
+    include = cuda_include()
+    if include is None or shutil.which("g++") is None:
+        raise FileNotFoundError("building CUDA code for the host needs g++ and the CUDA headers (nvcc on PATH)")
+    files = [(Path(s).name, Path(s).read_text()) if not isinstance(s, tuple) else s for s in sources]
+    files.append(("cuda_shim.cpp", (SHIM_DIR / "cuda_shim.cpp").read_text()))
+    defines = defines or {}
+    sites: list[str] = []
+    texts = {f: rewrite_cuda(t, f, sites) if f.endswith(".cu") else t for f, t in files}
+    key = hashlib.sha256(
+        repr((texts, sorted(defines.items()), _FLAGS, [p.read_bytes() for p in sorted(ROOT.glob("csrc/**/*.*h"))])).encode()
+    ).hexdigest()[:16]
+    out_dir = Path(tempfile.gettempdir()) / f"fusedlr-cuda-on-host-{key}"
+    lib = out_dir / f"{name}.so"
+    if lib.exists():
+        return lib, sites
+    work = Path(tempfile.mkdtemp(prefix="fusedlr-cuda-on-host-"))
+    paths = []
+    for fname, text in texts.items():
+        path = work / (fname + ".cpp" if fname.endswith(".cu") else fname)
+        path.write_text(f'#line 1 "{fname}"\n' + text)
+        paths.append(str(path))
+    cmd = ["g++", *_FLAGS]
+    cmd += ["-include", str(SHIM_DIR / "cuda_shim.h"), "-I", str(SHIM_DIR), "-I", str(ROOT / "csrc")]
+    cmd += ["-I", str(ROOT / "csrc" / "cuda"), "-isystem", str(include)]
+    cmd += [f"-D{k}={v}" for k, v in defines.items()]
+    cmd += paths + ["-o", str(work / lib.name)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    out_dir.mkdir(exist_ok=True)
+    os.replace(work / lib.name, lib)
+    shutil.rmtree(work, ignore_errors=True)
+    return lib, sites
+
+
+class ShimLibrary:
+    """CUDA sources built for the host (``build_library``), with the scheduler's controls."""
+
+    def __init__(self, sources: list[Path | tuple[str, str]], name: str, defines: dict[str, str] | None = None) -> None:
+        path, self.barrier_sites = build_library(sources, name, defines)
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.cudashim_configure.argtypes = [ctypes.c_uint64, ctypes.c_double, ctypes.c_int]
+        self.lib.cudashim_disable_barrier.argtypes = [ctypes.c_int]
+        self.lib.cudashim_take_error.restype = ctypes.c_char_p
+
+    def configure(self, seed: int, yield_prob: float = 0.25, resident_blocks: int = 2) -> None:
+        """The interleaving: seed, chance of a switch at each primitive, blocks running at once."""
+        self.lib.cudashim_configure(seed, yield_prob, resident_blocks)
+
+    def disable_barrier(self, site: int | None) -> None:
+        """Turns __syncthreads() number ``site`` (an index into ``barrier_sites``) into a no-op; None: none."""
+        self.lib.cudashim_disable_barrier(-1 if site is None else site)
+
+    def check(self, rc: int = 0) -> None:
+        """Raises if the last launches failed (a barrier that cannot complete, a bad warp op...)."""
+        error = self.lib.cudashim_take_error().decode()
+        if rc != 0 or error:
+            raise RuntimeError(f"kernel launch failed (rc {rc}): {error}")
+
+
+def kernel_barrier_sites() -> list[str]:
+    """The __syncthreads() sites of csrc/cuda/*.cu, as ``fusedlr_kernels().barrier_sites`` numbers them."""
+    sites: list[str] = []
+    for path in KERNEL_SOURCES:
+        rewrite_cuda(path.read_text(), path.name, sites)
+    return sites
+
+
+@functools.cache
+def fusedlr_kernels() -> ShimLibrary:
+    """csrc/cuda/*.cu and their launch glue, built for the host."""
+    return ShimLibrary([*KERNEL_SOURCES, SHIM_DIR / "kernels_on_host.cpp"], "fusedlr_kernels")
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class EmulatedCudaBackend:
+    """The fusedlr backend interface over the CUDA kernels run on the host (CPU tensors)."""
+
+    NAME = "cuda-emulated"
+
+    def __init__(self, shim: ShimLibrary, grid: int) -> None:
+        self.shim, self.lib, self.grid = shim, shim.lib, grid
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.lib.fusedlr_emu_fill_table.restype = i64
+        self.lib.fusedlr_emu_fill_table.argtypes = [p, p, i64, i32, p]
+        self.lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, p, i32]
+        self.lib.fusedlr_emu_adamw_update.argtypes = [i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p]
+
+    def _table(self, lists, n):
+        nptr = len(lists)
+        ptrs = torch.tensor(
+            [[0 if lst is None else lst[i].data_ptr() for lst in lists] for i in range(n)], dtype=torch.int64
+        ).reshape(-1)
+        numels = torch.tensor([lists[0][i].numel() for i in range(n)], dtype=torch.int64)
+        table = torch.empty(n * (nptr + 2) + 1, dtype=torch.int64)
+        total = self.lib.fusedlr_emu_fill_table(ptrs.data_ptr(), numels.data_ptr(), n, nptr, table.data_ptr())
+        return table, total
+
+    def grad_stats(self, bucket, grads, inv_scale, out) -> None:
+        grads = [g.contiguous() for g in grads]
+        table, total = self._table([grads], len(grads))
+        grid = max(1, min(total, self.grid))
+        workspace = torch.zeros(2 * grid + 1, dtype=torch.float32)
+        rc = self.lib.fusedlr_emu_grad_stats(
+            _DTYPE_CODE[grads[0].dtype],
+            table.data_ptr(),
+            len(grads),
+            total,
+            _ptr(inv_scale),
+            out.data_ptr(),
+            workspace.data_ptr(),
+            grid,
+        )
+        self.shim.check(rc)
+
+    def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None) -> None:
+        n = len(bucket.params)
+        lr = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
+        table, total = self._table(
+            [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs], n
+        )
+        hyper6 = torch.tensor(
+            [0.0 if lr is not None else hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+             ctrl.max_norm or 0.0],
+            dtype=torch.float64,
+        )
+        grid = max(1, min(total, self.grid))
+        rc = self.lib.fusedlr_emu_adamw_update(
+            _DTYPE_CODE[bucket.params[0].dtype],
+            int(bucket.max_exp_avg_sqs is not None),
+            table.data_ptr(),
+            n,
+            total,
+            hyper6.data_ptr(),
+            int(ctrl.max_norm is not None),
+            int(hyper.maximize),
+            ctrl.k.data_ptr(),
+            _ptr(ctrl.schedule_table),
+            _ptr(ctrl.stats),
+            _ptr(ctrl.inv_scale),
+            _ptr(ctrl.found_inf),
+            bucket.steps.data_ptr(),
+            grid,
+            _ptr(lr if lr is not None and lr.dtype == torch.float32 else None),
+            _ptr(lr if lr is not None and lr.dtype == torch.float64 else None),
+            _ptr(applied_lr),
+        )
+        self.shim.check(rc)

@@ -1,0 +1,247 @@
+"""The CUDA shim (csrc/cuda/testing/cuda_shim.h) catches what it is for: small kernels whose results
+depend on barriers, warp ops and shared memory run right with them and go wrong, or stop with an
+error, without them; and each __syncthreads() of the fusedlr kernels is needed by the tests that
+compare those kernels with the reference (removing any one of them makes a comparison fail).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import fusedlr
+from fusedlr import reference
+from fusedlr.bucket import Bucket
+from fusedlr.control import GroupHyper, StepControl
+
+from cuda_on_host import EmulatedCudaBackend, ShimLibrary, cuda_include, fusedlr_kernels, kernel_barrier_sites
+
+pytestmark = pytest.mark.skipif(cuda_include() is None, reason="no CUDA headers (nvcc on PATH)")
+
+SAMPLE = r"""
+#ifndef BARRIER
+#define BARRIER __syncthreads()
+#endif
+#ifndef WARP_SYNC
+#define WARP_SYNC __syncwarp()
+#endif
+
+// Sum of x: a grid-stride loop, a shared-memory tree down to one warp, shuffles, one atomic per block.
+__global__ void block_sum(const int* x, int n, unsigned long long* out) {
+  __shared__ int partial[256];
+  const int tid = threadIdx.x;
+  int acc = 0;
+  for (int i = blockIdx.x * blockDim.x + tid; i < n; i += gridDim.x * blockDim.x) acc += x[i];
+  partial[tid] = acc;
+  BARRIER;
+  for (int s = blockDim.x / 2; s >= 32; s >>= 1) {
+    if (tid < s) partial[tid] += partial[tid + s];
+    BARRIER;
+  }
+  if (tid < 32) {
+    int v = partial[tid];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    if (tid == 0) atomicAdd(out, static_cast<unsigned long long>(static_cast<long long>(v)));
+  }
+}
+
+// Each lane reads the value its mirror lane wrote to shared memory.
+__global__ void mirror(const int* x, int* y) {
+  __shared__ int s[64];
+  const int t = threadIdx.x, lane = t % 32;
+  s[t] = x[t];
+  WARP_SYNC;
+  y[t] = s[t - lane + 31 - lane];
+}
+
+// Warp ops against their definitions: xor butterfly, up shift, ballot.
+__global__ void warp_ops(const int* x, int* y) {
+  const int t = threadIdx.x;
+  int v = x[t];
+  for (int m = 1; m < 32; m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  y[3 * t] = v;
+  y[3 * t + 1] = __shfl_up_sync(0xffffffffu, x[t], 3);
+  y[3 * t + 2] = static_cast<int>(__ballot_sync(0xffffffffu, x[t] % 2 != 0));
+}
+
+// Only some threads reach the barrier: the shim must report it, not hang.
+__global__ void divergent_barrier(int* y) {
+  if (threadIdx.x < 16) __syncthreads();
+  y[threadIdx.x] = 1;
+}
+
+extern "C" {
+int run_block_sum(const int* x, int n, unsigned long long* out, int grid) {
+  block_sum<<<grid, 256>>>(x, n, out);
+  return cudaGetLastError();
+}
+int run_mirror(const int* x, int* y) {
+  mirror<<<1, 64>>>(x, y);
+  return cudaGetLastError();
+}
+int run_warp_ops(const int* x, int* y) {
+  warp_ops<<<1, 64>>>(x, y);
+  return cudaGetLastError();
+}
+int run_divergent_barrier(int* y) {
+  divergent_barrier<<<2, 64, 0, nullptr>>>(y);
+  return cudaGetLastError();
+}
+}
+"""
+
+SEEDS = range(8)
+
+
+def _sample(**defines: str) -> ShimLibrary:
+    return ShimLibrary([("sample.cu", SAMPLE)], "sample", defines)
+
+
+def _block_sums(shim: ShimLibrary, x: torch.Tensor, grid: int) -> list[int]:
+    out = []
+    for seed in SEEDS:
+        shim.configure(seed, resident_blocks=3)
+        acc = torch.zeros(1, dtype=torch.int64)
+        rc = shim.lib.run_block_sum(ctypes.c_void_p(x.data_ptr()), x.numel(), ctypes.c_void_p(acc.data_ptr()), grid)
+        shim.check(rc)
+        out.append(int(acc))
+    return out
+
+
+def test_block_reduction_is_exact_with_barriers_and_wrong_without() -> None:
+    x = torch.randint(-1000, 1000, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    want = int(x.sum())
+    assert _block_sums(_sample(), x, grid=4) == [want] * len(SEEDS)
+    broken = _block_sums(_sample(BARRIER="(void)0"), x, grid=4)
+    assert any(got != want for got in broken), "a reduction without barriers went unnoticed"
+
+
+def test_missing_syncwarp_is_caught() -> None:
+    x = torch.arange(64, dtype=torch.int32)
+    want = torch.cat([torch.arange(31, -1, -1), torch.arange(63, 31, -1)]).int()
+
+    def run(shim: ShimLibrary) -> list[bool]:
+        ok = []
+        for seed in SEEDS:
+            shim.configure(seed, yield_prob=0.5)
+            y = torch.zeros(64, dtype=torch.int32)
+            shim.check(shim.lib.run_mirror(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr())))
+            ok.append(torch.equal(y, want))
+        return ok
+
+    assert all(run(_sample()))
+    assert not all(run(_sample(WARP_SYNC="(void)0")))
+
+
+def test_warp_ops_follow_their_definitions() -> None:
+    x = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    shim = _sample()
+    shim.configure(3)
+    y = torch.zeros(64, 3, dtype=torch.int32)
+    shim.check(shim.lib.run_warp_ops(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr())))
+    warps = x.view(2, 32)
+    assert torch.equal(y[:, 0], warps.sum(1).repeat_interleave(32).int())
+    up = torch.cat([torch.cat([w[:3], w[:-3]]) for w in warps])
+    assert torch.equal(y[:, 1], up)
+    ballot = [sum(1 << i for i in range(32) if int(w[i]) % 2) for w in warps]
+    assert [int(v) & 0xFFFFFFFF for v in y[::32, 2]] == ballot
+
+
+def test_barrier_not_reached_by_every_thread_is_an_error() -> None:
+    shim = _sample()
+    shim.configure(0)
+    y = torch.zeros(128, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cannot proceed: 16 of 64 threads wait at __syncthreads"):
+        shim.check(shim.lib.run_divergent_barrier(ctypes.c_void_p(y.data_ptr())))
+
+
+# ---------------------------------------------------------------- the fusedlr kernels
+def _bucket(sizes: list[int], steps: list[int], amsgrad: bool, seed: int) -> tuple[Bucket, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=g) for n in sizes]
+    bucket = Bucket(
+        params=params,
+        exp_avgs=[torch.randn(n, generator=g) for n in sizes],
+        exp_avg_sqs=[torch.rand(n, generator=g) for n in sizes],
+        max_exp_avg_sqs=[torch.rand(n, generator=g) + 1 for n in sizes] if amsgrad else None,
+        steps=torch.tensor(steps, dtype=torch.int64),
+    )
+    return bucket, [torch.randn(n, generator=g) for n in sizes]
+
+
+def _clone(b: Bucket) -> Bucket:
+    c = lambda ts: None if ts is None else [t.clone() for t in ts]
+    return Bucket(c(b.params), c(b.exp_avgs), c(b.exp_avg_sqs), c(b.max_exp_avg_sqs), b.steps.clone())
+
+
+SIZES = [3, 8192 + 5, 1, 0, 2 * 8192, 700]
+STEPS = [1, 7, 2, 9, 30, 4]
+
+
+def _kernels_match_reference(backend: EmulatedCudaBackend, seed: int, sizes=SIZES, steps=STEPS) -> bool:
+    """One grad_stats + adamw_update of tensors with different steps (so per-tensor coefficients differ)."""
+    bucket, grads = _bucket(sizes, steps, amsgrad=True, seed=seed)
+    ref = _clone(bucket)
+    stats, ref_stats = torch.zeros(2), torch.zeros(2)
+    inv = torch.tensor(0.5)
+    backend.grad_stats(bucket, grads, inv, stats)
+    reference.grad_stats(ref, grads, inv, ref_stats)
+    if not torch.allclose(stats, ref_stats, rtol=1e-5, atol=0):
+        return False
+    hyper = GroupHyper(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
+    sched = fusedlr.get_schedule("cosine", num_warmup_steps=2, num_training_steps=10)
+    ctrl = StepControl(
+        k=torch.tensor(3),
+        schedule=sched,
+        schedule_table=sched.as_tensor(),
+        stats=ref_stats,
+        max_norm=1.0,
+        inv_scale=inv,
+        found_inf=torch.tensor(0.0),
+    )
+    backend.adamw_update(bucket, grads, hyper, ctrl)
+    reference.adamw_update(ref, grads, hyper, ctrl)
+    pairs = zip([*bucket.params, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.max_exp_avg_sqs],
+                [*ref.params, *ref.exp_avgs, *ref.exp_avg_sqs, *ref.max_exp_avg_sqs])
+    return all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+
+
+def test_fusedlr_kernels_match_reference_under_many_interleavings() -> None:
+    shim = fusedlr_kernels()
+    shim.disable_barrier(None)
+    for seed in range(4):
+        shim.configure(seed, yield_prob=0.5, resident_blocks=2)
+        assert _kernels_match_reference(EmulatedCudaBackend(shim, grid=3), seed), f"seed {seed}"
+
+
+def test_fusedlr_kernels_on_thousands_of_tensors() -> None:
+    g = torch.Generator().manual_seed(5)
+    sizes = [int(n) for n in torch.randint(0, 40, (3000,), generator=g)] + [8192 * 3 + 1]
+    steps = [int(t) for t in torch.randint(1, 100, (len(sizes),), generator=g)]
+    shim = fusedlr_kernels()
+    shim.configure(11, yield_prob=0.25, resident_blocks=3)
+    assert _kernels_match_reference(EmulatedCudaBackend(shim, grid=5), 0, sizes, steps)
+
+
+@pytest.mark.parametrize("site", range(len(kernel_barrier_sites())), ids=lambda i: kernel_barrier_sites()[i])
+def test_every_barrier_of_the_kernels_is_needed(site: int) -> None:
+    """Without this __syncthreads(), some interleaving gives a result other than the reference's, or threads
+    of a block stop at different barriers (reported by the shim)."""
+    shim = fusedlr_kernels()
+    assert shim.barrier_sites == kernel_barrier_sites()
+    shim.disable_barrier(site)
+    try:
+        caught = False
+        for seed in range(6):
+            shim.configure(seed, yield_prob=0.5, resident_blocks=2)
+            try:
+                caught = not _kernels_match_reference(EmulatedCudaBackend(shim, grid=3), seed)
+            except RuntimeError:
+                caught = True
+            if caught:
+                break
+    finally:
+        shim.disable_barrier(None)
+    assert caught, f"removing the barrier at {shim.barrier_sites[site]} changed no result"

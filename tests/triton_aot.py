@@ -1,0 +1,237 @@
+"""Ahead-of-time compilation of every Triton kernel specialization fusedlr can launch, for a GPU
+architecture, with no GPU (``triton.compile`` with a ``GPUTarget``).
+
+The specializations come from the code, not from a list: the backend's own ``grad_stats`` and
+``adamw_update`` run on CPU tensors with every ``@triton.jit`` kernel of ``fusedlr.triton`` replaced
+by a recorder, over configurations enumerated from the code's own types: every dtype of
+``TL_DTYPES`` for params (grads have their param's dtype), every boolean field of ``GroupHyper``, with and without clipping,
+AMP unscale and found_inf, every ``schedules.Kind`` (and two ``SCHED_N`` values where the kind has
+one), aligned and misaligned tensors. Each distinct launch (kernel + signature + constexprs) is then
+compiled. ``coverage_gaps`` names the constexpr parameters that never took two values although they
+could (a new flag the enumeration does not vary).
+
+    python tests/triton_aot.py OUT_DIR 90 80     # writes OUT_DIR/<kernel>-<hash>.sm_<arch>.cubin
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = ["Launch", "record_launches", "compile_launch", "coverage_gaps", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One specialization: kernel (module, name), signature and constexprs, compile options."""
+
+    module: str
+    name: str
+    signature: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, object], ...]
+    options: tuple[tuple[str, object], ...]
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
+
+
+_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+def _arg_type(value: object, annotation: str) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, float):
+        return "fp64" if "64" in annotation else "fp32"
+    if isinstance(value, int):
+        return "i64" if not -(2**31) <= value < 2**31 or "64" in annotation else "i32"
+    raise TypeError(f"cannot type a kernel argument {value!r}")
+
+
+def _launch_of(kernel, module: str, args: tuple, kwargs: dict) -> Launch:
+    params = kernel.params
+    values = dict(zip([p.name for p in params], args))
+    options = {k: v for k, v in kwargs.items() if k not in {p.name for p in params}}
+    values.update({k: v for k, v in kwargs.items() if k in {p.name for p in params}})
+    signature, constexprs = [], []
+    for p in params:
+        v = values[p.name] if p.name in values else p.default
+        if p.is_constexpr:
+            signature.append((p.name, "constexpr"))
+            constexprs.append((p.name, v))
+        else:
+            signature.append((p.name, _arg_type(v, str(p.annotation))))
+    return Launch(module, kernel.fn.__name__, tuple(signature), tuple(constexprs), tuple(sorted(options.items())))
+
+
+def _configurations():
+    """Optimizer configurations, enumerated from the types the code defines."""
+    from fusedlr.control import GroupHyper
+    from fusedlr.schedules import Kind
+    from fusedlr.triton.grad_stats import TL_DTYPES
+
+    flags = [f.name for f in dataclasses.fields(GroupHyper) if f.type in (bool, "bool")]
+    dtypes = list(TL_DTYPES)
+    kinds = [None, *Kind]
+    base = dict(p=torch.float32, g=torch.float32, kind=None, n=2, aligned=True, clip=False, scale=False, inf=False)
+    base.update({f: False for f in flags})
+    switches = ["clip", "scale", "inf", *flags]
+    # grads have their param's dtype (autograd and the .grad setter enforce it)
+    # every dtype with all switches off and all on, aligned and not
+    for p, on, aligned in itertools.product(dtypes, (False, True), (True, False)):
+        yield {**base, "p": p, "g": p, "aligned": aligned, **{s: on for s in switches}}
+    # every switch alone, for every dtype
+    for p, s in itertools.product(dtypes, switches):
+        yield {**base, "p": p, "g": p, s: True}
+    # every schedule kind (and two SCHED_N where the kind reads one), clipped with AMP
+    for kind, n in itertools.product(kinds, (2, 3)):
+        yield {**base, "kind": kind, "n": n, "clip": True, "scale": True, "inf": True}
+
+
+def _drive(cfg: dict) -> None:
+    """One step of the triton backend's two passes on CPU tensors (the kernels are recorders)."""
+    import fusedlr.triton as backend
+    from fusedlr.bucket import Bucket
+    from fusedlr.control import GroupHyper, StepControl
+
+    off = 0 if cfg["aligned"] else 1
+    sizes = [5000, 37]
+    s_dtype = torch.float64 if cfg["p"] == torch.float64 else torch.float32
+    make = lambda dt: [torch.zeros(n + off, dtype=dt)[off:] for n in sizes]
+    amsgrad = cfg.get("amsgrad", False)
+    bucket = Bucket(make(cfg["p"]), make(s_dtype), make(s_dtype), make(s_dtype) if amsgrad else None,
+                    torch.ones(len(sizes), dtype=torch.int64))
+    grads = make(cfg["g"])
+    fields = {f.name for f in dataclasses.fields(GroupHyper)}
+    hyper = GroupHyper(**{"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01,
+                          **{k: v for k, v in cfg.items() if k in fields}})
+    schedule = None
+    if cfg["kind"] is not None:
+        schedule = type("S", (), {"kind": int(cfg["kind"]), "params": (0.5, float(cfg["n"])) + (1.0,) * 20})()
+    stats = torch.zeros(2)
+    inv = torch.tensor(0.5) if cfg["scale"] else None
+    ctrl = StepControl(
+        k=torch.zeros((), dtype=torch.int64),
+        schedule=schedule,
+        schedule_table=torch.zeros(24, dtype=torch.float64) if schedule is not None else None,
+        stats=stats,
+        max_norm=1.0 if cfg["clip"] else None,
+        inv_scale=inv,
+        found_inf=torch.zeros(()) if cfg["inf"] else None,
+    )
+    backend.grad_stats(bucket, grads, inv, stats)
+    backend.adamw_update(bucket, grads, hyper, ctrl)
+
+
+def record_launches() -> list[Launch]:
+    """Every distinct launch of the triton backend over ``_configurations()``."""
+    import triton
+
+    import fusedlr.triton  # noqa: F401  (imports the kernel modules)
+
+    launches: dict[Launch, None] = {}
+    patched = []
+
+    class Recorder:
+        def __init__(self, kernel, module: str) -> None:
+            self.kernel, self.module = kernel, module
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.setdefault(_launch_of(self.kernel, self.module, args, kwargs))
+
+            return launch
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fusedlr.triton.") and module is not None:
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, triton.runtime.jit.JITFunction):
+                    patched.append((module, attr, value))
+                    setattr(module, attr, Recorder(value, name))
+    try:
+        for cfg in _configurations():
+            _drive(cfg)
+    finally:
+        for module, attr, value in patched:
+            setattr(module, attr, value)
+    return list(launches)
+
+
+def coverage_gaps(launches: list[Launch]) -> list[str]:
+    """Boolean constexprs of a launched kernel that never took both values."""
+    gaps = []
+    for module, name in {(la.module, la.name) for la in launches}:
+        seen: dict[str, set] = {}
+        for la in launches:
+            if (la.module, la.name) == (module, name):
+                for k, v in la.constexprs:
+                    seen.setdefault(k, set()).add(v)
+        gaps += [f"{name}.{k}" for k, vs in seen.items() if len(vs) == 1 and isinstance(next(iter(vs)), bool)]
+    return sorted(gaps)
+
+
+def compile_launch(launch: Launch, arch: int, out: Path) -> dict:
+    """Compiles one launch for sm_<arch>; writes its cubin; returns its metadata summary."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(launch.module), launch.name)
+    names = [n for n, _ in launch.signature]
+    constexprs = {(names.index(k),): v for k, v in launch.constexprs}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (_, t) in enumerate(launch.signature) if t.startswith("*")}
+    src = ASTSource(kernel, dict(launch.signature), constexprs, attrs)
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+    path = out / f"{launch.name}-{launch.key}.sm_{arch}.cubin"
+    path.write_bytes(compiled.asm["cubin"])
+    (out / f"{launch.name}-{launch.key}.json").write_text(
+        json.dumps({"constexprs": {k: str(v) for k, v in launch.constexprs}, "signature": dict(launch.signature)})
+    )
+    return {"cubin": str(path), "seconds": time.perf_counter() - start, "shared": compiled.metadata.shared}
+
+
+def _compile_one(job: tuple[Launch, int, str]) -> dict:
+    return compile_launch(job[0], job[1], Path(job[2]))
+
+
+def main(argv: list[str]) -> int:
+    out, archs = Path(argv[0]), [int(a) for a in argv[1:]] or [90, 80]
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    start = time.perf_counter()
+    launches = record_launches()
+    print(f"triton {triton.__version__}: {len(launches)} distinct launches recorded in "
+          f"{time.perf_counter() - start:.1f}s; coverage gaps: {coverage_gaps(launches) or 'none'}", flush=True)
+    jobs = [(la, arch, str(out)) for la in launches for arch in archs]
+    with ProcessPoolExecutor(2) as pool:
+        results = list(pool.map(_compile_one, jobs))
+    print(f"compiled {len(results)} cubins for sm_{archs} in {time.perf_counter() - start:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
