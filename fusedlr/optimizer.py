@@ -35,7 +35,7 @@ def _check_lr(lr: object, read_value: bool) -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
             raise ValueError(
-                f"Tensor lr must be a 1-element float32 or float64 tensor, got {lr.dtype} of shape {tuple(lr.shape)}"
+                f"Tensor lr must be 1-element and float32 or float64, got {lr.dtype} of shape {tuple(lr.shape)}"
             )
         if read_value and not bool(0.0 <= lr < math.inf):
             raise ValueError(f"Invalid learning rate: {lr}")

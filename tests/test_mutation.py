@@ -30,9 +30,9 @@ def _bias_correction_off_by_one(mp: pytest.MonkeyPatch) -> None:
     """Bias corrections computed with step t + 1 instead of t."""
     original = reference.adamw_update
 
-    def mutant(bucket, grads, hyper, ctrl):
+    def mutant(bucket, grads, hyper, ctrl, applied_lr=None):
         bucket.steps.add_(1)
-        original(bucket, grads, hyper, ctrl)
+        original(bucket, grads, hyper, ctrl, applied_lr)
         bucket.steps.sub_(1)
 
     mp.setattr(reference, "adamw_update", mutant)
@@ -41,8 +41,9 @@ def _bias_correction_off_by_one(mp: pytest.MonkeyPatch) -> None:
 def _amsgrad_max_dropped(mp: pytest.MonkeyPatch) -> None:
     """amsgrad ignored: the running maximum is neither updated nor used."""
     original = reference.adamw_update
-    def mutant(bucket, grads, hyper, ctrl):
-        original(dataclasses.replace(bucket, max_exp_avg_sqs=None), grads, hyper, ctrl)
+
+    def mutant(bucket, grads, hyper, ctrl, applied_lr=None):
+        original(dataclasses.replace(bucket, max_exp_avg_sqs=None), grads, hyper, ctrl, applied_lr)
 
     mp.setattr(reference, "adamw_update", mutant)
 
