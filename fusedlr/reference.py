@@ -66,14 +66,16 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 
 
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
-    """Pass 1: accumulate the sum of squares of the unscaled grads and the non-finite count into ``out``."""
-    if not grads:
-        return
-    norms = torch.stack(torch._foreach_norm(grads, 2, dtype=_math_dtype(grads[0]))).to(torch.float32)
-    scaled = norms if inv_scale is None else norms * inv_scale
-    out[0] += scaled.square().sum()
-    finite = torch.stack([torch.isfinite(g).sum() for g in grads]).sum()
-    out[1] += (sum(g.numel() for g in grads) - finite).to(torch.float32)
+    """Pass 1: accumulate the sum of squares of the unscaled grads and the non-finite count into ``out``.
+
+    Each tensor's squares are summed in float32 (the kernels' accumulation type), tensor by tensor.
+    """
+    for g in grads:
+        gf = g.to(torch.float32)
+        if inv_scale is not None:
+            gf = gf * inv_scale
+        out[0] += gf.square().sum()
+        out[1] += (~torch.isfinite(g)).sum().to(torch.float32)
 
 
 def scheduled_lr(lr: float | Tensor, ctrl: StepControl) -> Tensor:

@@ -134,7 +134,7 @@ def test_a_step_that_raises_changes_nothing(backend: str, fault: str, monkeypatc
             o.step()
     _grads(params, 3)
     before = _snapshot(params, opt)
-    impl = opt._impl
+    impl = opt._step_cache["impl"]
     kwargs = {}
     if fault == "grad_stats on the 2nd bucket":
         monkeypatch.setattr(impl, "grad_stats", _raise_on_call(impl.grad_stats, 2))

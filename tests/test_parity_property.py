@@ -212,8 +212,9 @@ def check_case(backend: str, case: Case) -> None:
             for key, value in ts.items():
                 if key == "step":
                     assert int(fs[key]) == int(value), f"{what}, param {i}: step {int(fs[key])} vs {int(value)}"
-                else:
-                    torch.testing.assert_close(fs[key], value, rtol=1e-5, atol=1e-9,
+                else:  # atol: one float32 ulp at the gradients' scale (moments can cancel to ~1e-4 while
+                    # their inputs are O(1), so a one-ulp difference in the clip coefficient shows there)
+                    torch.testing.assert_close(fs[key], value, rtol=1e-5, atol=1e-7,
                                                msg=lambda m, i=i, key=key: f"{what}, param {i} {key}: {m}")
 
 

@@ -18,7 +18,8 @@ __device__ void block_sum(float& sum, unsigned int& count) {
     count += __shfl_down_sync(0xffffffffu, count, off);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // the shared arrays are free (block_sum may run twice)
+  // No barrier needed before the writes below when block_sum runs a second time (stage 2): the
+  // block barrier between the two calls orders warp 0's reads of the first call before them.
   if (lane == 0) {
     s_sum[warp] = sum;
     s_count[warp] = count;
