@@ -4,7 +4,8 @@
 #
 #   .ci/other_torch.sh install DIR 2.11.0 cuda    venv + PyPI's torch 2.11 (the CUDA 13 build the GPU
 #                                                 machine runs; imports without a driver)
-#   .ci/other_torch.sh install DIR 2.6.0 cpu      venv + the oldest supported torch
+#   .ci/other_torch.sh install DIR 2.6.0 cpu [REQ...]  venv + the oldest supported torch (+ extra
+#                                                 requirements, e.g. pins that torch's era needs)
 #   .ci/other_torch.sh test DIR [pytest args]     copy the tree, build the extension (for "cuda": the
 #                                                 CUDA kernels for sm_90, nvcc found by setup.py, no
 #                                                 CUDA_HOME), import fusedlr._C, run the suite
@@ -22,11 +23,12 @@ phase() { local now; now=$(date +%s); echo "[$(cat "$dir/label")] $1: $((now - p
 if [ "$action" = install ]; then
   version=${3:?torch version}
   kind=${4:?cpu or cuda}
+  shift 4
   rm -rf "$dir" && mkdir -p "$dir"
   echo "torch $version/$kind" > "$dir/label"
   echo "$kind" > "$dir/kind"
   python -m venv "$dir/venv"
-  "$dir/venv/bin/python" -m pip install -q "torch==$version" ninja setuptools wheel
+  "$dir/venv/bin/python" -m pip install -q "torch==$version" ninja setuptools wheel "$@"
   phase "install torch"
   exit 0
 fi

@@ -5,7 +5,8 @@ The specializations come from the code, not from a list: the backend's own ``gra
 ``adamw_update`` run on CPU tensors with every ``@triton.jit`` kernel of ``fusedlr.triton`` replaced
 by a recorder, over configurations enumerated from the code's own types: every dtype of
 ``TL_DTYPES`` for params (grads have their param's dtype), every boolean field of ``GroupHyper``, with and without clipping,
-AMP unscale and found_inf, every ``schedules.Kind`` (and two ``SCHED_N`` values where the kind has
+AMP unscale and found_inf, a float lr and a 0-d float32/float64 tensor lr, with and without the
+applied-LR output buffer, every ``schedules.Kind`` (and two ``SCHED_N`` values where the kind has
 one), aligned and misaligned tensors. Each distinct launch (kernel + signature + constexprs) is then
 compiled. ``coverage_gaps`` names the constexpr parameters that never took two values although they
 could (a new flag the enumeration does not vary).
@@ -93,7 +94,11 @@ def _configurations():
     flags = [f.name for f in dataclasses.fields(GroupHyper) if f.type in (bool, "bool")]
     dtypes = list(TL_DTYPES)
     kinds = [None, *Kind]
-    base = dict(p=torch.float32, g=torch.float32, kind=None, n=2, aligned=True, clip=False, scale=False, inf=False)
+    # lr: a float, or a 0-d tensor of each dtype the optimizer accepts (read on the device);
+    # applied: the applied-LR output buffer (the optimizer always passes one; backend callers may not)
+    lrs = [None, torch.float32, torch.float64]
+    base = dict(p=torch.float32, g=torch.float32, kind=None, n=2, aligned=True, clip=False, scale=False, inf=False,
+                lr=None, applied=True)
     base.update({f: False for f in flags})
     switches = ["clip", "scale", "inf", *flags]
     # grads have their param's dtype (autograd and the .grad setter enforce it)
@@ -103,9 +108,12 @@ def _configurations():
     # every switch alone, for every dtype
     for p, s in itertools.product(dtypes, switches):
         yield {**base, "p": p, "g": p, s: True}
-    # every schedule kind (and two SCHED_N where the kind reads one), clipped with AMP
-    for kind, n in itertools.product(kinds, (2, 3)):
-        yield {**base, "kind": kind, "n": n, "clip": True, "scale": True, "inf": True}
+    # every lr type with and without the applied-LR buffer, for every dtype, aligned and not
+    for p, lr, applied, aligned in itertools.product(dtypes, lrs, (True, False), (True, False)):
+        yield {**base, "p": p, "g": p, "lr": lr, "applied": applied, "aligned": aligned}
+    # every schedule kind (and two SCHED_N where the kind reads one), clipped with AMP, float and tensor lr
+    for kind, n, lr in itertools.product(kinds, (2, 3), lrs):
+        yield {**base, "kind": kind, "n": n, "clip": True, "scale": True, "inf": True, "lr": lr}
 
 
 def _drive(cfg: dict) -> None:
@@ -123,8 +131,9 @@ def _drive(cfg: dict) -> None:
                     torch.ones(len(sizes), dtype=torch.int64))
     grads = make(cfg["g"])
     fields = {f.name for f in dataclasses.fields(GroupHyper)}
-    hyper = GroupHyper(**{"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01,
-                          **{k: v for k, v in cfg.items() if k in fields}})
+    lr = 1e-3 if cfg["lr"] is None else torch.tensor(1e-3, dtype=cfg["lr"])
+    hyper = GroupHyper(**{"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01,
+                          **{k: v for k, v in cfg.items() if k in fields and k != "lr"}, "lr": lr})
     schedule = None
     if cfg["kind"] is not None:
         schedule = type("S", (), {"kind": int(cfg["kind"]), "params": (0.5, float(cfg["n"])) + (1.0,) * 20})()
@@ -140,7 +149,8 @@ def _drive(cfg: dict) -> None:
         found_inf=torch.zeros(()) if cfg["inf"] else None,
     )
     backend.grad_stats(bucket, grads, inv, stats)
-    backend.adamw_update(bucket, grads, hyper, ctrl)
+    applied_lr = torch.full((2,), float("nan"), dtype=torch.float64)[1] if cfg["applied"] else None
+    backend.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
 
 
 def record_launches() -> list[Launch]:
