@@ -26,7 +26,13 @@ from ..precision import reference_only
 # The kernel modules import triton (which reads TRITON_INTERPRET when the kernels are defined).
 # Imported before the functions below are defined: ``grad_stats`` names both a submodule and a
 # function of this package, and the function must win.
+#: The oldest triton the kernels are tested with (3.6 on the GPU machine, the newest in CI). Older ones
+#: differ in APIs the kernels use (torch 2.6 pins triton 3.2, whose interpreter also mishandles them).
+MIN_TRITON = (3, 6)
+
 try:
+    import triton
+
     from . import adamw as _adamw_kernel
     from . import grad_stats as _grad_stats_kernel
     from . import tables as _tables
@@ -47,12 +53,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def available(device: torch.device) -> str | None:
     """None when this backend can run on ``device``, else the reason and the fix."""
     if _IMPORT_ERROR is not None:
         if getattr(_IMPORT_ERROR, "name", None) == "triton":
             return "triton is not installed: pip install triton"
         return f"triton could not be imported ({_IMPORT_ERROR}): reinstall it (pip install -U triton)"
+    if _version(triton.__version__) < MIN_TRITON:
+        return (
+            f"fusedlr's Triton kernels need triton>={'.'.join(map(str, MIN_TRITON))}, found {triton.__version__}: "
+            "upgrade torch (which pins its triton) or use backend='cuda' or 'torch'"
+        )
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
