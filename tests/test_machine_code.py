@@ -35,8 +35,9 @@ def _setup(arg: str) -> str:
 
 @functools.cache
 def binaries(arch: str) -> tuple[Path, ...]:
-    """What ships for ``arch``: the installed CUDA build's library, else cubins built like setup.py builds."""
-    if extension.has_kernel("cuda"):
+    """What ships for ``arch``: the installed CUDA build's library when it holds ``arch``, else cubins built
+    like setup.py builds."""
+    if extension.has_kernel("cuda") and int(arch[3:]) * 10 in tuple(getattr(extension._C, "CUDA_ARCHS", ())):
         return (Path(extension._C.__file__),)
     cuda_home = _setup("--cuda-home")
     if not cuda_home:
