@@ -17,6 +17,7 @@ from .distributed import ReduceKey
 from .history import HistoryRecords, StepHistory
 from .plan import STATE_KEYS, Plan, plan_for_step, state_dtype
 from .reference import clip_coefficient
+from .reference import scheduled_lr as reference_scheduled_lr
 from .schedules import Schedule
 
 __all__ = ["AdamW"]
@@ -224,14 +225,23 @@ class AdamW(torch.optim.Optimizer):
         return self._k
 
     def scheduled_lr(self, group: int = 0) -> Tensor:
-        """The LR the next update applies to ``param_groups[group]``, as a 0-d float64 device tensor."""
+        """The LR the next update applies to ``param_groups[group]``, as a 0-d float64 device tensor
+        (evaluated as the update pass does, from the device schedule table, so a ``DevicePlateau``
+        reduction shows)."""
         device = self._device() or torch.device("cpu")
         lr = self.param_groups[group]["lr"]
         if isinstance(lr, Tensor):
-            lr = lr.to(device=device, dtype=torch.float64).reshape(())
-        else:
-            lr = torch.full((), lr, dtype=torch.float64, device=device)
-        return lr if self.schedule is None else lr * self.schedule(self._schedule_index(device))
+            lr = lr.to(device)
+        ctrl = StepControl(
+            k=self._schedule_index(device),
+            schedule=self.schedule,
+            schedule_table=self._schedule_tensor(device),
+            stats=None,
+            max_norm=None,
+            inv_scale=None,
+            found_inf=None,
+        )
+        return reference_scheduled_lr(lr, ctrl)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         """Create the missing state of ``p`` for its ``group``: step, moments in the group's state dtype,
@@ -469,16 +479,13 @@ class AdamW(torch.optim.Optimizer):
             raise
         self._plan = None
 
-    # Attributes rebuilt on demand from the others: not copied by deepcopy or pickle.
-    _CACHES = ("_step_cache",)
-
     def __getstate__(self) -> dict[str, Any]:
         """Every attribute (schedule, max_grad_norm, backend, schedule index, ... and any added later)
-        but the caches and torch's hooks (which torch's own ``__getstate__`` does not keep either)."""
+        but the step cache (rebuilt on demand) and torch's hooks (which torch's own ``__getstate__`` does not keep either)."""
         return {
             k: v
             for k, v in self.__dict__.items()
-            if k not in self._CACHES and not k.startswith("_optimizer_")
+            if k != "_step_cache" and not k.startswith("_optimizer_")
         }
     def _adopt_torch_groups(self) -> None:
         """After loading a torch state dict: drop torch-only group flags (``fused: True`` would be a lie

@@ -199,9 +199,11 @@ def test_device_plateau_decides_as_torch(kwargs: dict, with_schedule: bool) -> N
     plateau = fusedlr.DevicePlateau(opt, **kwargs)
     for k, m in enumerate(metrics):
         q.grad = torch.ones(2)
+        announced = opt.scheduled_lr().clone()  # the next update's LR, plateau reductions included
         opt.step()
         want = topt.param_groups[0]["lr"] * (0.99**k if with_schedule else 1.0)
         assert float(opt.applied_lr()) == pytest.approx(want, rel=1e-12), k
+        assert float(announced) == float(opt.applied_lr()), k
         tplateau.step(m)
         plateau.step(torch.tensor(m))
     assert topt.param_groups[0]["lr"] < LR  # the sequence did reduce the LR

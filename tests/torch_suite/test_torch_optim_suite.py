@@ -199,7 +199,7 @@ def test_tensor_lr() -> None:
     for optim_input in inputs():
         torch.manual_seed(0)
         weight, bias = linear_params()
-        weight_c, bias_c = (Parameter(t.detach().clone()) for t in (weight, bias))
+        weight_c, bias_c = _copies(weight, bias)
         x = torch.randn(5)
         kwargs = {**optim_input.kwargs, "lr": 1e-3}
         opt_r = make("torch", [weight, bias], **kwargs)
@@ -297,15 +297,25 @@ def _train(opt, params: list[torch.Tensor], steps: int, x: torch.Tensor) -> None
         opt.step()
 
 
+def _trained(backend: str, kwargs: dict, steps: int) -> tuple[fusedlr.AdamW, Parameter, Parameter, torch.Tensor]:
+    """A seeded linear model's (weight, bias) after ``steps`` updates, its optimizer and input."""
+    torch.manual_seed(0)
+    weight, bias = linear_params()
+    x = torch.randn(5)
+    opt = make(backend, [weight, bias], **kwargs)
+    _train(opt, [weight, bias], steps, x)
+    return opt, weight, bias, x
+
+
+def _copies(weight: Parameter, bias: Parameter) -> tuple[Parameter, Parameter]:
+    return Parameter(weight.detach().clone()), Parameter(bias.detach().clone())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_deterministic(backend: str) -> None:
     for optim_input in inputs():
-        torch.manual_seed(0)
-        weight, bias = linear_params()
-        x = torch.randn(5)
-        opt = make(backend, [weight, bias], **optim_input.kwargs)
-        _train(opt, [weight, bias], 3, x)
-        weight_c, bias_c = (Parameter(t.detach().clone()) for t in (weight, bias))
+        opt, weight, bias, x = _trained(backend, optim_input.kwargs, 3)
+        weight_c, bias_c = _copies(weight, bias)
         opt_c = make(backend, [weight_c, bias_c], **optim_input.kwargs)
         sd = copy.deepcopy(opt.state_dict())
         sd_c = copy.deepcopy(opt.state_dict())
@@ -322,18 +332,14 @@ def test_state_dict_deterministic(backend: str) -> None:
 def test_can_load_older_state_dict(backend: str) -> None:
     """A state dict from before the flags were added (no ``maximize``), with a python-number step."""
     for optim_input in inputs():
-        torch.manual_seed(0)
-        weight, bias = linear_params()
-        x = torch.randn(5)
-        opt = make(backend, [weight, bias], **optim_input.kwargs)
-        _train(opt, [weight, bias], 3, x)
+        opt, weight, bias, x = _trained(backend, optim_input.kwargs, 3)
         sd = copy.deepcopy(opt.state_dict())
         for group in sd["param_groups"]:
             for flag in INFO.not_og_supported_flags:
                 group.pop(flag, None)
         for state in sd["state"].values():
             state["step"] = state["step"].item()
-        weight_c, bias_c = (Parameter(t.detach().clone()) for t in (weight, bias))
+        weight_c, bias_c = _copies(weight, bias)
         opt_c = make(backend, [weight_c, bias_c], **optim_input.kwargs)
         opt_c.load_state_dict(sd)
         _train(opt_c, [weight_c, bias_c], 2, x)
@@ -345,11 +351,7 @@ def test_can_load_older_state_dict(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_save_load_equality_with_weights_only(backend: str) -> None:
     for optim_input in inputs():
-        torch.manual_seed(0)
-        weight, bias = linear_params()
-        x = torch.randn(5)
-        opt = make(backend, [weight, bias], **optim_input.kwargs)
-        _train(opt, [weight, bias], 2, x)
+        opt, _, _, _ = _trained(backend, optim_input.kwargs, 2)
         sd = opt.state_dict()
         buf = io.BytesIO()
         torch.save(sd, buf)
