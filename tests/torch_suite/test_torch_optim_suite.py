@@ -193,17 +193,17 @@ def test_matches_torch_forloop(backend: str) -> None:
 
 
 # ------------------------------------------------------------------ tensor lr
-def test_tensor_lr() -> None:
-    """Tensor lr equals the float lr. Reference backend only: the compiled backends do not read a tensor lr
-    yet (they refuse it with an error; issue 8 makes them read it on the device)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_lr(backend: str) -> None:
+    """A tensor lr (read on the device by every backend) equals the float lr."""
     for optim_input in inputs():
         torch.manual_seed(0)
         weight, bias = linear_params()
         weight_c, bias_c = _copies(weight, bias)
         x = torch.randn(5)
         kwargs = {**optim_input.kwargs, "lr": 1e-3}
-        opt_r = make("torch", [weight, bias], **kwargs)
-        opt = make("torch", [weight_c, bias_c], **{**kwargs, "lr": torch.tensor(1e-3)})
+        opt_r = make(backend, [weight, bias], **kwargs)
+        opt = make(backend, [weight_c, bias_c], **{**kwargs, "lr": torch.tensor(1e-3)})
         for _ in range(5):
             for o, w, b in ((opt_r, weight, bias), (opt, weight_c, bias_c)):
                 o.zero_grad()
