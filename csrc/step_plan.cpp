@@ -7,7 +7,8 @@
 // anything differs, a gradient is one the kernels cannot read, or an input is not what the
 // kernels take, it changes nothing and returns False: the general path then rebuilds the plan (or
 // refuses the gradient with its message). Otherwise it runs what the ops would: pass 1 into
-// ``stats`` (clipping, AMP), the step counters, pass 2 of each bucket and the schedule index, with the kernels of csrc/cpu/kernels.h called directly, and bumps the version counters of
+// ``stats`` (clipping, AMP), the step counters, pass 2 of each bucket, the norm and the schedule
+// index, with the kernels of csrc/cpu/kernels.h called directly, and bumps the version counters of
 // the tensors each op writes (as csrc/bindings.cpp's bump_written_versions does).
 #include "step_plan.h"
 
@@ -236,7 +237,7 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
 // Per-step inputs as the ops take them (see fusedlr.optimizer.AdamW.step).
 struct StepArgs {
   std::vector<GroupInput> groups;
-  at::Tensor k, schedule, inv_scale, found_inf, stats, found_inf_out, applied_lr;
+  at::Tensor k, schedule, inv_scale, found_inf, stats, found_inf_out, applied_lr, norm;
   std::optional<double> max_norm;
   bool advance_k = false;
 };
@@ -286,29 +287,31 @@ bool parse_groups(const StepPlan& plan, PyObject* hypers, StepArgs& a, bool& sta
 bool collect_grads(StepPlan& plan, bool with_stats) {
   const size_t n = plan.params.size();
   int64_t words[kSigWords];
+  std::vector<char> copy_update(plan.buckets.size(), 0), copy_stats(plan.buckets.size(), 0);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = plan.params[i];
     const at::Tensor& g = p.grad();
-    if (!param_signature(p, g, words) || std::memcmp(words, &plan.signature[i * kSigWords], sizeof(words)) != 0) {
+    const int64_t* expected = &plan.signature[i * kSigWords];
+    if (!param_signature(p, g, words) || words[0] != expected[0] || words[1] != expected[1] ||
+        words[2] != expected[2]) {
       return false;
     }
     if (!g.defined()) continue;
-    PlanBucket& b = plan.buckets[plan.bucket_of[i]];
+    const int64_t bi = plan.bucket_of[i];
+    PlanBucket& b = plan.buckets[bi];
     const size_t j = b.grads.size();
     if (!linear(p) || !same_layout(b.exp_avgs[j], p)) return false;  // p.data = a tensor of another layout
+    const bool lin = linear(g);
+    copy_update[bi] |= !lin || !same_layout(g, p);
+    copy_stats[bi] |= !lin;
     b.grads.push_back(g);
   }
-  for (PlanBucket& b : plan.buckets) {
-    bool copy_update = false, copy_stats = false;
-    for (size_t j = 0; j < b.grads.size(); ++j) {
-      const bool lin = linear(b.grads[j]);
-      copy_update = copy_update || !lin || !same_layout(b.grads[j], b.params[j]);
-      copy_stats = copy_stats || !lin;
-    }
-    if (copy_update) {
+  for (size_t bi = 0; bi < plan.buckets.size(); ++bi) {
+    PlanBucket& b = plan.buckets[bi];
+    if (copy_update[bi]) {
       for (size_t j = 0; j < b.grads.size(); ++j) b.update_grads.push_back(kernel_grad(b.grads[j], &b.params[j]));
     }
-    if (copy_stats && with_stats) {
+    if (copy_stats[bi] && with_stats) {
       for (const at::Tensor& g : b.grads) b.stats_grads.push_back(kernel_grad(g, nullptr));
     }
   }
@@ -380,11 +383,12 @@ void run_step(StepPlan& plan, const StepArgs& a) {
   }
 }
 
-// step(hypers, k, schedule, max_norm, inv_scale, found_inf, stats, found_inf_out, applied_lr, advance_k) -> bool.
-// ``stats`` (float32 [2], zeroed here): run pass 1 into it. ``found_inf_out`` (float32 0-d): receive
-// GradScaler's found_inf from pass 1 and skip on it. ``advance_k``: add the number of applied updates to
-// ``k``. False: stale, nothing was written. (The caller takes the norm, sqrt(stats[0]), with torch.sqrt,
-// whose float32 rounding std::sqrt does not always match.)
+// step(hypers, k, schedule, max_norm, inv_scale, found_inf, stats, found_inf_out, applied_lr, norm, advance_k)
+// -> bool. ``stats`` (float32 [2], zeroed here): run pass 1 into it. ``found_inf_out`` (float32 0-d):
+// receive GradScaler's found_inf from pass 1 and skip on it. ``norm`` (float32 0-d): receives
+// sqrt(stats[0]) from torch's sqrt, as the general path computes it (std::sqrt rounds differently from
+// torch's float32 sqrt on the CPU). ``advance_k``: add the number of applied updates to ``k``. False:
+// stale, nothing was written.
 PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
   auto* self = reinterpret_cast<StepPlanObject*>(self_obj);
   if (self->plan == nullptr) {
@@ -392,10 +396,10 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
     return nullptr;
   }
   StepPlan& plan = *self->plan;
-  PyObject *hypers, *k, *schedule, *max_norm, *inv_scale, *found_inf, *stats, *found_inf_out, *applied_lr;
+  PyObject *hypers, *k, *schedule, *max_norm, *inv_scale, *found_inf, *stats, *found_inf_out, *applied_lr, *norm;
   int advance_k;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOOp", &hypers, &k, &schedule, &max_norm, &inv_scale, &found_inf, &stats,
-                        &found_inf_out, &applied_lr, &advance_k)) {
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOp", &hypers, &k, &schedule, &max_norm, &inv_scale, &found_inf, &stats,
+                        &found_inf_out, &applied_lr, &norm, &advance_k)) {
     return nullptr;
   }
   try {
@@ -407,7 +411,8 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
     }
     if (!tensor_or_none(k, a.k) || !tensor_or_none(schedule, a.schedule) || !tensor_or_none(inv_scale, a.inv_scale) ||
         !tensor_or_none(found_inf, a.found_inf) || !tensor_or_none(stats, a.stats) ||
-        !tensor_or_none(found_inf_out, a.found_inf_out) || !tensor_or_none(applied_lr, a.applied_lr)) {
+        !tensor_or_none(found_inf_out, a.found_inf_out) || !tensor_or_none(applied_lr, a.applied_lr) ||
+        !tensor_or_none(norm, a.norm)) {
       PyErr_SetString(PyExc_TypeError, "fusedlr._C.StepPlan.step: expected tensors or None");
       return nullptr;
     }
@@ -416,7 +421,8 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
                  !cpu_scalar_ok(a.inv_scale, at::kFloat, 1, true) || !cpu_scalar_ok(a.found_inf, at::kFloat, 1, true) ||
                  !cpu_scalar_ok(a.stats, at::kFloat, 2, false) || !cpu_scalar_ok(a.found_inf_out, at::kFloat, 1, true) ||
                  !cpu_scalar_ok(a.applied_lr, at::kDouble, plan.n_groups, false) ||
-                 ((a.max_norm.has_value() || a.found_inf_out.defined()) && !a.stats.defined()) ||
+                 !cpu_scalar_ok(a.norm, at::kFloat, 1, true) ||
+                 ((a.max_norm.has_value() || a.found_inf_out.defined() || a.norm.defined()) && !a.stats.defined()) ||
                  (a.found_inf_out.defined() && a.found_inf.defined());
     if (!stale && !parse_groups(plan, hypers, a, stale)) return nullptr;
     stale = stale || !collect_grads(plan, a.stats.defined());
@@ -431,6 +437,7 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
       Py_END_ALLOW_THREADS
     }
     clear_scratch(plan);
+    if (error.empty() && !stale && a.norm.defined()) at::sqrt_out(a.norm, a.stats.select(0, 0));
     if (!error.empty()) {
       PyErr_SetString(PyExc_RuntimeError, error.c_str());
       return nullptr;
@@ -463,7 +470,7 @@ PyObject* step_plan_reduce(PyObject* /*self*/, PyObject* /*args*/) {
 
 PyMethodDef step_plan_methods[] = {
     {"step", step_plan_step, METH_VARARGS,
-     "step(hypers, k, schedule, max_norm, inv_scale, found_inf, stats, found_inf_out, applied_lr, advance_k) "
+     "step(hypers, k, schedule, max_norm, inv_scale, found_inf, stats, found_inf_out, applied_lr, norm, advance_k) "
      "-> bool: one step of every bucket; False (nothing written) when the plan is stale."},
     {"__reduce__", step_plan_reduce, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};

@@ -26,6 +26,8 @@ from .plan import Plan
 
 __all__ = ["step"]
 
+_CPU = torch.device("cpu")
+
 
 class _Fast:
     """What the fast path keeps for one plan (in ``AdamW._step_cache['fast']``, never pickled)."""
@@ -80,7 +82,7 @@ def _group_key(group: dict[str, Any]) -> tuple:
 def _hypers(opt: Any, fast: _Fast, device: torch.device) -> tuple:
     """Per param group: ``(lr, lr tensor or None, beta1, beta2, eps, weight_decay, maximize)`` as the kernels
     take them (None for a group without a bucket), checked by ``AdamW._hyper`` when the group values change."""
-    keys = tuple(_group_key(g) for g in opt.param_groups)
+    keys = tuple([_group_key(g) for g in opt.param_groups])
     if keys != fast.keys:
         used = {gi for gi, _, _, _ in fast.plan.buckets}
         hypers = []
@@ -109,7 +111,7 @@ def step(opt: Any, grad_scaler: Any) -> bool:
         cache["fast"] = fast
     if fast.native is None:
         return False
-    device = torch.device("cpu")
+    device = _CPU
     hypers = _hypers(opt, fast, device)
     opt._warn_on_double_schedule()
     inv_scale, found_inf, check_inf = opt._amp(device, grad_scaler)
@@ -127,12 +129,11 @@ def step(opt: Any, grad_scaler: Any) -> bool:
         fast.stats if need_stats else None,
         found_out,
         opt._applied_lr_buffer(device),
+        opt._norm_buffer(device) if need_stats else None,
         history is None,
     )
     if not ran:
         return False
-    if need_stats:
-        torch.sqrt(fast.stats[0], out=opt._norm_buffer(device))
     if check_inf:
         found_inf = found_out
         grad_scaler._per_optimizer_states[id(opt)]["found_inf_per_device"][device] = found_inf

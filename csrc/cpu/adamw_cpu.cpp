@@ -55,6 +55,7 @@ struct Item {
 
 std::vector<Item> make_items(const std::vector<int64_t>& numels, int64_t* total) {
   std::vector<Item> items;
+  items.reserve(numels.size());
   *total = 0;
   for (size_t i = 0; i < numels.size(); ++i) {
     for (int64_t s = 0; s < numels[i]; s += kChunk) items.push_back({static_cast<int64_t>(i), s, std::min(kChunk, numels[i] - s)});
@@ -161,7 +162,8 @@ void adamw_impl(at::TensorList params, const std::vector<at::Tensor>& grads, at:
   std::vector<AdamWCoeffs<S>> coeffs(n);
   for (size_t i = 0; i < n; ++i) {
     numels[i] = params[i].numel();
-    coeffs[i] = tensor_coeffs<S>(h, s, steps[i]);
+    // Tensors of a bucket mostly share their step: their coefficients are computed once.
+    coeffs[i] = i > 0 && steps[i] == steps[i - 1] ? coeffs[i - 1] : tensor_coeffs<S>(h, s, steps[i]);
   }
   int64_t total = 0;
   const std::vector<Item> items = make_items(numels, &total);
