@@ -1,10 +1,11 @@
 """Host-cost benchmark: one optimizer step over many tiny parameters, where the host path is the cost.
 
 2000 one-element fp32 params on the CPU, new gradient tensors every step (as ``zero_grad(set_to_none=True)``
-gives), global-norm clipping (1.0) and a cosine schedule. Every fusedlr backend that runs here (``opt.step()``)
-side by side with torch's recipes in the same run (``clip_grad_norm_`` + ``torch.optim.AdamW(fused=True)`` or
+gives), global-norm clipping (1.0) and a cosine schedule. Every fusedlr backend that runs here (``opt.step()``;
+``fusedlr-cpu`` takes the eager fast path, ``fusedlr-cpu-op-path`` is the same backend through the ops) side by
+side with torch's recipes in the same run (``clip_grad_norm_`` + ``torch.optim.AdamW(fused=True)`` or
 ``(foreach=True)`` + ``LambdaLR.step()``). Reported: median / p10 / p90 wall time per step in microseconds and
-torch-fused time / this time. Not a test: nothing is asserted (the goal, <= 100 us per fused step, is reported).
+torch-fused time / this time, torch-foreach time / this time. Not a test: nothing is asserted (the goal, <= 100 us per fused step, is reported).
 
     python benchmarks/host_cost.py [--tensors 2000] [--steps 300] [--out benchmarks/results]
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import fusedlr
-from fusedlr import backends
+from fusedlr import backends, fast_step
 
 SCHED = fusedlr.get_schedule("cosine", num_warmup_steps=10, num_training_steps=100_000)
 GOAL_US = 100.0
@@ -33,6 +34,21 @@ GOAL_US = 100.0
 def _fusedlr_step(backend: str, params: list[torch.Tensor]) -> Callable[[], None]:
     opt = fusedlr.AdamW(params, lr=1e-3, schedule=SCHED, max_grad_norm=1.0, backend=backend)
     return opt.step
+
+
+def _fusedlr_op_path_step(params: list[torch.Tensor]) -> Callable[[], None]:
+    """backend="cpu" without its eager fast path (``fusedlr.fast_step``): the ops through the dispatcher."""
+    opt = fusedlr.AdamW(params, lr=1e-3, schedule=SCHED, max_grad_norm=1.0, backend="cpu")
+    fast = fast_step.step
+
+    def step() -> None:
+        fast_step.step = lambda opt, grad_scaler: False
+        try:
+            opt.step()
+        finally:
+            fast_step.step = fast
+
+    return step
 
 
 def _torch_step(kind: str, params: list[torch.Tensor]) -> Callable[[], None]:
@@ -72,6 +88,8 @@ def pipelines() -> dict[str, Callable[[list[torch.Tensor]], Callable[[], None]]]
     for name, status in backends.describe(torch.device("cpu")).items():
         if status == "ok":
             out[f"fusedlr-{name}"] = lambda ps, name=name: _fusedlr_step(name, ps)
+            if name == "cpu":
+                out["fusedlr-cpu-op-path"] = _fusedlr_op_path_step
     return out
 
 
@@ -91,8 +109,10 @@ def main() -> None:
         }
         print(f"{name:16s} {rows[name]['median_us']:10.1f} us/step", flush=True)
     fused = rows["torch-fused"]["median_us"]
+    foreach = rows["torch-foreach"]["median_us"]
     for row in rows.values():
         row["speedup_vs_torch_fused"] = fused / row["median_us"]
+        row["speedup_vs_torch_foreach"] = foreach / row["median_us"]
     try:
         import triton
 
@@ -118,11 +138,12 @@ def main() -> None:
         f"{report['date']}, {report['device']} ({report['cpu_count']} CPUs, load average "
         f"{', '.join(f'{x:.1f}' for x in report['load_average'])}), torch {report['torch']}, triton {triton_version}",
         "",
-        "| pipeline | median us/step | p10 | p90 | torch-fused / this |",
-        "|---|---|---|---|---|",
+        "| pipeline | median us/step | p10 | p90 | torch-fused / this | torch-foreach / this |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {name} | {r['median_us']:.1f} | {r['p10_us']:.1f} | {r['p90_us']:.1f} | {r['speedup_vs_torch_fused']:.1f}x |"
+        f"| {name} | {r['median_us']:.1f} | {r['p10_us']:.1f} | {r['p90_us']:.1f} | {r['speedup_vs_torch_fused']:.1f}x "
+        f"| {r['speedup_vs_torch_foreach']:.1f}x |"
         for name, r in rows.items()
     ]
     print("\n".join(lines))

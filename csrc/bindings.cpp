@@ -13,6 +13,8 @@
 
 #include "cuda/table.h"
 #include "op_common.h"
+#include "param_signature.h"
+#include "step_plan.h"
 
 #ifdef FUSEDLR_WITH_CUDA
 namespace fusedlr {
@@ -81,9 +83,6 @@ TORCH_LIBRARY_IMPL(fusedlr, ADInplaceOrView, m) {
 
 namespace {
 
-// Words per parameter in the signature returned by scan_grads.
-constexpr int kSigWords = 3;
-
 // scan_grads(params: list[Tensor]) -> (grads: list[Tensor | None], signature: bytes, bad: int)
 //
 // One pass over the parameters (fusedlr.plan.scan, the Python spec): each one's ``.grad``, and a
@@ -97,7 +96,7 @@ PyObject* scan_grads(PyObject* /*self*/, PyObject* arg) {
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
   PyObject* grads = PyList_New(n);
-  PyObject* sig = PyBytes_FromStringAndSize(nullptr, n * kSigWords * static_cast<Py_ssize_t>(sizeof(int64_t)));
+  PyObject* sig = PyBytes_FromStringAndSize(nullptr, n * fusedlr::kSigWords * static_cast<Py_ssize_t>(sizeof(int64_t)));
   if (grads == nullptr || sig == nullptr) {
     Py_XDECREF(grads);
     Py_XDECREF(sig);
@@ -116,23 +115,13 @@ PyObject* scan_grads(PyObject* /*self*/, PyObject* arg) {
     }
     const at::Tensor& p = THPVariable_Unpack(items[i]);
     const at::Tensor& g = p.grad();
-    const bool has_storage = p.unsafeGetTensorImpl()->has_storage();
-    const int p_code = fusedlr::dtype_code(p.scalar_type());
-    int g_code = 0;
+    if (!fusedlr::param_signature(p, g, words + i * fusedlr::kSigWords) && bad < 0) bad = i;
     if (g.defined()) {
-      g_code = g.layout() == at::kStrided ? fusedlr::dtype_code(g.scalar_type()) : -1;
-      if (bad < 0 && (g_code < 0 || p_code < 0 || g.sizes() != p.sizes() || g.device() != p.device())) bad = i;
       PyList_SET_ITEM(grads, i, THPVariable_Wrap(g));
     } else {
       Py_INCREF(Py_None);
       PyList_SET_ITEM(grads, i, Py_None);
     }
-    words[i * kSigWords] = has_storage ? reinterpret_cast<int64_t>(p.const_data_ptr()) : 0;
-    words[i * kSigWords + 1] = p.numel();
-    words[i * kSigWords + 2] = static_cast<int64_t>(p_code + 1) | (static_cast<int64_t>(g_code + 1) << 8) |
-                               (static_cast<int64_t>(g.defined()) << 16) |
-                               (static_cast<int64_t>(p.device().type()) << 24) |
-                               (static_cast<int64_t>(p.device().index() + 1) << 32);
   }
   Py_DECREF(seq);
   return Py_BuildValue("(NNL)", grads, sig, static_cast<long long>(bad));
@@ -173,7 +162,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     Py_DECREF(mod);
     return nullptr;
   }
-  if (PyModule_AddIntConstant(mod, "WITH_CUDA", with_cuda) < 0 ||
+  if (fusedlr::add_step_plan_type(mod) < 0 || PyModule_AddIntConstant(mod, "WITH_CUDA", with_cuda) < 0 ||
       PyModule_AddIntConstant(mod, "CUDA_CHUNK", static_cast<long>(fusedlr::cuda::kChunk)) < 0 ||
       PyModule_AddIntConstant(mod, "CUDA_BLOCKS_PER_SM", static_cast<long>(fusedlr::cuda::kBlocksPerSm)) < 0 ||
       PyModule_AddIntConstant(mod, "STATS_TABLE_PTRS", fusedlr::cuda::kStatsPtrs) < 0 ||

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from . import backends, distributed, precision
+from . import backends, distributed, fast_step, precision
 from .control import GroupHyper, StepControl
 from .distributed import ReduceKey
 from .history import HistoryRecords, StepHistory
@@ -348,6 +348,8 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not torch.compiler.is_compiling() and fast_step.step(self, grad_scaler):
+            return loss
         cache = self._step_cache
         plan, grads = plan_for_step(self, cache["plan"])
         cache["plan"] = plan

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fusedlr
-from fusedlr import backends
+from fusedlr import backends, fast_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +136,10 @@ def test_a_step_that_raises_changes_nothing(backend: str, fault: str, monkeypatc
     before = _snapshot(params, opt)
     impl = opt._step_cache["impl"]
     kwargs = {}
+    if fault in ("grad_stats on the 2nd bucket", "adamw_update"):
+        # Injected into the backend's Python functions: the op path (the cpu backend's eager fast path
+        # calls the kernels from C++, after every check that can fail).
+        monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     if fault == "grad_stats on the 2nd bucket":
         monkeypatch.setattr(impl, "grad_stats", _raise_on_call(impl.grad_stats, 2))
     elif fault == "adamw_update":

@@ -19,6 +19,7 @@
 
 #include "../adamw_math.h"
 #include "../op_common.h"
+#include "kernels.h"
 
 namespace fusedlr {
 namespace cpu {
@@ -54,6 +55,7 @@ struct Item {
 
 std::vector<Item> make_items(const std::vector<int64_t>& numels, int64_t* total) {
   std::vector<Item> items;
+  items.reserve(numels.size());
   *total = 0;
   for (size_t i = 0; i < numels.size(); ++i) {
     for (int64_t s = 0; s < numels[i]; s += kChunk) items.push_back({static_cast<int64_t>(i), s, std::min(kChunk, numels[i] - s)});
@@ -160,7 +162,8 @@ void adamw_impl(at::TensorList params, const std::vector<at::Tensor>& grads, at:
   std::vector<AdamWCoeffs<S>> coeffs(n);
   for (size_t i = 0; i < n; ++i) {
     numels[i] = params[i].numel();
-    coeffs[i] = tensor_coeffs<S>(h, s, steps[i]);
+    // Tensors of a bucket mostly share their step: their coefficients are computed once.
+    coeffs[i] = i > 0 && steps[i] == steps[i - 1] ? coeffs[i - 1] : tensor_coeffs<S>(h, s, steps[i]);
   }
   int64_t total = 0;
   const std::vector<Item> items = make_items(numels, &total);
@@ -188,6 +191,39 @@ void adamw_dispatch_ams(bool amsgrad, at::TensorList params, const std::vector<a
   }
 }
 
+}  // namespace
+
+void grad_stats_kernel(int dtype, const std::vector<at::Tensor>& grads, float inv, float* out) {
+  switch (dtype) {
+    case kF32: grad_stats_impl<float>(grads, inv, out); break;
+    case kF16: grad_stats_impl<c10::Half>(grads, inv, out); break;
+    case kBF16: grad_stats_impl<c10::BFloat16>(grads, inv, out); break;
+    default: grad_stats_impl<double>(grads, inv, out); break;
+  }
+}
+
+void adamw_update_kernel(int dtype, bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
+                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         const int64_t* steps, const AdamWHyper& h, const StepScalars& s) {
+  if (params.empty()) return;
+  switch (dtype) {
+    case kF32:
+      adamw_dispatch_ams<float>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
+      break;
+    case kF16:
+      adamw_dispatch_ams<c10::Half>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
+      break;
+    case kBF16:
+      adamw_dispatch_ams<c10::BFloat16>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
+      break;
+    default:
+      adamw_dispatch_ams<double>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
+      break;
+  }
+}
+
+namespace {
+
 void check_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "fusedlr (CPU kernel): ", what, " must be on the CPU, got ", t.device());
 }
@@ -205,13 +241,7 @@ void grad_stats_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_s
   gs.reserve(grads.size());
   for (const auto& g : grads) gs.push_back(kernel_grad(g, nullptr));
   const float inv = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
-  float* o = out.data_ptr<float>();
-  switch (code) {
-    case kF32: grad_stats_impl<float>(gs, inv, o); break;
-    case kF16: grad_stats_impl<c10::Half>(gs, inv, o); break;
-    case kBF16: grad_stats_impl<c10::BFloat16>(gs, inv, o); break;
-    default: grad_stats_impl<double>(gs, inv, o); break;
-  }
+  grad_stats_kernel(code, gs, inv, out.data_ptr<float>());
 }
 
 void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -239,24 +269,7 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const StepScalars s = step_scalars(h, in);
   if (s.skip) return;
   if (in.applied_lr != nullptr) *in.applied_lr = s.lr;
-  if (params.empty()) return;
-  switch (chk.dtype) {
-    case kF32:
-      adamw_dispatch_ams<float>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);
-      break;
-    case kF16:
-      adamw_dispatch_ams<c10::Half>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps,
-                                    h, s);
-      break;
-    case kBF16:
-      adamw_dispatch_ams<c10::BFloat16>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                        in.steps, h, s);
-      break;
-    default:
-      adamw_dispatch_ams<double>(chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h,
-                                 s);
-      break;
-  }
+  adamw_update_kernel(chk.dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);
 }
 
 at::Tensor schedule_eval_cpu(const at::Tensor& table, const at::Tensor& ks) {
