@@ -4,7 +4,9 @@ Per program (one ``CHUNK`` of one tensor) the kernel evaluates, in float64 scala
 LR ``lr * sched(k)`` from the schedule table (``lr`` read from the device for a tensor LR), the clip coefficient from ``stats[0]``, the AMP
 scale, and the bias corrections ``1 - beta^t = -expm1(t * log(beta))`` for the tensor's step
 ``t``; then it applies ``fusedlr.reference``'s per-element math in the state dtype (float32, or
-float64 for float64 params) with correctly rounded division and square root. When
+float64 for float64 params) in the reference's evaluation order, with correctly rounded division and
+square root and torch's fused multiply-adds in ``lerp`` and ``addcmul`` (float32 results equal the
+reference's bit for bit where torch's square root is correctly rounded, as on CUDA). When
 ``found_inf > 0`` every load and store is masked off: nothing is written.
 
 Low-precision modes (constexpr flags, so the default mode's code is unchanged): ``MASTER`` reads and
@@ -27,12 +29,6 @@ from ..control import CLIP_EPS, GroupHyper, StepControl
 from ..precision import BucketPrecision, Streams
 from .grad_stats import TL_DTYPES
 from .precision import join_master, round_nearest, split_master, store_value, tensor_key
-
-# The RNG stream of each stored tensor, as kernel constants.
-_PARAM = tl.constexpr(Streams.PARAM)
-_EXP_AVG = tl.constexpr(Streams.EXP_AVG)
-_EXP_AVG_SQ = tl.constexpr(Streams.EXP_AVG_SQ)
-_MAX_EXP_AVG_SQ = tl.constexpr(Streams.MAX_EXP_AVG_SQ)
 from .schedule import schedule_constexprs, schedule_multiplier
 from .tables import (
     BLOCK,
@@ -50,6 +46,12 @@ from .tables import (
 )
 
 __all__ = ["launch_adamw"]
+
+# The RNG stream of each stored tensor, as kernel constants.
+_PARAM = tl.constexpr(Streams.PARAM)
+_EXP_AVG = tl.constexpr(Streams.EXP_AVG)
+_EXP_AVG_SQ = tl.constexpr(Streams.EXP_AVG_SQ)
+_MAX_EXP_AVG_SQ = tl.constexpr(Streams.MAX_EXP_AVG_SQ)
 
 
 @triton.jit
@@ -148,9 +150,9 @@ def _adamw_block(
         denom = _div(_sqrt(vmax, S_DTYPE), bias2_sqrt, S_DTYPE) + eps_s
     else:
         denom = _div(_sqrt(v, S_DTYPE), bias2_sqrt, S_DTYPE) + eps_s
-    p = p - _div(m, _div(denom, step_size, S_DTYPE), S_DTYPE)  # the reference's order (torch.addcdiv)
     _store(m_at, store_value(m, key, _EXP_AVG, offs, M_DTYPE, STOCHASTIC), offs, numel, MASKED)
     _store(v_at, store_value(v, key, _EXP_AVG_SQ, offs, M_DTYPE, STOCHASTIC), offs, numel, MASKED)
+    p = p - _div(m, _div(denom, step_size, S_DTYPE), S_DTYPE)  # the reference's order (torch.addcdiv)
     if MASTER:
         _store(master_at, p, offs, numel, MASKED)
         _store(p_at, round_nearest(p, P_DTYPE), offs, numel, MASKED)
