@@ -143,10 +143,14 @@ def check_bucket(group: dict[str, Any], group_index: int, dtype: torch.dtype) ->
         )
 
 
+#: The compiled backends whose kernels implement these modes (the others hand such buckets to the reference).
+NATIVE_BACKENDS: frozenset[str] = frozenset({"triton"})
+
+
 def reference_only(bucket: Bucket, backend: str) -> bool:
-    """Whether ``bucket`` uses a low-precision mode, which only the reference backend implements so far
-    (warns once per bucket, naming ``backend``)."""
-    if bucket.precision is None:
+    """Whether ``bucket`` uses a low-precision mode that ``backend``'s kernels lack, so the reference
+    backend must update it (warns once per bucket, naming ``backend``)."""
+    if bucket.precision is None or backend in NATIVE_BACKENDS:
         return False
     if not bucket.cache.get("fusedlr_precision_warned", False):
         bucket.cache["fusedlr_precision_warned"] = True

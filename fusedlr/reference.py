@@ -192,7 +192,10 @@ def adamw_update(
         if bucket.max_exp_avg_sqs is not None:
             vmaxs = [bucket.max_exp_avg_sqs[i] for i in idx]
             vden = [v.to(dt) for v in vmaxs]
-            torch._foreach_maximum_(vden, v32)
+            if skip is None:
+                torch._foreach_maximum_(vden, v32)
+            else:  # stochastically rounded, a stored v may exceed its stored v_max: a skipped step keeps v_max
+                torch._foreach_maximum_(vden, [torch.where(skip, d, v) for d, v in zip(vden, v32)])
             stores.append((vmaxs, vden, Streams.MAX_EXP_AVG_SQ))
         denom = torch._foreach_sqrt(vden)
         torch._foreach_div_(denom, [bias2_sqrt_dt[i] for i in idx])

@@ -329,9 +329,12 @@ def test_a_master_checkpoint_loads_into_remainder_mode_exactly() -> None:
         assert torch.equal(opt.state[p]["master_param"], joined)
 
 
-def test_skipped_step_changes_no_master_remainder_or_rounded_state() -> None:
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_skipped_step_changes_no_master_remainder_or_rounded_state(amsgrad: bool) -> None:
+    """Also with amsgrad: stochastically rounded, a stored exp_avg_sq may exceed its stored max_exp_avg_sq."""
     model = make_model(torch.bfloat16)
-    opt = optimizer(model, master_weights="remainder", stochastic_rounding=True, state_dtype=torch.bfloat16)
+    opt = optimizer(model, master_weights="remainder", stochastic_rounding=True, state_dtype=torch.bfloat16,
+                    amsgrad=amsgrad)
     set_grads([model], 0)
     opt.step()
     before = copy.deepcopy(opt.state_dict())

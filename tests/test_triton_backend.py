@@ -33,6 +33,9 @@ finally:
         else:
             os.environ["TRITON_INTERPRET"] = _saved_env
 
+import triton
+import triton.language as tl
+
 import fusedlr
 from fusedlr import reference
 from fusedlr.bucket import Bucket
@@ -45,6 +48,7 @@ K_ADAMW = sys.modules["fusedlr.triton.adamw"]
 K_STATS = sys.modules["fusedlr.triton.grad_stats"]
 K_SCHED = sys.modules["fusedlr.triton.schedule"]
 K_TABLES = sys.modules["fusedlr.triton.tables"]
+K_PREC = sys.modules["fusedlr.triton.precision"]
 
 if not CUDA and type(K_ADAMW._adamw_kernel).__name__ != "InterpretedFunction":
     # A loud collection error, not a skip: a skip here silently dropped this whole file once.
@@ -535,6 +539,189 @@ def test_one_launch_per_bucket_whatever_the_tensor_count(monkeypatch: pytest.Mon
         assert stats.grids == [(chunks,)] * 2 and upd.grids == [(chunks,)] * 2
 
 
+# ---------------------------------------------------------------- low-precision modes (fusedlr.precision)
+# Test kernels are defined inside the tests, where TRITON_INTERPRET is set (without a GPU).
+
+
+@pytest.fixture
+def correctly_rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's float32 square root correctly rounded, as the kernel's (``tl.sqrt_rn``) and CUDA's are:
+    torch's CPU float32 sqrt is off by one ulp on a fraction of inputs, which the bitwise comparisons below
+    would see. (A float32 square root through float64 is correctly rounded.)"""
+
+    def sqrt(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.double().sqrt().to(t.dtype) if t.dtype == torch.float32 else t.sqrt() for t in ts]
+
+    monkeypatch.setattr(torch, "_foreach_sqrt", sqrt)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bitwise_state(ref: fusedlr.AdamW, tri: fusedlr.AdamW, what: str) -> None:
+    """Every param and state tensor of ``tri`` has ``ref``'s bits (dtype, strides and every bit)."""
+    for gr, gt in zip(ref.param_groups, tri.param_groups):
+        for i, (pr, pt) in enumerate(zip(gr["params"], gt["params"])):
+            pairs = [("param", pr, pt)] + [(k, ref.state[pr][k], tri.state[pt][k]) for k in ref.state[pr]]
+            assert ref.state[pr].keys() == tri.state[pt].keys()
+            for key, a, b in pairs:
+                assert a.dtype == b.dtype and a.stride() == b.stride(), f"{what} param {i} {key}"
+                diff = int((_bits(a) != _bits(b)).sum())
+                assert diff == 0, f"{what} param {i} {key}: {diff} of {a.numel()} elements differ"
+
+
+def precision_groups(dtype: torch.dtype) -> Callable[[torch.Generator], list[dict]]:
+    """Sizes 7, 0, 1030 (not a multiple of BLOCK), 1, 4100 (two programs), a transposed (dense,
+    non-contiguous: element offsets are memory offsets) and a misaligned matrix; two groups."""
+
+    def build(gen: torch.Generator) -> list[dict]:
+        misaligned = rand(gen, 34, dtype=dtype)[1:]
+        return [
+            {"params": [leaf(rand(gen, n, dtype=dtype)) for n in (7, 0, 1030, 1, 4100)], "weight_decay": 0.1},
+            {"params": [leaf(rand(gen, 8, 6, dtype=dtype).t()), leaf(misaligned)], "lr": 3e-2, "betas": (0.8, 0.99)},
+        ]
+
+    return build
+
+
+def set_exact_grads(opt: fusedlr.AdamW, step: int, scale: float) -> None:
+    """Gradients k / 16 (|k| <= 16) times ``scale`` (a power of two): their squares sum exactly in
+    float32 in any order, so both backends see the same norm, clip coefficient and unscaled values."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            k = torch.randint(-16, 17, p.shape, generator=gen, dtype=torch.int64)
+            p.grad = torch.empty_like(p).copy_(k.to(torch.float64) / 16 * scale)
+
+
+# (master_weights, stochastic_rounding, state_dtype, param dtype): every valid combination family
+PRECISION_MODES = [
+    (True, False, None, torch.bfloat16),
+    (True, False, None, torch.float16),
+    ("remainder", False, None, torch.bfloat16),
+    (False, True, None, torch.bfloat16),
+    (False, False, torch.bfloat16, torch.bfloat16),
+    (False, True, torch.bfloat16, torch.bfloat16),
+    (False, True, torch.bfloat16, torch.float16),
+    (False, True, torch.bfloat16, torch.float32),
+    (True, True, torch.bfloat16, torch.float16),
+    ("remainder", True, torch.bfloat16, torch.bfloat16),
+]
+
+
+@pytest.mark.usefixtures("correctly_rounded_sqrt")
+@pytest.mark.filterwarnings("error:.*reference backend:RuntimeWarning")
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+@pytest.mark.parametrize("master,sr,state_dtype,dtype", PRECISION_MODES,
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, bool) else f"{v}")
+def test_precision_modes_match_the_reference_bitwise(
+    monkeypatch: pytest.MonkeyPatch, master: object, sr: bool, state_dtype: torch.dtype | None, dtype: torch.dtype,
+    amsgrad: bool,
+) -> None:
+    """Each mode in the kernel: the reference's bits after every step (clipped, scheduled, under a
+    GradScaler whose third step overflows and is skipped), with no fallback to the reference."""
+    kwargs = dict(lr=1e-2, amsgrad=amsgrad, schedule=SCHED, max_grad_norm=0.5, master_weights=master,
+                  stochastic_rounding=sr, state_dtype=state_dtype, seed=2**32 - 3)
+    ref, tri = param_sets(precision_groups(dtype), **kwargs)
+    upd = _LaunchCounter(K_ADAMW._adamw_kernel)
+    monkeypatch.setattr(K_ADAMW, "_adamw_kernel", upd)
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**4, growth_interval=100) for _ in range(2)]
+    for step in range(4):
+        for opt, scaler in zip((ref, tri), scalers):
+            scaler.scale(torch.zeros((), device=DEVICE))
+            set_exact_grads(opt, step, scaler.get_scale())
+            if step == 2:
+                opt.param_groups[0]["params"][2].grad[5] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        assert_bitwise_state(ref, tri, f"step {step}")
+    assert int(tri.schedule_index) == 3
+    assert len(upd.grids) == 2 * 4, "every bucket's update ran in the kernel"
+
+
+@pytest.mark.usefixtures("correctly_rounded_sqrt")
+@pytest.mark.parametrize("state_dtype,sr", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "bf16-sr"])
+def test_float64_params_with_low_precision_moments(state_dtype: torch.dtype, sr: bool) -> None:
+    """float64 math stored into float32/bfloat16 moments (float64 step scalars differ from the reference's
+    in the last bits: compared to the stored dtypes' tolerance)."""
+    ref, tri = param_sets(precision_groups(torch.float64), lr=1e-2, amsgrad=True, state_dtype=state_dtype,
+                          stochastic_rounding=sr)
+    for step in range(3):
+        for opt in (ref, tri):
+            set_exact_grads(opt, step, 1.0)
+            opt.step()
+        assert_same_state(ref, tri, f"step {step}")
+
+
+def test_precision_helpers_follow_the_spec_on_special_values() -> None:
+    """Every float32 bit pattern class (ties, NaN, inf, signed zeros, subnormals, largest finite) and
+    element offsets past 2**32 through the Triton helpers, against ``fusedlr.precision``."""
+    from fusedlr import precision
+
+    @triton.jit
+    def probe(x_ptr, offs_ptr, param_ptr, rem_ptr, join_ptr, sr_ptr, near_ptr, bits_ptr, key, n, BLOCK_: tl.constexpr):
+        """Each helper of ``fusedlr/triton/precision.py`` on float32 values ``x`` at element offsets ``offs``."""
+        i = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
+        mask = i < n
+        x = tl.load(x_ptr + i, mask=mask)
+        offs = tl.load(offs_ptr + i, mask=mask)
+        high, low = K_PREC.split_master(x)
+        tl.store(param_ptr + i, high, mask=mask)
+        tl.store(rem_ptr + i, low, mask=mask)
+        tl.store(join_ptr + i, K_PREC.join_master(high, low), mask=mask)
+        r = K_PREC.random_bits(tl.full((), key, tl.int64).to(tl.uint32), 2, offs)
+        tl.store(bits_ptr + i, r.to(tl.int64), mask=mask)
+        tl.store(sr_ptr + i, K_PREC.round_stochastic(x, r), mask=mask)
+        tl.store(near_ptr + i, K_PREC.round_nearest(x, tl.bfloat16), mask=mask)
+
+    highs = torch.tensor([0x0000, 0x0001, 0x3F80, 0x7F7F, 0x7F80, 0x7FC0, 0x8000, 0xBF80, 0xFF7F, 0xFFC1])
+    lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF])
+    u = ((highs[:, None] << 16) | lows[None, :]).flatten()
+    u = torch.cat([u, torch.randint(0, 2**32, (3000,), generator=torch.Generator().manual_seed(1))])
+    x = torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32).to(DEVICE)
+    n = x.numel()
+    offs = torch.randint(0, 2**45, (n,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    offs[:4] = torch.tensor([0, 2**32 - 1, 2**32, 2**40 + 3])
+    key = 0xDEADBEEF
+    out = dict(param=torch.empty(n, dtype=torch.bfloat16, device=DEVICE),
+               rem=torch.empty(n, dtype=torch.int16, device=DEVICE),
+               join=torch.empty(n, dtype=torch.float32, device=DEVICE),
+               sr=torch.empty(n, dtype=torch.bfloat16, device=DEVICE),
+               near=torch.empty(n, dtype=torch.bfloat16, device=DEVICE),
+               bits=torch.empty(n, dtype=torch.int64, device=DEVICE))
+    probe[(-(-n // 1024),)](x, offs, out["param"], out["rem"], out["join"], out["sr"], out["near"],
+                            out["bits"], key, n, BLOCK_=1024)
+    bits = precision.random_bits(torch.tensor(key, device=DEVICE), precision.Streams.EXP_AVG_SQ, offs)
+    param, rem = precision.split_master(x)
+    expected = dict(param=param, rem=rem, join=precision.join_master(param, rem), bits=bits,
+                    sr=precision.stochastic_round_bf16(x, bits), near=x.to(torch.bfloat16))
+    for name, want in expected.items():
+        got = out[name]
+        same = (_bits(got) == _bits(want)) | (torch.isnan(got) & torch.isnan(want) if got.is_floating_point() else False)
+        assert bool(same.all()), f"{name}: {int((~same).sum())} differ, e.g. x bits {u[~same.cpu()][:4].tolist()}"
+    nan = torch.isnan(x)
+    assert torch.equal(_bits(out["join"])[~nan], _bits(x)[~nan]), "the remainder stores the master exactly"
+
+
+def test_tensor_key_follows_the_spec() -> None:
+    from fusedlr import precision
+
+    @triton.jit
+    def probe(out_ptr, pids_ptr, steps_ptr, seed):
+        i = tl.program_id(0)
+        key = K_PREC.tensor_key(tl.full((), seed, tl.int64), tl.load(pids_ptr + i), tl.load(steps_ptr + i))
+        tl.store(out_ptr + i, key.to(tl.int64))
+
+    pids = torch.tensor([0, 1, 7, 123456], device=DEVICE)
+    steps = torch.tensor([1, 2**32 - 1, 2**32 + 5, 2**40 + 2**33 + 9], device=DEVICE)
+    for seed in (0, 1, 2**31 + 11, 2**32 - 1):
+        out = torch.empty(4, dtype=torch.int64, device=DEVICE)
+        probe[(4,)](out, pids, steps, seed)
+        assert torch.equal(out, precision.tensor_keys(seed, pids, steps)), seed
+
+
 # ---------------------------------------------------------------- compiled for a GPU target (no GPU needed)
 _COMPILE_SCRIPT = textwrap.dedent(
     """
@@ -559,18 +746,27 @@ _COMPILE_SCRIPT = textwrap.dedent(
     assert "ld.global.v4" in ptx, "grad_stats: no vector loads"
     assert "atom.global" in ptx and "red.global.add.f32" not in ptx and "atom.global.add.f32" not in ptx, (
         "grad_stats: the reduction must use an integer arrival counter, never float atomics")
-    sig = {n: "*i64" for n in ["rows_ptr", "blocks_ptr", "grads_ptr", "steps_ptr", "k_ptr"]}
+    sig = {n: "*i64" for n in ["rows_ptr", "blocks_ptr", "grads_ptr", "steps_ptr", "pids_ptr", "k_ptr"]}
     sig.update({"sched_ptr": "*fp64", "stats_ptr": "*fp32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
                 "lr_ptr": "*fp32", "applied_lr_ptr": "*fp64"})
     sig.update({n: "fp64" for n in ["lr", "lerp_weight", "beta2", "one_minus_beta2", "log_beta1", "log_beta2",
                                     "eps", "weight_decay", "max_norm"]})
-    fields = dict(F_P=T.FIELD_P, F_M=T.FIELD_M, F_V=T.FIELD_V, F_VMAX=T.FIELD_VMAX, F_STEP=T.FIELD_STEP, **rows)
-    for kind, n, pd, sd, on in [(3, 0, tl.bfloat16, tl.float32, True), (12, 3, tl.float32, tl.float32, False),
-                                (10, 2, tl.float16, tl.float32, True), (8, 0, tl.float64, tl.float64, True)]:
+    sig["seed"] = "i64"
+    fields = dict(F_P=T.FIELD_P, F_M=T.FIELD_M, F_V=T.FIELD_V, F_VMAX=T.FIELD_VMAX, F_STEP=T.FIELD_STEP,
+                  F_MASTER=T.FIELD_MASTER, **rows)
+    bf16 = tl.bfloat16
+    for kind, n, pd, sd, md, modes, on in [
+        (3, 0, bf16, tl.float32, tl.float32, (False, False, False), True),
+        (12, 3, tl.float32, tl.float32, tl.float32, (False, False, False), False),
+        (10, 2, tl.float16, tl.float32, tl.float32, (False, False, False), True),
+        (8, 0, tl.float64, tl.float64, tl.float64, (False, False, False), True),
+        (3, 0, bf16, tl.float32, bf16, (False, True, True), True),  # remainder, stochastic bf16 moments
+        (3, 0, tl.float16, tl.float32, tl.float32, (True, False, False), False),  # fp32 master
+    ]:
         flags = dict(HAS_CLIP=on, HAS_INV_SCALE=on, HAS_FOUND_INF=on, AMSGRAD=on, MAXIMIZE=on, HAS_LR_TENSOR=on,
-                     HAS_APPLIED_LR=on)
-        ptx = build(A, sig, dict(SCHED_KIND=kind, SCHED_N=n, P_DTYPE=pd, G_DTYPE=pd, S_DTYPE=sd, CLIP_EPS_=1e-6,
-                                 ALIGNED=True, **flags, **fields))
+                     HAS_APPLIED_LR=on, MASTER=modes[0], REMAINDER=modes[1], STOCHASTIC=modes[2])
+        ptx = build(A, sig, dict(SCHED_KIND=kind, SCHED_N=n, P_DTYPE=pd, G_DTYPE=pd, S_DTYPE=sd, M_DTYPE=md,
+                                 CLIP_EPS_=1e-6, ALIGNED=True, **flags, **fields))
         assert "st.global.v" in ptx, f"adamw {kind} {pd}: no vector stores"
     print("compiled")
     """

@@ -7,7 +7,8 @@ by a recorder, over configurations enumerated from the code's own types: every d
 ``TL_DTYPES`` for params (grads have their param's dtype), every boolean field of ``GroupHyper``, with and without clipping,
 AMP unscale and found_inf, a float lr and a 0-d float32/float64 tensor lr, with and without the
 applied-LR output buffer, every ``schedules.Kind`` (and two ``SCHED_N`` values where the kind has
-one), aligned and misaligned tensors. Each distinct launch (kernel + signature + constexprs) is then
+one), aligned and misaligned tensors, and every family of low-precision modes (``fusedlr.precision``:
+master, remainder, stochastic rounding, moment dtypes) with all switches off and on. Each distinct launch (kernel + signature + constexprs) is then
 compiled. ``coverage_gaps`` names the constexpr parameters that never took two values although they
 could (a new flag the enumeration does not vary).
 
@@ -98,7 +99,7 @@ def _configurations():
     # applied: the applied-LR output buffer (the optimizer always passes one; backend callers may not)
     lrs = [None, torch.float32, torch.float64]
     base = dict(p=torch.float32, g=torch.float32, kind=None, n=2, aligned=True, clip=False, scale=False, inf=False,
-                lr=None, applied=True)
+                lr=None, applied=True, master=False, sr=False, moments=None)
     base.update({f: False for f in flags})
     switches = ["clip", "scale", "inf", *flags]
     # grads have their param's dtype (autograd and the .grad setter enforce it)
@@ -114,6 +115,15 @@ def _configurations():
     # every schedule kind (and two SCHED_N where the kind reads one), clipped with AMP, float and tensor lr
     for kind, n, lr in itertools.product(kinds, (2, 3), lrs):
         yield {**base, "kind": kind, "n": n, "clip": True, "scale": True, "inf": True, "lr": lr}
+    # low-precision modes (master_weights, stochastic_rounding, moment dtype, param dtype): each family,
+    # all switches on and aligned, all off and misaligned
+    bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    modes = [(True, False, None, bf16), (True, False, None, f16), ("remainder", False, None, bf16),
+             (False, True, None, bf16), (False, False, bf16, f32), (False, True, bf16, f16), (False, False, f32, f64),
+             (False, True, bf16, f64), ("remainder", True, bf16, bf16), (True, True, bf16, f16)]
+    for (master, sr, moments, p), on in itertools.product(modes, (False, True)):
+        yield {**base, "p": p, "g": p, "aligned": on, "master": master, "sr": sr, "moments": moments,
+               **{s: on for s in switches}}
 
 
 def _drive(cfg: dict) -> None:
@@ -121,14 +131,20 @@ def _drive(cfg: dict) -> None:
     import fusedlr.triton as backend
     from fusedlr.bucket import Bucket
     from fusedlr.control import GroupHyper, StepControl
+    from fusedlr.precision import BucketPrecision
 
     off = 0 if cfg["aligned"] else 1
     sizes = [5000, 37]
-    s_dtype = torch.float64 if cfg["p"] == torch.float64 else torch.float32
+    s_dtype = cfg["moments"] or (torch.float64 if cfg["p"] == torch.float64 else torch.float32)
     make = lambda dt: [torch.zeros(n + off, dtype=dt)[off:] for n in sizes]
     amsgrad = cfg.get("amsgrad", False)
+    prec = None
+    if cfg["master"] is not False or cfg["sr"] or cfg["moments"] is not None:
+        prec = BucketPrecision(master=make(torch.float32) if cfg["master"] is True else None,
+                               remainder=make(torch.int16) if cfg["master"] == "remainder" else None,
+                               stochastic=cfg["sr"], seed=2**32 - 1, pids=torch.arange(len(sizes)))
     bucket = Bucket(make(cfg["p"]), make(s_dtype), make(s_dtype), make(s_dtype) if amsgrad else None,
-                    torch.ones(len(sizes), dtype=torch.int64))
+                    torch.ones(len(sizes), dtype=torch.int64), prec)
     grads = make(cfg["g"])
     fields = {f.name for f in dataclasses.fields(GroupHyper)}
     lr = 1e-3 if cfg["lr"] is None else torch.tensor(1e-3, dtype=cfg["lr"])

@@ -6,9 +6,9 @@ bucket (``tables.py``). Nothing reads a device value on the host, so a step neve
 captured in a CUDA graph (after one eager step, which builds the tables).
 
 Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow,
-for tests). Buckets whose params or states are not dense in one shared layout (see
-``tables.py``), or using a low-precision mode (``fusedlr.precision``; reference only so far), are
-updated by the reference backend instead.
+for tests). The low-precision modes (``fusedlr.precision``: master weights, remainders, stochastic
+rounding, bfloat16 moments) run in the kernel too. Buckets whose params or states are not dense in
+one shared layout (see ``tables.py``) are updated by the reference backend instead.
 """
 
 from __future__ import annotations
@@ -116,8 +116,10 @@ def adamw_update(
         bucket.steps,
         bucket.params[0].dtype,
         used[0].dtype,
+        bucket.exp_avgs[0].dtype,
         bucket.max_exp_avg_sqs is not None,
         hyper,
         ctrl,
+        bucket.precision,
         applied_lr,
     )

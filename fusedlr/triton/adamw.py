@@ -4,8 +4,18 @@ Per program (one ``CHUNK`` of one tensor) the kernel evaluates, in float64 scala
 LR ``lr * sched(k)`` from the schedule table (``lr`` read from the device for a tensor LR), the clip coefficient from ``stats[0]``, the AMP
 scale, and the bias corrections ``1 - beta^t = -expm1(t * log(beta))`` for the tensor's step
 ``t``; then it applies ``fusedlr.reference``'s per-element math in the state dtype (float32, or
-float64 for float64 params) with correctly rounded division and square root. When
+float64 for float64 params) in the reference's evaluation order, with correctly rounded division and
+square root and torch's fused multiply-adds in ``lerp`` and ``addcmul`` (float32 results equal the
+reference's bit for bit where torch's square root is correctly rounded, as on CUDA). When
 ``found_inf > 0`` every load and store is masked off: nothing is written.
+
+Low-precision modes (constexpr flags, so the default mode's code is unchanged): ``MASTER`` reads and
+writes the fp32 master and writes the param rounded to nearest from it, ``REMAINDER`` joins the param
+and its int16 remainder into the exact fp32 master and splits the result again, moments stored in
+``M_DTYPE`` (bfloat16, or float32 for float64 params) are widened on load and rounded on store, and
+``STOCHASTIC`` rounds the bfloat16 values stored without master (param, moments) with random bits
+keyed by (seed, pid, the tensor's step, stream, element offset): ``fusedlr.precision``'s spec, bit for
+bit (helpers in ``precision.py``).
 """
 
 import math
@@ -16,12 +26,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ..control import CLIP_EPS, GroupHyper, StepControl
+from ..precision import BucketPrecision, Streams
 from .grad_stats import TL_DTYPES
+from .precision import join_master, round_nearest, split_master, store_value, tensor_key
 from .schedule import schedule_constexprs, schedule_multiplier
 from .tables import (
     BLOCK,
     FIELD_FIRST,
     FIELD_M,
+    FIELD_MASTER,
     FIELD_NUMEL,
     FIELD_P,
     FIELD_STEP,
@@ -33,6 +46,12 @@ from .tables import (
 )
 
 __all__ = ["launch_adamw"]
+
+# The RNG stream of each stored tensor, as kernel constants.
+_PARAM = tl.constexpr(Streams.PARAM)
+_EXP_AVG = tl.constexpr(Streams.EXP_AVG)
+_EXP_AVG_SQ = tl.constexpr(Streams.EXP_AVG_SQ)
+_MAX_EXP_AVG_SQ = tl.constexpr(Streams.MAX_EXP_AVG_SQ)
 
 
 @triton.jit
@@ -63,22 +82,6 @@ def _sqrt(a, S_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _to_param(x, P_DTYPE: tl.constexpr):
-    """Round the float32/float64 result to the param dtype, to nearest even.
-
-    bfloat16 is rounded with integer ops (so the interpreter, whose float32->bfloat16 cast
-    truncates, rounds like the GPU and like torch); NaN becomes the canonical 0x7FC0.
-    """
-    if P_DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        out = tl.where(x != x, 0x7FC0, (bits >> 16).to(tl.uint16))  # noqa: PLR0124 (NaN test)
-        return out.to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(P_DTYPE)
-
-
-@triton.jit
 def _at(ptr, offs, ALIGNED: tl.constexpr, BLOCK_: tl.constexpr):
     """``ptr + offs``; with ``ALIGNED``, declared 16-byte aligned and contiguous (vector accesses)."""
     ptrs = ptr + offs
@@ -105,13 +108,19 @@ def _store(ptrs, x, offs, numel, MASKED: tl.constexpr):
 
 @triton.jit
 def _adamw_block(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel,
-    scale, decay, step_size, bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s,
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key,
+    scale, decay, step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s,
     HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
-    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_: tl.constexpr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+    MASTER: tl.constexpr, REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    MASKED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_: tl.constexpr,
 ):
-    """The per-element update of ``BLOCK_`` elements at ``offs`` (masked to ``numel`` if ``MASKED``)."""
+    """The per-element update of ``BLOCK_`` elements at ``offs`` (masked to ``numel`` if ``MASKED``).
+
+    ``p`` is read from the fp32 master (``MASTER``: at ``master_ptr``; ``REMAINDER``: joined from the
+    param and the int16 remainder at ``master_ptr``); moments are ``M_DTYPE`` in memory, computed in
+    ``S_DTYPE``; ``key``: the tensor's RNG key (``STOCHASTIC``).
+    """
     g_at = _at(g_ptr, offs, ALIGNED, BLOCK_)
     p_at = _at(p_ptr, offs, ALIGNED, BLOCK_)
     m_at = _at(m_ptr, offs, ALIGNED, BLOCK_)
@@ -121,31 +130,47 @@ def _adamw_block(
         g = g * scale
     if MAXIMIZE:
         g = -g
-    p = _load(p_at, offs, numel, MASKED).to(S_DTYPE)
-    m = _load(m_at, offs, numel, MASKED)
-    v = _load(v_at, offs, numel, MASKED)
+    if MASTER or REMAINDER:
+        master_at = _at(master_ptr, offs, ALIGNED, BLOCK_)
+    if MASTER:
+        p = _load(master_at, offs, numel, MASKED)
+    elif REMAINDER:
+        p = join_master(_load(p_at, offs, numel, MASKED), _load(master_at, offs, numel, MASKED))
+    else:
+        p = _load(p_at, offs, numel, MASKED).to(S_DTYPE)
+    m = _load(m_at, offs, numel, MASKED).to(S_DTYPE)
+    v = _load(v_at, offs, numel, MASKED).to(S_DTYPE)
     p = p * decay
-    m = tl.where(small, m + w * (g - m), g - (g - m) * one_minus_w)
-    v = v * b2 + omb2 * g * g
+    m = tl.where(small, tl.fma(w, g - m, m), tl.fma(w_minus_1, g - m, g))  # torch.lerp (fused, CPU and CUDA)
+    v = tl.fma(omb2 * g, g, v * b2)  # torch.addcmul (fused, CPU and CUDA)
     if AMSGRAD:
         vmax_at = _at(vmax_ptr, offs, ALIGNED, BLOCK_)
-        vmax = tl.maximum(_load(vmax_at, offs, numel, MASKED), v, propagate_nan=tl.PropagateNan.ALL)
-        _store(vmax_at, vmax, offs, numel, MASKED)
+        vmax = tl.maximum(_load(vmax_at, offs, numel, MASKED).to(S_DTYPE), v, propagate_nan=tl.PropagateNan.ALL)
+        _store(vmax_at, store_value(vmax, key, _MAX_EXP_AVG_SQ, offs, M_DTYPE, STOCHASTIC), offs, numel, MASKED)
         denom = _div(_sqrt(vmax, S_DTYPE), bias2_sqrt, S_DTYPE) + eps_s
     else:
         denom = _div(_sqrt(v, S_DTYPE), bias2_sqrt, S_DTYPE) + eps_s
-    p = p - step_size * _div(m, denom, S_DTYPE)
-    _store(m_at, m, offs, numel, MASKED)
-    _store(v_at, v, offs, numel, MASKED)
-    _store(p_at, _to_param(p, P_DTYPE), offs, numel, MASKED)
+    _store(m_at, store_value(m, key, _EXP_AVG, offs, M_DTYPE, STOCHASTIC), offs, numel, MASKED)
+    _store(v_at, store_value(v, key, _EXP_AVG_SQ, offs, M_DTYPE, STOCHASTIC), offs, numel, MASKED)
+    p = p - _div(m, _div(denom, step_size, S_DTYPE), S_DTYPE)  # the reference's order (torch.addcdiv)
+    if MASTER:
+        _store(master_at, p, offs, numel, MASKED)
+        _store(p_at, round_nearest(p, P_DTYPE), offs, numel, MASKED)
+    elif REMAINDER:
+        high, low = split_master(p)
+        _store(p_at, high, offs, numel, MASKED)
+        _store(master_at, low, offs, numel, MASKED)
+    else:
+        _store(p_at, store_value(p, key, _PARAM, offs, P_DTYPE, STOCHASTIC), offs, numel, MASKED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _adamw_kernel(
     rows_ptr,
     blocks_ptr,
     grads_ptr,
     steps_ptr,
+    pids_ptr,
     k_ptr,
     sched_ptr,
     stats_ptr,
@@ -162,6 +187,7 @@ def _adamw_kernel(
     eps: tl.float64,
     weight_decay: tl.float64,
     max_norm: tl.float64,
+    seed: tl.int64,
     CLIP_EPS_: tl.constexpr,
     SCHED_KIND: tl.constexpr,
     SCHED_N: tl.constexpr,
@@ -175,6 +201,10 @@ def _adamw_kernel(
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    MASTER: tl.constexpr,
+    REMAINDER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     ROW_: tl.constexpr,
     F_P: tl.constexpr,
     F_M: tl.constexpr,
@@ -183,6 +213,7 @@ def _adamw_kernel(
     F_NUMEL: tl.constexpr,
     F_STEP: tl.constexpr,
     F_FIRST: tl.constexpr,
+    F_MASTER: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK_: tl.constexpr,
     ITERS_: tl.constexpr,
@@ -206,10 +237,12 @@ def _adamw_kernel(
     numel = tl.load(base + F_NUMEL)
     start = (pid - tl.load(base + F_FIRST)) * (BLOCK_ * ITERS_)
     p_ptr = tl.load(base + F_P).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(base + F_M).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(base + F_V).to(tl.pointer_type(S_DTYPE))
+    m_ptr = tl.load(base + F_M).to(tl.pointer_type(M_DTYPE))
+    v_ptr = tl.load(base + F_V).to(tl.pointer_type(M_DTYPE))
     g_ptr = tl.load(grads_ptr + row).to(tl.pointer_type(G_DTYPE))
-    t = tl.load(steps_ptr + tl.load(base + F_STEP)).to(tl.float64)
+    index = tl.load(base + F_STEP)  # the tensor's index in the bucket
+    step = tl.load(steps_ptr + index)
+    t = step.to(tl.float64)
 
     # Step scalars, float64.
     k = tl.load(k_ptr).to(tl.float64)
@@ -242,32 +275,45 @@ def _adamw_kernel(
 
     # Elementwise constants in the state dtype (rounded once, as the reference does).
     w = lerp_weight.to(S_DTYPE)
-    one_minus_w = 1.0 - w
+    w_minus_1 = w - 1.0
     small = lerp_weight < 0.5
     b2 = beta2.to(S_DTYPE)
     omb2 = one_minus_beta2.to(S_DTYPE)
     eps_s = eps.to(S_DTYPE)
     if AMSGRAD:
-        vmax_ptr = tl.load(base + F_VMAX).to(tl.pointer_type(S_DTYPE))
+        vmax_ptr = tl.load(base + F_VMAX).to(tl.pointer_type(M_DTYPE))
     else:
         vmax_ptr = v_ptr  # never accessed
+    if MASTER:
+        master_ptr = tl.load(base + F_MASTER).to(tl.pointer_type(tl.float32))
+    elif REMAINDER:
+        master_ptr = tl.load(base + F_MASTER).to(tl.pointer_type(tl.int16))
+    else:
+        master_ptr = p_ptr  # never accessed
+    if STOCHASTIC:
+        key = tensor_key(tl.full((), seed, tl.int64), tl.load(pids_ptr + index), step)
+    else:
+        key = tl.full((), 0, tl.uint32)  # unused
 
     for it in range(ITERS_):
         lo = start + it * BLOCK_
         offs = lo + tl.arange(0, BLOCK_).to(tl.int64)
         if ALIGNED:
             if lo + BLOCK_ <= numel:  # a full block: unmasked, vectorized accesses
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, scale, decay, step_size,
-                             bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
-                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, False, True, BLOCK_)
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale, decay,
+                             step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
+                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
+                             False, True, BLOCK_)
             else:
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, scale, decay, step_size,
-                             bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
-                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, True, True, BLOCK_)
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale, decay,
+                             step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
+                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
+                             True, True, BLOCK_)
         else:
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, numel, scale, decay, step_size,
-                         bias2_sqrt, w, one_minus_w, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
-                         MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, True, False, BLOCK_)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale, decay,
+                         step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
+                         MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
+                         True, False, BLOCK_)
 
 
 def _log(beta: float) -> float:
@@ -280,13 +326,16 @@ def launch_adamw(
     steps: Tensor,
     param_dtype: torch.dtype,
     grad_dtype: torch.dtype,
+    moment_dtype: torch.dtype,
     amsgrad: bool,
     hyper: GroupHyper,
     ctrl: StepControl,
+    prec: BucketPrecision | None = None,
     applied_lr: Tensor | None = None,
 ) -> None:
     """Enqueue the AdamW update of every tensor of a bucket (see the module docstring); program 0
-    writes ``lr_t`` into ``applied_lr`` (0-d float64) unless the step is skipped."""
+    writes ``lr_t`` into ``applied_lr`` (0-d float64) unless the step is skipped. ``prec``: the
+    bucket's low-precision modes (``tables`` then hold the master or remainder addresses)."""
     if tables.n_blocks == 0:
         return
     kind, n = schedule_constexprs(ctrl.schedule)
@@ -303,6 +352,7 @@ def launch_adamw(
         tables.blocks,
         grads_table,
         steps,
+        prec.pids if prec is not None else dummy,
         ctrl.k,
         sched if sched is not None else dummy,
         ctrl.stats if has_clip else dummy,
@@ -319,6 +369,7 @@ def launch_adamw(
         float(hyper.eps),
         float(hyper.weight_decay),
         float(ctrl.max_norm) if has_clip else 0.0,
+        prec.seed if prec is not None else 0,
         CLIP_EPS_=CLIP_EPS,
         SCHED_KIND=kind,
         SCHED_N=n,
@@ -332,6 +383,10 @@ def launch_adamw(
         P_DTYPE=TL_DTYPES[param_dtype],
         G_DTYPE=TL_DTYPES[grad_dtype],
         S_DTYPE=tl.float64 if param_dtype == torch.float64 else tl.float32,
+        M_DTYPE=TL_DTYPES[moment_dtype],
+        MASTER=prec is not None and prec.master is not None,
+        REMAINDER=prec is not None and prec.remainder is not None,
+        STOCHASTIC=prec is not None and prec.stochastic,
         ROW_=ROW,
         F_P=FIELD_P,
         F_M=FIELD_M,
@@ -340,6 +395,7 @@ def launch_adamw(
         F_NUMEL=FIELD_NUMEL,
         F_STEP=FIELD_STEP,
         F_FIRST=FIELD_FIRST,
+        F_MASTER=FIELD_MASTER,
         ALIGNED=tables.aligned and tables.grads_aligned,
         BLOCK_=BLOCK,
         ITERS_=ITERS,

@@ -5,8 +5,9 @@ consecutive elements (``ITERS`` iterations of ``BLOCK``) of one tensor, found th
 device tables:
 
 * ``rows`` ``[n_rows, ROW]``: per non-empty tensor, the addresses of param, exp_avg, exp_avg_sq and
-  max_exp_avg_sq (0 without amsgrad), its element count, its index into ``bucket.steps`` and the id
-  of its first program (``FIELD_*`` give the column of each);
+  max_exp_avg_sq (0 without amsgrad), its element count, its index into ``bucket.steps`` (and into
+  ``bucket.precision.pids``), the id of its first program, and the address of its fp32 master or
+  int16 remainder (0 without; ``fusedlr.precision``) (``FIELD_*`` give the column of each);
 * ``blocks`` ``[n_blocks]``: the row each program works on; the program's first element is
   ``(pid - rows[row, FIELD_FIRST]) * CHUNK``.
 
@@ -16,7 +17,8 @@ may be new tensors every step). Uploads go through pinned host memory with ``non
 so building or refreshing a table never waits for the device. Offsets are int64 throughout.
 
 Tensors are addressed in storage order, so each must be dense (no gaps, no overlap) and the
-states (and gradients) must share the param's layout. A bucket whose params or states are not
+states, masters (and gradients) must share the param's layout; the moments of a bucket share one
+dtype (float32, float64 for float64 params, or a ``state_dtype``: bfloat16, or float32 for float64 params). A bucket whose params or states are not
 (``bucket_tables`` returns None) is left to the reference backend; gradients of another layout
 are copied into the param's layout (read-only, so the copy is safe).
 """
@@ -37,6 +39,7 @@ __all__ = [
     "CHUNK",
     "FIELD_FIRST",
     "FIELD_M",
+    "FIELD_MASTER",
     "FIELD_NUMEL",
     "FIELD_P",
     "FIELD_STEP",
@@ -57,9 +60,9 @@ ITERS = 4
 #: Elements per program.
 CHUNK = BLOCK * ITERS
 
-FIELD_P, FIELD_M, FIELD_V, FIELD_VMAX, FIELD_NUMEL, FIELD_STEP, FIELD_FIRST = range(7)
+FIELD_P, FIELD_M, FIELD_V, FIELD_VMAX, FIELD_NUMEL, FIELD_STEP, FIELD_FIRST, FIELD_MASTER = range(8)
 #: int64 entries per row of the ``rows`` table.
-ROW = 7
+ROW = 8
 #: Byte alignment that lets the kernels use vector accesses on full blocks (when every address has it).
 ALIGN = 16
 
@@ -76,7 +79,7 @@ class LaunchTables:
     n_blocks: int
     partials: Tensor  # float32 [2 * n_blocks]: per-program (sum of squares, non-finite count) of pass 1
     arrived: Tensor  # int32 [1]: pass-1 programs done (zero between launches)
-    aligned: bool  # every param and state address is a multiple of ALIGN bytes
+    aligned: bool  # every param, state and master address is a multiple of ALIGN bytes
     grads: Tensor | None = None  # int64 [n_rows] gradient addresses
     grad_ptrs: tuple[int, ...] = ()  # host copy of what ``grads`` holds
     grads_aligned: bool = False  # every address in ``grads`` is a multiple of ALIGN bytes
@@ -122,22 +125,36 @@ def _upload(host: Tensor, device: torch.device, out: Tensor | None = None) -> Te
     return out
 
 
-def _state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+def _moment_dtypes(p: Tensor) -> tuple[torch.dtype, ...]:
+    """The moment dtypes the kernel can store for params like ``p``."""
+    return (torch.float64, torch.float32, torch.bfloat16) if p.dtype == torch.float64 else (torch.float32, torch.bfloat16)
+
+
+def _masters(bucket: Bucket) -> list[Tensor] | None:
+    """The bucket's fp32 masters or int16 remainders, or None."""
+    prec = bucket.precision
+    if prec is None:
+        return None
+    return prec.master if prec.master is not None else prec.remainder
 
 
 def _eligible(bucket: Bucket) -> bool:
-    """Params dense, states dense in the param's layout, of the state dtype, on the bucket's device."""
+    """Params dense; moments (of one dtype the kernel stores) and masters dense in the param's layout,
+    on the bucket's device."""
     device = bucket.device
+    masters = _masters(bucket)
+    moment_dtype = bucket.exp_avgs[0].dtype if bucket.exp_avgs else None
     for i, p in enumerate(bucket.params):
         states = [bucket.exp_avgs[i], bucket.exp_avg_sqs[i]]
         if bucket.max_exp_avg_sqs is not None:
             states.append(bucket.max_exp_avg_sqs[i])
-        if p.device != device or not is_dense(p):
+        if p.device != device or not is_dense(p) or moment_dtype not in _moment_dtypes(p):
             return False
         for s in states:
-            if s.dtype != _state_dtype(p) or s.device != device or not _same_layout(s, p):
+            if s.dtype != moment_dtype or s.device != device or not _same_layout(s, p):
                 return False
+        if masters is not None and (masters[i].device != device or not _same_layout(masters[i], p)):
+            return False
     return True
 
 
@@ -157,18 +174,22 @@ def _build(bucket: Bucket) -> LaunchTables:
     rows: list[list[int]] = []
     blocks: list[int] = []
     members: list[int] = []
+    masters = _masters(bucket)
     for i, p in enumerate(bucket.params):
         n = p.numel()
         if n == 0:
             continue  # nothing to update; no program may be given to it
         vmax = bucket.max_exp_avg_sqs[i].data_ptr() if bucket.max_exp_avg_sqs is not None else 0
+        master = masters[i].data_ptr() if masters is not None else 0
         n_prog = -(-n // CHUNK)
         rows.append(
-            [p.data_ptr(), bucket.exp_avgs[i].data_ptr(), bucket.exp_avg_sqs[i].data_ptr(), vmax, n, i, len(blocks)]
+            [p.data_ptr(), bucket.exp_avgs[i].data_ptr(), bucket.exp_avg_sqs[i].data_ptr(), vmax, n, i, len(blocks),
+             master]
         )
         blocks.extend([len(rows) - 1] * n_prog)
         members.append(i)
-    aligned = all(addr % ALIGN == 0 for row in rows for addr in row[FIELD_P : FIELD_VMAX + 1])
+    addresses = (FIELD_P, FIELD_M, FIELD_V, FIELD_VMAX, FIELD_MASTER)
+    aligned = all(row[f] % ALIGN == 0 for row in rows for f in addresses)
     host_rows = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), ROW)
     host_blocks = torch.tensor(blocks, dtype=torch.int64)
     device = bucket.device
