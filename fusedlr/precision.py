@@ -48,6 +48,7 @@ from .distributed import local
 __all__ = [
     "GROUP_DEFAULTS",
     "MASTER_MODES",
+    "NATIVE_BACKENDS",
     "STATE_DTYPES",
     "STATE_KEYS",
     "Streams",
@@ -143,10 +144,14 @@ def check_bucket(group: dict[str, Any], group_index: int, dtype: torch.dtype) ->
         )
 
 
+#: Backends whose kernels implement the low-precision modes (the others hand such buckets to the reference).
+NATIVE_BACKENDS = ("cpu", "cuda")
+
+
 def reference_only(bucket: Bucket, backend: str) -> bool:
-    """Whether ``bucket`` uses a low-precision mode, which only the reference backend implements so far
+    """Whether ``bucket`` uses a low-precision mode that ``backend`` hands to the reference backend
     (warns once per bucket, naming ``backend``)."""
-    if bucket.precision is None:
+    if bucket.precision is None or backend in NATIVE_BACKENDS:
         return False
     if not bucket.cache.get("fusedlr_precision_warned", False):
         bucket.cache["fusedlr_precision_warned"] = True

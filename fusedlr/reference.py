@@ -193,6 +193,8 @@ def adamw_update(
             vmaxs = [bucket.max_exp_avg_sqs[i] for i in idx]
             vden = [v.to(dt) for v in vmaxs]
             torch._foreach_maximum_(vden, v32)
+            if skip is not None:  # a skipped step keeps a rounded v_max even where the (rounded) v exceeds it
+                vden = [new if new is old else torch.where(skip, old, new) for old, new in zip(vmaxs, vden)]
             stores.append((vmaxs, vden, Streams.MAX_EXP_AVG_SQ))
         denom = torch._foreach_sqrt(vden)
         torch._foreach_div_(denom, [bias2_sqrt_dt[i] for i in idx])
