@@ -133,10 +133,10 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
   TORCH_CHECK(out.dtype >= 0, "fusedlr.adamw_update: params must be float32/float16/bfloat16/float64, got ",
               params[0].scalar_type());
   const at::ScalarType math_type = out.dtype == kF64 ? at::kDouble : at::kFloat;
-  const at::ScalarType state_type = n == 0 ? math_type : exp_avgs[0].scalar_type();
+  // the states' dtype: the math type, or bfloat16 / float32 (low-precision modes), as the first one
+  const at::ScalarType first = n == 0 ? math_type : exp_avgs[0].scalar_type();
+  const at::ScalarType state_type = first == at::kBFloat16 || first == at::kFloat ? first : math_type;
   out.state_dtype = dtype_code(state_type);
-  TORCH_CHECK(state_type == math_type || state_type == at::kBFloat16 || state_type == at::kFloat,
-              "fusedlr.adamw_update: states must be ", math_type, ", float32 or bfloat16, got ", state_type);
   TORCH_CHECK(prec.masters.empty() || prec.remainders.empty(),
               "fusedlr.adamw_update: pass masters or remainders, not both");
   TORCH_CHECK(prec.masters.empty() || prec.masters.size() == n,
@@ -144,7 +144,8 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
   TORCH_CHECK(prec.remainders.empty() || prec.remainders.size() == n,
               "fusedlr.adamw_update: remainders must be empty or as long as params");
   out.master = !prec.masters.empty() ? kFullMaster : (!prec.remainders.empty() ? kRemainderMaster : kNoMaster);
-  TORCH_CHECK(out.master == kNoMaster || n == 0 || out.dtype == kBF16 || (out.master == kFullMaster && out.dtype == kF16),
+  TORCH_CHECK(out.master == kNoMaster || n == 0 || out.dtype == kBF16 ||
+                  (out.master == kFullMaster && out.dtype == kF16),
               "fusedlr.adamw_update: masters need bfloat16/float16 params, remainders bfloat16 params, got ",
               params[0].scalar_type());
   if (prec.stochastic) {

