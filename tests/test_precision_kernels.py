@@ -190,3 +190,37 @@ def test_a_checkpoint_moves_between_backends_and_continues_identically(first: st
     after.load_state_dict(saved)
     train(after, range(3, 6))
     assert_same(after, straight, f"{first} then {second}", exact=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("master", [None, "full", "remainder"])
+def test_op_schema_and_fake_take_the_low_precision_arguments(master: str | None) -> None:
+    """torch.library.opcheck: the trailing arguments' schema (written tensors), fake impl and dispatch."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(5, 3, generator=g).to(torch.bfloat16), torch.randn(4, generator=g).to(torch.bfloat16)]
+    kwargs: dict = dict(stochastic=True, seed=7, pids=torch.tensor([3, 8]))
+    if master == "full":
+        kwargs["masters"] = [p.float() for p in ps]
+    elif master == "remainder":
+        kwargs["remainders"] = [precision.split_master(p.float() * 1.001)[1] for p in ps]
+    args = (
+        ps,
+        [torch.randn(p.shape, generator=g).to(p.dtype) for p in ps],
+        [torch.zeros_like(p) for p in ps],
+        [torch.zeros_like(p) for p in ps],
+        [torch.zeros_like(p) for p in ps],
+        torch.tensor([1, 2]),
+        torch.tensor(0),
+        None,
+        None,
+        None,
+        None,
+        None,
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        False,
+    )
+    torch.library.opcheck(torch.ops.fusedlr.adamw_update.default, args, kwargs)
