@@ -12,15 +12,23 @@
 //   v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v) (amsgrad: the denominator uses vmax);
 //   p -= lr_t / bias1 * m / (sqrt(v) / sqrt(bias2) + eps).
 // Nothing is written when found_inf > 0.
+//
+// The low-precision modes (fp32 master, 16-bit remainder, stochastic rounding, bf16 moments) load
+// and store around the same per-element math (``adamw_element_lp``); their bit-level spec is the
+// docstring of ``fusedlr/precision.py``.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 #include "schedule.h"
 
 namespace fusedlr {
+
+// Element types the kernels support (the torch side, the CUDA launchers and tests/cuda_on_host.py).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 //: Added to the global norm before dividing (``fusedlr.control.CLIP_EPS``).
 constexpr double kClipEps = 1e-6;
@@ -147,6 +155,166 @@ FUSEDLR_HD void adamw_element(S& p, S g, S& m, S& v, S& vmax, const AdamWCoeffs<
   }
   const S denom = math_sqrt(d) / c.bias2_sqrt + c.eps;
   p = p - c.lr_bias * (m / denom);
+}
+
+// ---------------------------------------------------------------- low-precision modes
+// Exactly ``fusedlr/precision.py`` (bits as uint32_t: the spec's arithmetic mod 2^32).
+
+// Values of ``master``: the param is the whole state (none), or has an fp32 master in a float32
+// tensor (full) or in its own bf16 bits plus an int16 remainder (remainder).
+enum MasterKind : int { kNoMaster = 0, kFullMaster = 1, kRemainderMaster = 2 };
+
+// ``fusedlr.precision.Streams``: the stored tensor an element's random bits are drawn for.
+enum Stream : int { kStreamParam = 0, kStreamExpAvg = 1, kStreamExpAvgSq = 2, kStreamMaxExpAvgSq = 3 };
+
+// The low-precision inputs of a launch (plain values; ``pids`` is a device pointer).
+struct LowPrecision {
+  int master;           // MasterKind
+  bool stochastic;      // stochastic rounding of bf16 params without master and of bf16 moments
+  uint32_t seed;        // the optimizer's seed
+  const int64_t* pids;  // int64 [n]: each tensor's pid (read only when stochastic)
+};
+
+// ``hash32``: Wellons' lowbias32.
+FUSEDLR_HD uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// The (ka, kb) pair of each stream for one tensor's update (``tensor_keys`` then ``random_bits``'s keys).
+struct RngKeys {
+  uint32_t a[4];
+  uint32_t b[4];
+};
+
+FUSEDLR_HD RngKeys rng_keys(uint32_t seed, int64_t pid, int64_t step) {
+  const uint64_t t = static_cast<uint64_t>(step);
+  uint32_t key = hash32(hash32(seed) ^ static_cast<uint32_t>(pid));
+  key = hash32(hash32(key ^ static_cast<uint32_t>(t)) ^ static_cast<uint32_t>(t >> 32));
+  RngKeys k;
+  for (uint32_t s = 0; s < 4; ++s) {
+    k.a[s] = hash32(key ^ s);
+    k.b[s] = hash32(k.a[s] ^ 0x9E3779B9u);
+  }
+  return k;
+}
+
+// The 32 random bits of the element at offset ``i`` (from the tensor's first element) of ``stream``.
+FUSEDLR_HD uint32_t random_bits(const RngKeys& k, int stream, int64_t i) {
+  const uint64_t u = static_cast<uint64_t>(i);
+  return hash32((hash32(static_cast<uint32_t>(u) ^ k.a[stream]) ^ k.b[stream]) + static_cast<uint32_t>(u >> 32));
+}
+
+FUSEDLR_HD uint32_t f32_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+FUSEDLR_HD float bits_f32(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// The bf16 torch stores for a NaN float32 (c10::BFloat16 on the CPU, __float2bfloat16 on the GPU).
+#ifdef __CUDA_ARCH__
+constexpr uint16_t kBf16NaN = 0x7FFF;
+#else
+constexpr uint16_t kBf16NaN = 0x7FC0;
+#endif
+
+// float32 -> bfloat16 bits, rounded to nearest even (torch's ``x.to(torch.bfloat16)``).
+FUSEDLR_HD uint16_t bf16_nearest(float x) {
+  if (x != x) return kBf16NaN;
+  const uint32_t u = f32_bits(x);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ``stochastic_round_bf16``: float32 -> bfloat16 bits rounded up or down with the random bits ``r``.
+FUSEDLR_HD uint16_t bf16_stochastic(float x, uint32_t r) {
+  if (x != x) return bf16_nearest(x);
+  return static_cast<uint16_t>((f32_bits(x) + (r >> 16)) >> 16);
+}
+
+FUSEDLR_HD float bf16_to_f32(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
+
+// ``split_master``: the bf16 param (bits) and the int16 remainder (bits) storing ``master`` exactly.
+FUSEDLR_HD void split_master(float master, uint16_t& param, uint16_t& remainder) {
+  if (master != master) {
+    param = bf16_nearest(master);
+    remainder = 0;
+    return;
+  }
+  const uint32_t u = f32_bits(master);
+  const uint32_t lo = u & 0xFFFFu;
+  param = static_cast<uint16_t>((u >> 16) + (lo >= 0x8000u ? 1u : 0u));
+  remainder = static_cast<uint16_t>(lo);
+}
+
+// ``join_master``: the float32 master stored as the bf16 ``param`` and the int16 ``remainder`` (bits).
+FUSEDLR_HD float join_master(uint16_t param, uint16_t remainder) {
+  const uint32_t hi = (static_cast<uint32_t>(param) - (remainder >> 15)) & 0xFFFFu;
+  return bits_f32((hi << 16) | remainder);
+}
+
+// A value of the math type stored into an element of type E::T (E: the backend's element traits,
+// with ``load``/``store`` (nearest) and, for bfloat16, ``kBf16``, ``bits`` and ``from_bits``):
+// stochastically rounded when ``sr`` and E is bfloat16, else to nearest (double through float, as torch).
+template <typename E, typename S>
+FUSEDLR_HD typename E::T store_rounded(S x, bool sr, const RngKeys& k, int stream, int64_t i) {
+  if constexpr (E::kBf16) {
+    const float f = static_cast<float>(x);
+    return E::from_bits(sr ? bf16_stochastic(f, random_bits(k, stream, i)) : bf16_nearest(f));
+  } else {
+    return E::store(static_cast<typename E::S>(x));
+  }
+}
+
+// One element of a low-precision update at offset ``i`` of its tensor: ``p``/``g`` of the param's type
+// (traits P), the moments of the state type (traits M), the fp32 ``master`` (kFullMaster) or the
+// ``remainder`` bits (kRemainderMaster, bf16 params), each read and written only in its mode.
+// The math is ``adamw_element`` in the param's math type S; what is stored follows fusedlr.reference.
+template <typename P, typename M, bool AMSGRAD>
+FUSEDLR_HD void adamw_element_lp(typename P::T& p, typename P::T g, typename M::T& m, typename M::T& v,
+                                 typename M::T& vmax, float& master, uint16_t& remainder,
+                                 const AdamWCoeffs<typename P::S>& c, const LowPrecision& lp, const RngKeys& k,
+                                 int64_t i) {
+  using S = typename P::S;
+  S ps = P::load(p);
+  if (lp.master == kFullMaster) ps = static_cast<S>(master);
+  if constexpr (P::kBf16) {
+    if (lp.master == kRemainderMaster) ps = join_master(P::bits(p), remainder);
+  }
+  S ms = static_cast<S>(M::load(m)), vs = static_cast<S>(M::load(v));
+  S ws = AMSGRAD ? static_cast<S>(M::load(vmax)) : S(0);
+  adamw_element<AMSGRAD>(ps, P::load(g), ms, vs, ws, c);
+  m = store_rounded<M>(ms, lp.stochastic, k, kStreamExpAvg, i);
+  v = store_rounded<M>(vs, lp.stochastic, k, kStreamExpAvgSq, i);
+  if (AMSGRAD) vmax = store_rounded<M>(ws, lp.stochastic, k, kStreamMaxExpAvgSq, i);
+  if (lp.master == kFullMaster) {
+    master = static_cast<float>(ps);
+    p = P::store(static_cast<typename P::S>(ps));
+  } else if (lp.master == kRemainderMaster) {
+    if constexpr (P::kBf16) {
+      uint16_t hi;
+      split_master(static_cast<float>(ps), hi, remainder);
+      p = P::from_bits(hi);
+    }
+  } else {
+    p = store_rounded<P>(ps, lp.stochastic, k, kStreamParam, i);
+  }
 }
 
 }  // namespace fusedlr

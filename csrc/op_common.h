@@ -11,9 +11,6 @@
 
 namespace fusedlr {
 
-// Element types the kernels support (the same codes in csrc/cuda/launch.h).
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
-
 inline int dtype_code(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kF32;
@@ -79,20 +76,32 @@ inline int check_grad_stats(at::TensorList grads, const std::optional<at::Tensor
 
 struct CheckedUpdate {
   int dtype;                     // of params and grads
+  int state_dtype;               // of the moments: float32 (float64 for float64 params), or bfloat16 / float32
   bool amsgrad;
+  int master;                    // MasterKind
+  bool low_precision;            // a master, moments in another dtype than the math's, or bf16 params rounded stochastically
   std::vector<at::Tensor> grads;  // as the kernel reads them (laid out like the params)
 };
 
-// Checks every argument of ``adamw_update``: one device, one param dtype (grads the same),
-// states float32 (float64 for float64 params) laid out like their parameter, which must be
-// linear (contiguous or non-overlapping and dense): the kernels update in place, nothing is copied.
+// The tensors of the low-precision modes (fusedlr/precision.py), as the op receives them.
+struct PrecisionArgs {
+  at::TensorList masters;             // float32, one per param (master_weights=True), or empty
+  at::TensorList remainders;          // int16, one per bf16 param (master_weights="remainder"), or empty
+  const std::optional<at::Tensor>& pids;  // int64 [n]: each param's pid (needed when stochastic)
+  bool stochastic;
+};
+
+// Checks every argument of ``adamw_update``: one device, one param dtype (grads the same), states
+// of one dtype (float32, float64 for float64 params; or bfloat16, or float32 for float64 params)
+// and masters/remainders laid out like their parameter, which must be linear (contiguous or
+// non-overlapping and dense): the kernels update in place, nothing is copied.
 inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                                         const at::Tensor& steps, const at::Tensor& k,
                                         const std::optional<at::Tensor>& schedule,
                                         const std::optional<at::Tensor>& stats, std::optional<double> max_norm,
                                         const std::optional<at::Tensor>& inv_scale,
-                                        const std::optional<at::Tensor>& found_inf) {
+                                        const std::optional<at::Tensor>& found_inf, const PrecisionArgs& prec) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
               "fusedlr.adamw_update: params, grads, exp_avgs and exp_avg_sqs must have the same length");
@@ -123,7 +132,30 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
   out.dtype = n == 0 ? kF32 : dtype_code(params[0].scalar_type());
   TORCH_CHECK(out.dtype >= 0, "fusedlr.adamw_update: params must be float32/float16/bfloat16/float64, got ",
               params[0].scalar_type());
-  const at::ScalarType state_type = out.dtype == kF64 ? at::kDouble : at::kFloat;
+  const at::ScalarType math_type = out.dtype == kF64 ? at::kDouble : at::kFloat;
+  // the states' dtype: the math type, or bfloat16 / float32 (low-precision modes), as the first one
+  const at::ScalarType first = n == 0 ? math_type : exp_avgs[0].scalar_type();
+  const at::ScalarType state_type = first == at::kBFloat16 || first == at::kFloat ? first : math_type;
+  out.state_dtype = dtype_code(state_type);
+  TORCH_CHECK(prec.masters.empty() || prec.remainders.empty(),
+              "fusedlr.adamw_update: pass masters or remainders, not both");
+  TORCH_CHECK(prec.masters.empty() || prec.masters.size() == n,
+              "fusedlr.adamw_update: masters must be empty or as long as params");
+  TORCH_CHECK(prec.remainders.empty() || prec.remainders.size() == n,
+              "fusedlr.adamw_update: remainders must be empty or as long as params");
+  out.master = !prec.masters.empty() ? kFullMaster : (!prec.remainders.empty() ? kRemainderMaster : kNoMaster);
+  TORCH_CHECK(out.master == kNoMaster || n == 0 || out.dtype == kBF16 ||
+                  (out.master == kFullMaster && out.dtype == kF16),
+              "fusedlr.adamw_update: masters need bfloat16/float16 params, remainders bfloat16 params, got ",
+              params[0].scalar_type());
+  if (prec.stochastic) {
+    TORCH_CHECK(prec.pids.has_value() && prec.pids->scalar_type() == at::kLong && prec.pids->dim() == 1 &&
+                    prec.pids->numel() == static_cast<int64_t>(n) && prec.pids->is_contiguous() &&
+                    prec.pids->device() == device,
+                "fusedlr.adamw_update: stochastic rounding needs pids, a contiguous int64 tensor [n] on ", device);
+  }
+  // (stochastic rounding alone, of nothing bf16, is the default update)
+  out.low_precision = out.master != kNoMaster || state_type != math_type || (prec.stochastic && out.dtype == kBF16);
   out.grads.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -146,6 +178,14 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
       TORCH_CHECK(t->device() == device, "fusedlr.adamw_update: tensor on ", t->device(), ", expected ", device);
     }
     if (out.amsgrad) TORCH_CHECK(max_exp_avg_sqs[i].device() == device, "fusedlr.adamw_update: wrong device");
+    if (out.master != kNoMaster) {
+      const bool full = out.master == kFullMaster;
+      const at::Tensor& mt = full ? prec.masters[i] : prec.remainders[i];
+      TORCH_CHECK(mt.scalar_type() == (full ? at::kFloat : at::kShort) && mt.device() == device && linear(mt) &&
+                      same_layout(mt, p),
+                  "fusedlr.adamw_update: the ", full ? "float32 master" : "int16 remainder", " of param ", i,
+                  " must have its shape and strides (and be dense) on ", device);
+    }
     TORCH_CHECK(grads[i].sizes() == p.sizes(), "fusedlr.adamw_update: grad shape ", grads[i].sizes(),
                 " differs from param ", p.sizes());
     out.grads.push_back(kernel_grad(grads[i], &p));

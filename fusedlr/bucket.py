@@ -24,7 +24,7 @@ class Bucket:
     ``cache`` belongs to the backend (pointer tables and the like); it dies with the bucket, which
     is rebuilt whenever the set of parameters with gradients changes or state is loaded.
     ``precision`` holds the master weights and rounding of the low-precision modes (``fusedlr.precision``);
-    None for the default mode, the only one the compiled kernels implement so far.
+    None for the default mode.
     """
 
     params: list[Tensor]

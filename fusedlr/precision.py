@@ -48,6 +48,7 @@ from .distributed import local
 __all__ = [
     "GROUP_DEFAULTS",
     "MASTER_MODES",
+    "NATIVE_BACKENDS",
     "STATE_DTYPES",
     "STATE_KEYS",
     "Streams",
@@ -143,13 +144,13 @@ def check_bucket(group: dict[str, Any], group_index: int, dtype: torch.dtype) ->
         )
 
 
-#: The compiled backends whose kernels implement these modes (the others hand such buckets to the reference).
-NATIVE_BACKENDS: frozenset[str] = frozenset({"triton"})
+#: Backends whose kernels implement the low-precision modes (the others hand such buckets to the reference).
+NATIVE_BACKENDS = ("cpu", "cuda", "triton")
 
 
 def reference_only(bucket: Bucket, backend: str) -> bool:
-    """Whether ``bucket`` uses a low-precision mode that ``backend``'s kernels lack, so the reference
-    backend must update it (warns once per bucket, naming ``backend``)."""
+    """Whether ``bucket`` uses a low-precision mode that ``backend`` hands to the reference backend
+    (warns once per bucket, naming ``backend``)."""
     if bucket.precision is None or backend in NATIVE_BACKENDS:
         return False
     if not bucket.cache.get("fusedlr_precision_warned", False):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fusedlr.extension._common import same_layout
+
 __all__ = [
     "EmulatedCudaBackend",
     "ShimLibrary",
@@ -187,7 +189,9 @@ class EmulatedCudaBackend:
         self.lib.fusedlr_emu_fill_table.restype = i64
         self.lib.fusedlr_emu_fill_table.argtypes = [p, p, i64, i32, p]
         self.lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, p, i32]
-        self.lib.fusedlr_emu_adamw_update.argtypes = [i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p]
+        self.lib.fusedlr_emu_adamw_update.argtypes = [
+            i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p, i32, i32, i32, i32, ctypes.c_uint32, p
+        ]
 
     def _table(self, lists, n):
         nptr = len(lists)
@@ -218,9 +222,25 @@ class EmulatedCudaBackend:
 
     def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None) -> None:
         n = len(bucket.params)
+        if n == 0:
+            return
         lr = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
-        table, total = self._table(
-            [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs], n
+        # as the op: grads laid out like their param (copied otherwise)
+        grads = [
+            g if same_layout(g, p) else torch.empty_like(p, dtype=g.dtype).copy_(g) for g, p in zip(grads, bucket.params)
+        ]
+        prec = bucket.precision
+        master = None if prec is None else prec.master
+        remainder = None if prec is None else prec.remainder
+        lists = [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs, master, remainder]
+        table, total = self._table(lists, n)
+        param_dtype, state_dtype = bucket.params[0].dtype, bucket.exp_avgs[0].dtype
+        math_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+        stochastic = prec is not None and prec.stochastic
+        # the op's choice of the low-precision kernel (csrc/op_common.h, check_adamw_update)
+        low_precision = (
+            master is not None or remainder is not None or state_dtype != math_dtype
+            or (stochastic and param_dtype == torch.bfloat16)
         )
         hyper6 = torch.tensor(
             [0.0 if lr is not None else hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
@@ -247,5 +267,11 @@ class EmulatedCudaBackend:
             _ptr(lr if lr is not None and lr.dtype == torch.float32 else None),
             _ptr(lr if lr is not None and lr.dtype == torch.float64 else None),
             _ptr(applied_lr),
+            int(low_precision),
+            _DTYPE_CODE[state_dtype],
+            0 if master is None and remainder is None else (1 if master is not None else 2),
+            int(stochastic),
+            0 if prec is None else prec.seed,
+            _ptr(prec.pids if stochastic else None),
         )
         self.shim.check(rc)

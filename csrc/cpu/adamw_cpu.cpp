@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../adamw_math.h"
@@ -41,6 +42,18 @@ template <typename T>
 inline typename Math<T>::type to_math(T x) {
   return static_cast<typename Math<T>::type>(x);
 }
+
+// Element traits of the low-precision update (adamw_element_lp): T in memory <-> its math type.
+template <typename X>
+struct Elem {
+  using T = X;
+  using S = typename Math<X>::type;
+  static constexpr bool kBf16 = std::is_same_v<X, c10::BFloat16>;
+  static S load(T x) { return static_cast<S>(x); }
+  static T store(S x) { return static_cast<T>(x); }
+  static uint16_t bits(T x) { return x.x; }
+  static T from_bits(uint16_t b) { return T(b, T::from_bits()); }
+};
 
 template <typename T>
 inline bool nonfinite(T x) {
@@ -72,6 +85,18 @@ int num_threads(int64_t total) {
   (void)total;
   return 1;
 #endif
+}
+
+// Runs ``body(item)`` for every (tensor, chunk) item of tensors of ``numels`` elements, in parallel
+// when there is enough work.
+template <typename F>
+void for_each_item(const std::vector<int64_t>& numels, const F& body) {
+  int64_t total = 0;
+  const std::vector<Item> items = make_items(numels, &total);
+  const int64_t m = static_cast<int64_t>(items.size());
+  [[maybe_unused]] const int nt = num_threads(total);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < m; ++it) body(items[it]);
 }
 
 // ---------------------------------------------------------------- pass 1
@@ -165,18 +190,106 @@ void adamw_impl(at::TensorList params, const std::vector<at::Tensor>& grads, at:
     // Tensors of a bucket mostly share their step: their coefficients are computed once.
     coeffs[i] = i > 0 && steps[i] == steps[i - 1] ? coeffs[i - 1] : tensor_coeffs<S>(h, s, steps[i]);
   }
-  int64_t total = 0;
-  const std::vector<Item> items = make_items(numels, &total);
-  const int64_t m = static_cast<int64_t>(items.size());
-  [[maybe_unused]] const int nt = num_threads(total);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t it = 0; it < m; ++it) {
-    const Item& w = items[it];
+  for_each_item(numels, [&](const Item& w) {
     const int64_t i = w.tensor, o = w.start;
     S* vmax = AMSGRAD ? static_cast<S*>(max_exp_avg_sqs[i].data_ptr()) + o : nullptr;
     update_item<T, AMSGRAD>(static_cast<T*>(params[i].data_ptr()) + o, static_cast<const T*>(grads[i].data_ptr()) + o,
                             static_cast<S*>(exp_avgs[i].data_ptr()) + o, static_cast<S*>(exp_avg_sqs[i].data_ptr()) + o,
                             vmax, w.len, coeffs[i]);
+  });
+}
+
+// The tensors of one parameter in a low-precision launch (null where its mode has none).
+struct LpTensor {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* vmax;
+  float* master;
+  uint16_t* remainder;
+  RngKeys keys;
+};
+
+// Elements [start, start + len) of one tensor: param/grad T, moments M (see adamw_element_lp).
+template <typename T, typename M, bool AMSGRAD>
+void update_item_lp(const LpTensor& t, int64_t start, int64_t len, const AdamWCoeffs<typename Math<T>::type>& c,
+                    const LowPrecision& lp) {
+  T* p = static_cast<T*>(t.p) + start;
+  const T* g = static_cast<const T*>(t.g) + start;
+  M* m = static_cast<M*>(t.m) + start;
+  M* v = static_cast<M*>(t.v) + start;
+  M* vmax = AMSGRAD ? static_cast<M*>(t.vmax) + start : nullptr;
+  float* master = lp.master == kFullMaster ? t.master + start : nullptr;
+  uint16_t* remainder = lp.master == kRemainderMaster ? t.remainder + start : nullptr;
+  for (int64_t j = 0; j < len; ++j) {
+    M w = AMSGRAD ? vmax[j] : M(0);
+    float mj = master != nullptr ? master[j] : 0.0f;
+    uint16_t rj = remainder != nullptr ? remainder[j] : 0;
+    adamw_element_lp<Elem<T>, Elem<M>, AMSGRAD>(p[j], g[j], m[j], v[j], w, mj, rj, c, lp, t.keys, start + j);
+    if (AMSGRAD) vmax[j] = w;
+    if (master != nullptr) master[j] = mj;
+    if (remainder != nullptr) remainder[j] = rj;
+  }
+}
+
+template <typename T, typename M, bool AMSGRAD>
+void adamw_impl_lp(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masters,
+                   at::TensorList remainders, const int64_t* steps, const AdamWHyper& h, const StepScalars& s,
+                   const LowPrecision& lp) {
+  using S = typename Math<T>::type;
+  const size_t n = params.size();
+  std::vector<int64_t> numels(n);
+  std::vector<AdamWCoeffs<S>> coeffs(n);
+  std::vector<LpTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    numels[i] = params[i].numel();
+    coeffs[i] = tensor_coeffs<S>(h, s, steps[i]);
+    LpTensor& t = tensors[i];
+    t.p = params[i].data_ptr();
+    t.g = grads[i].data_ptr();
+    t.m = exp_avgs[i].data_ptr();
+    t.v = exp_avg_sqs[i].data_ptr();
+    t.vmax = AMSGRAD ? max_exp_avg_sqs[i].data_ptr() : nullptr;
+    t.master = masters.empty() ? nullptr : masters[i].data_ptr<float>();
+    t.remainder = remainders.empty() ? nullptr : static_cast<uint16_t*>(remainders[i].data_ptr());
+    t.keys = lp.stochastic ? rng_keys(lp.seed, lp.pids[i], steps[i]) : RngKeys{};
+  }
+  for_each_item(numels, [&](const Item& w) {
+    update_item_lp<T, M, AMSGRAD>(tensors[w.tensor], w.start, w.len, coeffs[w.tensor], lp);
+  });
+}
+
+template <typename T, typename M>
+void adamw_dispatch_lp(bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
+                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                       at::TensorList masters, at::TensorList remainders, const int64_t* steps, const AdamWHyper& h,
+                       const StepScalars& s, const LowPrecision& lp) {
+  if (amsgrad) {
+    adamw_impl_lp<T, M, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, steps, h, s,
+                              lp);
+  } else {
+    adamw_impl_lp<T, M, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, steps, h,
+                               s, lp);
+  }
+}
+
+// The low-precision update, on the param dtype and the moments': bfloat16, or float32 for 16-bit and
+// float64 params (float32 params are low-precision only with bfloat16 moments, see check_adamw_update).
+template <typename T>
+void adamw_dispatch_states(int state_dtype, bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                           at::TensorList masters, at::TensorList remainders, const int64_t* steps,
+                           const AdamWHyper& h, const StepScalars& s, const LowPrecision& lp) {
+  if (state_dtype == kBF16) {
+    adamw_dispatch_lp<T, c10::BFloat16>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
+                                        remainders, steps, h, s, lp);
+    return;
+  }
+  if constexpr (!std::is_same_v<T, float>) {
+    adamw_dispatch_lp<T, float>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
+                                steps, h, s, lp);
   }
 }
 
@@ -251,12 +364,17 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& found_inf, double lr, double beta1, double beta2, double eps,
                       double weight_decay, bool maximize, const std::optional<at::Tensor>& table,
                       const std::optional<at::Tensor>& table_host, const std::optional<at::Tensor>& lr_tensor,
-                      const std::optional<at::Tensor>& applied_lr) {
+                      const std::optional<at::Tensor>& applied_lr, std::optional<at::TensorList> masters_arg,
+                      std::optional<at::TensorList> remainders_arg, const std::optional<at::Tensor>& pids,
+                      int64_t seed, bool stochastic) {
   (void)table;
   (void)table_host;
+  const at::TensorList masters = masters_arg.value_or(at::TensorList());
+  const at::TensorList remainders = remainders_arg.value_or(at::TensorList());
   check_cpu(steps, "steps");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
-                                         stats, max_norm, inv_scale, found_inf);
+                                         stats, max_norm, inv_scale, found_inf,
+                                         PrecisionArgs{masters, remainders, pids, stochastic});
   const AdamWHyper h = make_hyper(lr, beta1, beta2, eps, weight_decay, max_norm, maximize);
   StepInputs in{};
   in.k = k.data_ptr<int64_t>();
@@ -269,6 +387,30 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const StepScalars s = step_scalars(h, in);
   if (s.skip) return;
   if (in.applied_lr != nullptr) *in.applied_lr = s.lr;
+  if (params.empty()) return;
+  if (chk.low_precision) {
+    const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};
+    const int sd = chk.state_dtype;
+    switch (chk.dtype) {
+      case kF32:
+        adamw_dispatch_states<float>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                     masters, remainders, in.steps, h, s, lp);
+        break;
+      case kF16:
+        adamw_dispatch_states<c10::Half>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                         masters, remainders, in.steps, h, s, lp);
+        break;
+      case kBF16:
+        adamw_dispatch_states<c10::BFloat16>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs,
+                                             max_exp_avg_sqs, masters, remainders, in.steps, h, s, lp);
+        break;
+      default:
+        adamw_dispatch_states<double>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                      masters, remainders, in.steps, h, s, lp);
+        break;
+    }
+    return;
+  }
   adamw_update_kernel(chk.dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);
 }
 

@@ -142,10 +142,15 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
                        double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
                        const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
-                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr) {
+                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr,
+                       std::optional<at::TensorList> masters_arg, std::optional<at::TensorList> remainders_arg,
+                       const std::optional<at::Tensor>& pids, int64_t seed, bool stochastic) {
+  const at::TensorList masters = masters_arg.value_or(at::TensorList());
+  const at::TensorList remainders = remainders_arg.value_or(at::TensorList());
   TORCH_CHECK(steps.is_cuda(), "fusedlr.adamw_update (CUDA): steps must be a CUDA tensor");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
-                                         stats, max_norm, inv_scale, found_inf);
+                                         stats, max_norm, inv_scale, found_inf,
+                                         PrecisionArgs{masters, remainders, pids, stochastic});
   const c10::cuda::CUDAGuard guard(steps.device());
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<std::vector<const at::Tensor*>> lists(kUpdatePtrs);
@@ -155,6 +160,8 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     lists[2].push_back(&exp_avgs[i]);
     lists[3].push_back(&exp_avg_sqs[i]);
     if (chk.amsgrad) lists[4].push_back(&max_exp_avg_sqs[i]);
+    if (!masters.empty()) lists[5].push_back(&masters[i]);
+    if (!remainders.empty()) lists[6].push_back(&remainders[i]);
   }
   int64_t total_chunks = 0;
   const std::vector<int64_t> h = build_table(lists, kUpdatePtrs, n, &total_chunks);
@@ -171,7 +178,9 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   in.found_inf = opt_ptr<float>(found_inf);
   in.steps = steps.data_ptr<int64_t>();
   set_lr_inputs(lr_tensor, applied_lr, steps.device(), in);
+  const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};
   check_launch(launch_adamw_update(chk.dtype, chk.amsgrad, dtable, n, total_chunks, hyper, in,
+                                   chk.low_precision ? &lp : nullptr, chk.state_dtype,
                                    grid_for(total_chunks, steps.device()), current_stream(steps.device())),
                "adamw_update");
 }

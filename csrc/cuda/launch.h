@@ -13,7 +13,7 @@
 namespace fusedlr {
 namespace cuda {
 
-// dtype codes: 0 float32, 1 float16, 2 bfloat16, 3 float64 (fusedlr::DType).
+// dtype codes: fusedlr::DType (0 float32, 1 float16, 2 bfloat16, 3 float64).
 
 // Pass 1: out[0] += sum((g * inv_scale)^2) (float32 accumulation), out[1] += non-finite count,
 // bitwise reproducible for a given grid. inv_scale may be null. grid: number of blocks
@@ -24,8 +24,11 @@ cudaError_t launch_grad_stats(int dtype, const int64_t* table, int64_t n, int64_
 
 // Pass 2: the fused AdamW update of every tensor of the table. ``in`` holds device pointers
 // (k, steps required; others null when absent). Nothing is written when *found_inf > 0.
+// ``lp``: null for the default update, else the low-precision modes (moments of ``state_dtype``,
+// bfloat16 or float32; the table's masters or remainders per ``lp->master``; ``lp->pids`` on the device).
 cudaError_t launch_adamw_update(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
-                                const AdamWHyper& hyper, const StepInputs& in, int grid, cudaStream_t stream);
+                                const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp,
+                                int state_dtype, int grid, cudaStream_t stream);
 
 // The architectures the kernels were compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. 800 for
 // sm_80): writes up to ``capacity`` of them into ``out`` and returns how many there are.

@@ -18,32 +18,43 @@ namespace fusedlr {
 namespace cuda {
 namespace detail {
 
-// Element type T in memory <-> math type S in registers (float, or double for double).
+// Element type T in memory <-> math type S in registers (float, or double for double); the
+// element traits of adamw_element_lp (bfloat16 also gives its bits).
 template <typename T>
 struct Elem;
 template <>
 struct Elem<float> {
+  using T = float;
   using S = float;
+  static constexpr bool kBf16 = false;
   static FUSEDLR_HD float load(float x) { return x; }
   static FUSEDLR_HD float store(float x) { return x; }
 };
 template <>
 struct Elem<double> {
+  using T = double;
   using S = double;
+  static constexpr bool kBf16 = false;
   static FUSEDLR_HD double load(double x) { return x; }
   static FUSEDLR_HD double store(double x) { return x; }
 };
 template <>
 struct Elem<__half> {
+  using T = __half;
   using S = float;
+  static constexpr bool kBf16 = false;
   static FUSEDLR_HD float load(__half x) { return __half2float(x); }
   static FUSEDLR_HD __half store(float x) { return __float2half_rn(x); }
 };
 template <>
 struct Elem<__nv_bfloat16> {
+  using T = __nv_bfloat16;
   using S = float;
+  static constexpr bool kBf16 = true;
   static FUSEDLR_HD float load(__nv_bfloat16 x) { return __bfloat162float(x); }
   static FUSEDLR_HD __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+  static FUSEDLR_HD uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+  static FUSEDLR_HD __nv_bfloat16 from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
 };
 
 // N consecutive elements, loaded and stored as one (or two) vector accesses.
@@ -126,54 +137,88 @@ FUSEDLR_HD void stats_chunk(const int64_t* __restrict__ table, const ChunkRef& r
 }
 
 // ---------------------------------------------------------------- pass 2
-constexpr int kUpdateVec = 4;  // elements per vector access of the update
+constexpr int kUpdateVec = 4;        // elements per vector access of the update
+constexpr int kLowPrecisionVec = 8;  // of the low-precision update (but fp64): 16 bytes of its 16-bit tensors
 
-// Thread ``tid`` of ``nthreads``: its share of the update of chunk ``r`` with coefficients ``c``.
-template <typename T, bool AMSGRAD>
+// One element: param/grad T, moments M; the fp32 ``master`` and the ``remainder`` bits (low-precision
+// modes only, LOWP) of the element at offset ``i`` of its tensor.
+template <typename T, typename M, bool AMSGRAD, bool LOWP>
+FUSEDLR_HD void update_element(T& p, T g, M& m, M& v, M& vmax, float& master, uint16_t& remainder,
+                               const AdamWCoeffs<typename Elem<T>::S>& c, const LowPrecision& lp, const RngKeys& k,
+                               int64_t i) {
+  if constexpr (LOWP) {
+    adamw_element_lp<Elem<T>, Elem<M>, AMSGRAD>(p, g, m, v, vmax, master, remainder, c, lp, k, i);
+  } else {
+    typename Elem<T>::S ps = Elem<T>::load(p);
+    adamw_element<AMSGRAD>(ps, Elem<T>::load(g), m, v, vmax, c);
+    p = Elem<T>::store(ps);
+  }
+}
+
+// Thread ``tid`` of ``nthreads``: its share of the update of chunk ``r`` with coefficients ``c``. Without
+// LOWP the moments M are of the math type and ``lp``/``k`` are unused; with it, the table's pointers 5
+// and 6 are the masters or the remainders of ``lp.master``, ``k`` the tensor's random-bit keys.
+template <typename T, typename M, bool AMSGRAD, bool LOWP>
 FUSEDLR_HD void update_chunk(const int64_t* __restrict__ table, const ChunkRef& r,
-                             const AdamWCoeffs<typename Elem<T>::S>& c, int tid, int nthreads) {
-  using S = typename Elem<T>::S;
-  constexpr int V = kUpdateVec;
+                             const AdamWCoeffs<typename Elem<T>::S>& c, const LowPrecision& lp, const RngKeys& k,
+                             int tid, int nthreads) {
+  constexpr int V = LOWP && sizeof(T) < 8 ? kLowPrecisionVec : kUpdateVec;  // fp64: registers
   T* p = table_ptr<T>(table, kUpdatePtrs, r.tensor, 0) + r.start;
   const T* g = table_ptr<const T>(table, kUpdatePtrs, r.tensor, 1) + r.start;
-  S* m = table_ptr<S>(table, kUpdatePtrs, r.tensor, 2) + r.start;
-  S* v = table_ptr<S>(table, kUpdatePtrs, r.tensor, 3) + r.start;
-  S* vmax = AMSGRAD ? table_ptr<S>(table, kUpdatePtrs, r.tensor, 4) + r.start : nullptr;
+  M* m = table_ptr<M>(table, kUpdatePtrs, r.tensor, 2) + r.start;
+  M* v = table_ptr<M>(table, kUpdatePtrs, r.tensor, 3) + r.start;
+  M* vmax = AMSGRAD ? table_ptr<M>(table, kUpdatePtrs, r.tensor, 4) + r.start : nullptr;
+  float* master = LOWP && lp.master == kFullMaster ? table_ptr<float>(table, kUpdatePtrs, r.tensor, 5) + r.start
+                                                   : nullptr;
+  uint16_t* rem = LOWP && lp.master == kRemainderMaster
+                      ? table_ptr<uint16_t>(table, kUpdatePtrs, r.tensor, 6) + r.start
+                      : nullptr;
 
   int tail = 0;
-  const bool aligned = pack_aligned<T, V>(p) && pack_aligned<T, V>(g) && pack_aligned<S, V>(m) &&
-                       pack_aligned<S, V>(v) && (!AMSGRAD || pack_aligned<S, V>(vmax));
+  const bool aligned = pack_aligned<T, V>(p) && pack_aligned<T, V>(g) && pack_aligned<M, V>(m) &&
+                       pack_aligned<M, V>(v) && (!AMSGRAD || pack_aligned<M, V>(vmax)) &&
+                       (!LOWP || ((master == nullptr || pack_aligned<float, V>(master)) &&
+                                  (rem == nullptr || pack_aligned<uint16_t, V>(rem))));
   if (aligned) {
     const int packs = r.len / V;
     for (int q = tid; q < packs; q += nthreads) {
       Pack<T, V> pp = reinterpret_cast<const Pack<T, V>*>(p)[q];
       const Pack<T, V> gp = reinterpret_cast<const Pack<T, V>*>(g)[q];
-      Pack<S, V> mp = reinterpret_cast<const Pack<S, V>*>(m)[q];
-      Pack<S, V> vp = reinterpret_cast<const Pack<S, V>*>(v)[q];
-      Pack<S, V> wp;
-      if (AMSGRAD) wp = reinterpret_cast<const Pack<S, V>*>(vmax)[q];
+      Pack<M, V> mp = reinterpret_cast<const Pack<M, V>*>(m)[q];
+      Pack<M, V> vp = reinterpret_cast<const Pack<M, V>*>(v)[q];
+      Pack<M, V> wp;
+      Pack<float, V> fp;
+      Pack<uint16_t, V> rp;
+      if (AMSGRAD) wp = reinterpret_cast<const Pack<M, V>*>(vmax)[q];
+      if (LOWP && master != nullptr) fp = reinterpret_cast<const Pack<float, V>*>(master)[q];
+      if (LOWP && rem != nullptr) rp = reinterpret_cast<const Pack<uint16_t, V>*>(rem)[q];
 #pragma unroll
       for (int l = 0; l < V; ++l) {
-        S pj = Elem<T>::load(pp.v[l]);
-        adamw_element<AMSGRAD>(pj, Elem<T>::load(gp.v[l]), mp.v[l], vp.v[l], wp.v[l], c);
-        pp.v[l] = Elem<T>::store(pj);
+        update_element<T, M, AMSGRAD, LOWP>(pp.v[l], gp.v[l], mp.v[l], vp.v[l], wp.v[l], fp.v[l], rp.v[l], c, lp, k,
+                                            r.start + static_cast<int64_t>(q) * V + l);
       }
       reinterpret_cast<Pack<T, V>*>(p)[q] = pp;
-      reinterpret_cast<Pack<S, V>*>(m)[q] = mp;
-      reinterpret_cast<Pack<S, V>*>(v)[q] = vp;
-      if (AMSGRAD) reinterpret_cast<Pack<S, V>*>(vmax)[q] = wp;
+      reinterpret_cast<Pack<M, V>*>(m)[q] = mp;
+      reinterpret_cast<Pack<M, V>*>(v)[q] = vp;
+      if (AMSGRAD) reinterpret_cast<Pack<M, V>*>(vmax)[q] = wp;
+      if (LOWP && master != nullptr) reinterpret_cast<Pack<float, V>*>(master)[q] = fp;
+      if (LOWP && rem != nullptr) reinterpret_cast<Pack<uint16_t, V>*>(rem)[q] = rp;
     }
     tail = packs * V;
   }
   for (int j = tail + tid; j < r.len; j += nthreads) {
-    S pj = Elem<T>::load(p[j]);
-    S mj = m[j], vj = v[j];
-    S wj = AMSGRAD ? vmax[j] : S(0);
-    adamw_element<AMSGRAD>(pj, Elem<T>::load(g[j]), mj, vj, wj, c);
-    p[j] = Elem<T>::store(pj);
+    T pj = p[j];
+    M mj = m[j], vj = v[j];
+    M wj = AMSGRAD ? vmax[j] : M{};
+    float fj = LOWP && master != nullptr ? master[j] : 0.0f;
+    uint16_t rj = LOWP && rem != nullptr ? rem[j] : 0;
+    update_element<T, M, AMSGRAD, LOWP>(pj, g[j], mj, vj, wj, fj, rj, c, lp, k, r.start + j);
+    p[j] = pj;
     m[j] = mj;
     v[j] = vj;
     if (AMSGRAD) vmax[j] = wj;
+    if (LOWP && master != nullptr) master[j] = fj;
+    if (LOWP && rem != nullptr) rem[j] = rj;
   }
 }
 

@@ -20,7 +20,7 @@ constexpr int kBlocksPerSm = 2048 / kThreads;
 //   [n * (nptr + 1), n * (nptr + 2) + 1)   chunk prefix: first global chunk of tensor i, then the total
 // Zero-size tensors own no chunk and are never touched. All offsets are 64-bit.
 constexpr int kStatsPtrs = 1;   // g
-constexpr int kUpdatePtrs = 5;  // p, g, m, v, vmax (vmax 0 without amsgrad)
+constexpr int kUpdatePtrs = 7;  // p, g, m, v, vmax, master, remainder (0 where absent)
 
 inline int64_t table_size(int64_t n, int nptr) { return n * (nptr + 2) + 1; }
 inline int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }

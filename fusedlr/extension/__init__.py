@@ -99,6 +99,11 @@ if _C is not None:
         table_host=None,
         lr_tensor=None,
         applied_lr=None,
+        masters=None,
+        remainders=None,
+        pids=None,
+        seed=0,
+        stochastic=False,
     ) -> None:
         return None
 

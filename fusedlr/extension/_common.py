@@ -33,6 +33,9 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 def _bucket_reason(bucket: Bucket) -> str | None:
     """Why the compiled kernels cannot update this bucket in place, or None."""
     states = [bucket.exp_avgs, bucket.exp_avg_sqs] + ([bucket.max_exp_avg_sqs] if bucket.max_exp_avg_sqs else [])
+    prec = bucket.precision
+    if prec is not None:
+        states += [s for s in (prec.master, prec.remainder) if s is not None]
     if bucket.params and bucket.params[0].dtype not in _SUPPORTED:
         return f"unsupported dtype {bucket.params[0].dtype}"
     for i, p in enumerate(bucket.params):
@@ -49,8 +52,9 @@ def compiled_ok(bucket: Bucket, grads: list[Tensor], backend: str) -> bool:
 
     The parameter/state layout is checked once per bucket (cached in ``bucket.cache``); tensors
     updated in place are never copied. Gradients are only read: the kernels copy any whose
-    layout differs from its parameter's, but a grad dtype different from the param dtype falls back,
-    and so does a bucket using a low-precision mode (``fusedlr.precision``; reference only so far).
+    layout differs from its parameter's, but a grad dtype different from the param dtype falls back
+    (and so does a bucket of a low-precision mode the backend does not implement, see
+    ``fusedlr.precision.reference_only``).
     """
     if reference_only(bucket, backend):
         return False
@@ -84,7 +88,7 @@ def schedule_table(bucket: Bucket, ctrl: StepControl) -> Tensor | None:
 
 def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> tuple:
     """Positional arguments of ``torch.ops.fusedlr.adamw_update`` (without the table cache; a tensor
-    LR goes in ``lr_tensor=``, see ``lr_kwargs``)."""
+    LR and the low-precision modes go in keyword arguments, see ``update_kwargs``)."""
     found_inf = ctrl.found_inf
     if found_inf is not None and found_inf.dtype != torch.float32:
         found_inf = found_inf.to(torch.float32)
@@ -113,6 +117,20 @@ def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: St
     )
 
 
-def lr_kwargs(hyper: GroupHyper, applied_lr: Tensor | None) -> dict[str, Tensor | None]:
-    """Keyword arguments of ``torch.ops.fusedlr.adamw_update``: the tensor LR and the applied-LR output."""
-    return {"lr_tensor": hyper.lr if isinstance(hyper.lr, Tensor) else None, "applied_lr": applied_lr}
+def update_kwargs(bucket: Bucket, hyper: GroupHyper, applied_lr: Tensor | None) -> dict[str, object]:
+    """Keyword arguments of ``torch.ops.fusedlr.adamw_update``: the tensor LR, the applied-LR output and
+    the low-precision modes of ``bucket.precision`` (masters or remainders, stochastic rounding's key)."""
+    kwargs: dict[str, object] = {
+        "lr_tensor": hyper.lr if isinstance(hyper.lr, Tensor) else None,
+        "applied_lr": applied_lr,
+    }
+    prec = bucket.precision
+    if prec is not None:
+        kwargs.update(
+            masters=prec.master,
+            remainders=prec.remainder,
+            pids=prec.pids if prec.stochastic else None,
+            seed=prec.seed,
+            stochastic=prec.stochastic,
+        )
+    return kwargs

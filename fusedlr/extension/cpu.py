@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, lr_kwargs, update_args
+from ._common import compiled_ok, update_args, update_kwargs
 
 __all__ = ["NAME", "adamw_update", "available", "grad_stats"]
 
@@ -42,4 +42,4 @@ def adamw_update(
     """Pass 2 (see ``fusedlr.reference.adamw_update``)."""
     if not compiled_ok(bucket, grads, NAME):
         return reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
-    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl), **lr_kwargs(hyper, applied_lr))
+    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl), **update_kwargs(bucket, hyper, applied_lr))

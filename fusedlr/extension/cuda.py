@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, lr_kwargs, update_args
+from ._common import compiled_ok, update_args, update_kwargs
 
 __all__ = ["NAME", "adamw_update", "available", "grad_stats"]
 
@@ -99,5 +99,5 @@ def adamw_update(
         bucket, "fusedlr_cuda_update_table", len(bucket.params), extension._C.UPDATE_TABLE_PTRS, bucket.device
     )
     torch.ops.fusedlr.adamw_update(
-        *update_args(bucket, grads, hyper, ctrl), table, host, **lr_kwargs(hyper, applied_lr)
+        *update_args(bucket, grads, hyper, ctrl), table, host, **update_kwargs(bucket, hyper, applied_lr)
     )

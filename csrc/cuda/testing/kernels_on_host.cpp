@@ -26,11 +26,14 @@ int fusedlr_emu_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t t
 
 // hyper6: lr, beta1, beta2, eps, weight_decay, max_norm (used when has_max_norm). lr_f32/lr_f64: a
 // tensor LR replacing hyper6[0] (or null); applied_lr receives lr_t when the update is applied (or null).
+// low_precision: 0 for the default update, else the modes master (MasterKind), stochastic, seed and
+// pids, with moments of state_dtype.
 int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                              const double* hyper6, int has_max_norm, int maximize, const int64_t* k,
                              const double* schedule, const float* stats, const float* inv_scale,
                              const float* found_inf, const int64_t* steps, int grid, const float* lr_f32,
-                             const double* lr_f64, double* applied_lr) {
+                             const double* lr_f64, double* applied_lr, int low_precision, int state_dtype,
+                             int master, int stochastic, uint32_t seed, const int64_t* pids) {
   const AdamWHyper h = make_hyper(hyper6[0], hyper6[1], hyper6[2], hyper6[3], hyper6[4],
                                   has_max_norm != 0 ? std::optional<double>(hyper6[5]) : std::nullopt,
                                   maximize != 0);
@@ -44,7 +47,9 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
   in.lr_f32 = lr_f32;
   in.lr_f64 = lr_f64;
   in.applied_lr = applied_lr;
-  return launch_adamw_update(dtype, amsgrad != 0, table, n, total_chunks, h, in, grid, nullptr);
+  const LowPrecision lp{master, stochastic != 0, seed, pids};
+  return launch_adamw_update(dtype, amsgrad != 0, table, n, total_chunks, h, in, low_precision != 0 ? &lp : nullptr,
+                             state_dtype, grid, nullptr);
 }
 
 }  // extern "C"
