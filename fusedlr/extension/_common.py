@@ -70,6 +70,15 @@ def compiled_ok(bucket: Bucket, grads: list[Tensor], backend: str) -> bool:
     return not grads or grads[0].dtype == bucket.params[0].dtype
 
 
+def kernel_grads(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` as the kernels read them: each laid out like its parameter (a copy made here otherwise,
+    so that the kernels never allocate; gradients are only read)."""
+    return [
+        g if linear(g) and same_layout(g, p) else torch.empty_like(p, dtype=g.dtype).copy_(g)
+        for g, p in zip(grads, bucket.params)
+    ]
+
+
 def schedule_table(bucket: Bucket, ctrl: StepControl) -> Tensor | None:
     if ctrl.schedule is None:
         return None

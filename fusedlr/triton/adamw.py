@@ -9,6 +9,8 @@ float64 for float64 params) with correctly rounded division and square root. Whe
 """
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import triton
@@ -32,7 +34,7 @@ from .tables import (
     LaunchTables,
 )
 
-__all__ = ["launch_adamw"]
+__all__ = ["prepare_launch"]
 
 
 @triton.jit
@@ -274,7 +276,7 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def launch_adamw(
+def prepare_launch(
     tables: LaunchTables,
     grads_table: Tensor,
     steps: Tensor,
@@ -284,11 +286,10 @@ def launch_adamw(
     hyper: GroupHyper,
     ctrl: StepControl,
     applied_lr: Tensor | None = None,
-) -> None:
-    """Enqueue the AdamW update of every tensor of a bucket (see the module docstring); program 0
-    writes ``lr_t`` into ``applied_lr`` (0-d float64) unless the step is skipped."""
-    if tables.n_blocks == 0:
-        return
+) -> Callable[[], None]:
+    """The launch of the AdamW update of every tensor of a bucket (see the module docstring), checked and
+    bound, to enqueue by calling it; program 0 writes ``lr_t`` into ``applied_lr`` (0-d float64) unless
+    the step is skipped. Call it only with ``tables.n_blocks > 0``."""
     kind, n = schedule_constexprs(ctrl.schedule)
     has_clip = ctrl.max_norm is not None
     if has_clip and ctrl.stats is None:
@@ -298,7 +299,8 @@ def launch_adamw(
         raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
     dummy = ctrl.k
     lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
-    _adamw_kernel[(tables.n_blocks,)](
+    return partial(
+        _adamw_kernel[(tables.n_blocks,)],
         tables.rows,
         tables.blocks,
         grads_table,
