@@ -163,7 +163,8 @@ class _Scratch:
 class _Chunk:
     """The math-dtype tensors a chunk of a bucket is updated through: each is the stored tensor itself
     (updated in place) or a scratch tensor, filled before the math from ``loads`` (scratch, source) and
-    copied after it into ``stores`` (stored, result, rounding stream or None for nearest, param index)."""
+    copied after it into ``stores`` (stored, result, rounding stream or None for nearest, param index).
+    ``scaled``: the gradients ``g32`` receives scaled (one pass each), when not among ``loads``."""
 
     idx: list[int]
     p32: list[Tensor]
@@ -174,13 +175,16 @@ class _Chunk:
     denom: list[Tensor]
     loads: list[tuple[Tensor, Tensor]]
     stores: list[tuple[Tensor, Tensor, int | None, int]]
+    scaled: list[Tensor] | None
 
 
 def _chunk(
-    bucket: Bucket, grads: list[Tensor], idx: list[int], scratch: _Scratch, scratch_grads: bool, private: bool
+    bucket: Bucket, grads: list[Tensor], idx: list[int], scratch: _Scratch, scratch_grads: bool, private: bool,
+    scale_into: bool,
 ) -> _Chunk:
     """The tensors of chunk ``idx``. A stored tensor in the math dtype is used in place unless ``private``;
-    gradients (never written) go through scratch when ``scratch_grads`` (another dtype, scaled or masked)."""
+    gradients (never written) go through scratch when ``scratch_grads`` (another dtype, scaled or masked),
+    written there by the scaling itself when ``scale_into``, else loaded first."""
     prec = bucket.precision
     dt = scratch.buffer.dtype
     loads: list[tuple[Tensor, Tensor]] = []
@@ -199,9 +203,11 @@ def _chunk(
         return out
 
     g32 = [grads[i] for i in idx]
+    scaled = g32 if scale_into else None
     if scratch_grads:
         g32 = [scratch.take(g) for g in g32]
-        loads += [(s, grads[i]) for s, i in zip(g32, idx)]
+        if not scale_into:
+            loads += [(s, grads[i]) for s, i in zip(g32, idx)]
     if prec is not None and prec.master is not None:
         p32 = math(prec.master, Streams.PARAM)
         stores += [(bucket.params[i], p, None, i) for i, p in zip(idx, p32)]  # the param: its master, to nearest
@@ -214,7 +220,7 @@ def _chunk(
     vmax = bucket.max_exp_avg_sqs
     vmax32 = None if vmax is None else math(vmax, Streams.MAX_EXP_AVG_SQ)
     denom = [scratch.take(bucket.params[i]) for i in idx]
-    return _Chunk(idx, p32, g32, m32, v32, vmax32, denom, loads, stores)
+    return _Chunk(idx, p32, g32, m32, v32, vmax32, denom, loads, stores, scaled)
 
 
 def prepare_update(
@@ -266,7 +272,10 @@ def prepare_update(
         """The update of one chunk, in place on its math-dtype tensors."""
         if c.loads:
             torch._foreach_copy_([s for s, _ in c.loads], [src for _, src in c.loads])
-        if gscale is not None:
+        if c.scaled is not None:
+            for s, g in zip(c.g32, c.scaled):
+                torch.mul(g, gscale, out=s)
+        elif gscale is not None:
             torch._foreach_mul_(c.g32, gscale)
         if skip is not None:  # a skipped step's grads may be inf/NaN
             for g in c.g32:
@@ -289,6 +298,7 @@ def prepare_update(
     prec = bucket.precision
     private = prec is not None and (prec.stochastic or prec.remainder is not None)
     scratch_grads = grads[0].dtype != dt or gscale is not None or skip is not None
+    scale_into = gscale is not None and grads[0].dtype == dt  # else loaded (converted), then scaled in place
     stored = [bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs]
     if prec is None or prec.remainder is None:
         stored.append(bucket.params if prec is None or prec.master is None else prec.master)
@@ -296,8 +306,10 @@ def prepare_update(
     chunks = list(_chunks(bucket.params))
     sizes = [per_element * sum(bucket.params[i].numel() for i in idx) for idx in chunks]
     if private:
-        work = [_chunk(bucket, grads, idx, _Scratch(torch.empty(n, dtype=dt, device=device)), scratch_grads, True)
-                for idx, n in zip(chunks, sizes)]
+        work = [
+            _chunk(bucket, grads, idx, _Scratch(torch.empty(n, dtype=dt, device=device)), scratch_grads, True, scale_into)
+            for idx, n in zip(chunks, sizes)
+        ]
         keys = precision.tensor_keys(prec.seed, prec.pids, bucket.steps).unbind() if prec.stochastic else None
         dsts: list[Tensor] = []
         values: list[Tensor] = []
@@ -320,7 +332,7 @@ def prepare_update(
         return commit
 
     buffer = torch.empty(max(sizes, default=0), dtype=dt, device=device)
-    work = [_chunk(bucket, grads, idx, _Scratch(buffer), scratch_grads, False) for idx in chunks]
+    work = [_chunk(bucket, grads, idx, _Scratch(buffer), scratch_grads, False, scale_into) for idx in chunks]
 
     def commit() -> None:
         for c in work:
