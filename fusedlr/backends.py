@@ -1,10 +1,13 @@
-"""Backend selection. A backend is a module with ``NAME``, ``available(device)``, ``grad_stats`` and
-``adamw_update`` (the signatures of ``fusedlr.reference``, which every backend must match):
+"""Backend selection. A backend is a module with ``NAME``, ``available(device)``, ``grad_stats``,
+``prepare_update`` and ``adamw_update`` (the signatures of ``fusedlr.reference``, which every backend must match):
 
 * ``grad_stats(bucket, grads, inv_scale, out)``: pass 1, adds into ``out`` (float32 ``[2]``) in a fixed order;
 * ``adamw_update(bucket, grads, hyper, ctrl, applied_lr=None)``: pass 2; ``hyper.lr`` is a float or a 0-d
   float32/float64 device tensor read on the device; ``applied_lr`` (0-d float64) receives ``lr * sched(k)``
-  unless the step is skipped.
+  unless the step is skipped;
+* ``prepare_update(bucket, grads, hyper, ctrl, applied_lr=None)``: pass 2 in two phases: the call does every
+  check, fallback decision and allocation and modifies nothing; the function it returns (the commit) runs the
+  update and must not allocate or raise for any input the call accepted (``adamw_update`` calls both).
 """
 
 from __future__ import annotations

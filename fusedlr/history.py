@@ -7,6 +7,7 @@ write position is a device tensor); ``read()`` copies the buffer to the host onc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +66,16 @@ class StepHistory:
 
     def record(self, k: Tensor, lrs: Tensor, norm: Tensor | None, coef: Tensor | None, skipped: Tensor | None) -> None:
         """Write one step's row at ``count % capacity`` and advance ``count`` (device ops only)."""
-        nan = torch.full((), float("nan"), dtype=torch.float64, device=lrs.device)
-        one = torch.ones((), dtype=torch.float64, device=lrs.device)
+        self.prepare_record(k, norm, coef, skipped)(lrs)
+
+    def prepare_record(
+        self, k: Tensor, norm: Tensor | None, coef: Tensor | None, skipped: Tensor | None
+    ) -> Callable[[Tensor], None]:
+        """``record`` in two phases: the row is built now (this allocates); the returned commit takes the
+        groups' applied LRs (float64 ``[G]``), writes the row and advances ``count``, allocating nothing."""
+        device = self.rows.device
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        one = torch.ones((), dtype=torch.float64, device=device)
         fixed = [
             self.count.to(torch.float64),
             k.to(torch.float64),
@@ -74,9 +83,16 @@ class StepHistory:
             one if coef is None else coef.to(torch.float64),
             torch.zeros_like(one) if skipped is None else skipped.to(torch.float64),
         ]
-        row = torch.cat([torch.stack(fixed), lrs.to(torch.float64)])
-        self.rows.index_copy_(0, torch.remainder(self.count, self.capacity).reshape(1), row.reshape(1, -1))
-        self.count.add_(1)
+        lrs_out = torch.empty(self.rows.shape[1] - self._FIXED, dtype=torch.float64, device=device)
+        row = torch.cat([torch.stack(fixed), lrs_out]).reshape(1, -1)
+        slot = torch.remainder(self.count, self.capacity).reshape(1)
+
+        def commit(lrs: Tensor) -> None:
+            row[0, self._FIXED :].copy_(lrs)
+            self.rows.index_copy_(0, slot, row)
+            self.count.add_(1)
+
+        return commit
 
     def read(self) -> HistoryRecords:
         """The recorded steps (at most ``capacity``, oldest first), with one device-to-host copy."""

@@ -3,8 +3,10 @@ global gradient norm and applies an LR schedule, on the device, without a host-d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -343,7 +345,10 @@ class AdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None, grad_scaler: Any = None) -> float | None:  # type: ignore[override]
         """One fused update of every parameter that has a gradient.
 
-        ``grad_scaler`` is passed by ``torch.amp.GradScaler.step``; do not pass it yourself.
+        Transactional: ``_prepare_step`` does everything that can raise and modifies nothing (a step that
+        raises leaves the optimizer as it was); ``_commit_step`` then only runs the update kernels and
+        in-place ops, which allocate nothing. ``grad_scaler`` is passed by ``torch.amp.GradScaler.step``;
+        do not pass it yourself.
         """
         loss = None
         if closure is not None:
@@ -351,11 +356,19 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         if not torch.compiler.is_compiling() and fast_step.step(self, grad_scaler):
             return loss
+        prepared = self._prepare_step(grad_scaler)
+        if prepared is not None:
+            self._commit_step(prepared)
+        return loss
+
+    def _prepare_step(self, grad_scaler: Any) -> _PreparedStep | None:
+        """Every check, backend and fallback decision, allocation and the reduction pass (into a fresh
+        buffer) of one step, without modifying anything; None when no parameter has a gradient."""
         cache = self._step_cache
         plan, grads = plan_for_step(self, cache["plan"])
         cache["plan"] = plan
         if not plan.buckets:
-            return loss
+            return None
         self._warn_on_double_schedule()
         device = plan.buckets[0][1].device
         if cache["impl"] is None or cache["impl_device"] != device:
@@ -375,7 +388,6 @@ class AdamW(torch.optim.Optimizer):
         if check_inf:
             assert stats is not None
             found_inf = (stats[1] > 0).to(torch.float32)
-            grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"][device] = found_inf
 
         ctrl = StepControl(
             k=self._schedule_index(device),
@@ -387,19 +399,35 @@ class AdamW(torch.optim.Optimizer):
             found_inf=found_inf,
         )
         applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
+        updates = []
         for hyper, b, gs, _, lr_out in work:
-            b.steps.add_(applied)
-            try:
-                impl.adamw_update(b, gs, hyper, ctrl, lr_out)
-            except BaseException:
-                b.steps.sub_(applied)  # an update that raised did not happen: its counters go back
-                raise
+            upcoming = b.steps + applied  # the backends read this update's step numbers from it
+            commit = impl.prepare_update(dataclasses.replace(b, steps=upcoming), gs, hyper, ctrl, lr_out)
+            updates.append((b.steps, upcoming, commit))
         skipped = None if found_inf is None else found_inf > 0
-        if stats is not None:  # written after the update, so a step that raised leaves the last norm
-            torch.sqrt(stats[0], out=self._norm_buffer(device))
-        self._record_history(ctrl, skipped)
-        ctrl.k.add_(applied)
-        return loss
+        norm = None if stats is None else stats[0].sqrt()
+        history = self._history_buffer(device)
+        record = None if history is None else history.prepare_record(ctrl.k, norm, clip_coefficient(ctrl), skipped)
+        scaler_found_inf = None
+        if check_inf:
+            scaler_found_inf = grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        return _PreparedStep(
+            updates, ctrl.k, applied, norm, self._norm_buffer(device), record, applied_lr, scaler_found_inf, found_inf
+        )
+
+    @staticmethod
+    def _commit_step(prepared: _PreparedStep) -> None:
+        """Apply a prepared step: the update launches, then the counters, norm, history and schedule index."""
+        for steps, upcoming, commit in prepared.updates:
+            commit()
+            steps.copy_(upcoming)
+        if prepared.scaler_found_inf is not None:  # GradScaler.update() reads it
+            prepared.scaler_found_inf[prepared.norm_out.device] = prepared.found_inf
+        if prepared.norm is not None:
+            prepared.norm_out.copy_(prepared.norm)
+        if prepared.record is not None:
+            prepared.record(prepared.applied_lr)
+        prepared.k.add_(prepared.applied)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -534,12 +562,6 @@ class AdamW(torch.optim.Optimizer):
             self._history = history
         return history
 
-    def _record_history(self, ctrl: StepControl, skipped: Tensor | None) -> None:
-        history = self._history_buffer(ctrl.k.device)
-        if history is not None:
-            norm = None if ctrl.stats is None else self._grad_norm
-            history.record(ctrl.k, self._applied_lr_buffer(ctrl.k.device), norm, clip_coefficient(ctrl), skipped)
-
     @property
     def history_size(self) -> int | None:
         """The ``history=`` this optimizer was built with: steps kept on the device, or None."""
@@ -624,6 +646,22 @@ class AdamW(torch.optim.Optimizer):
             device = self._device()
             if device is not None:
                 self._applied_lr_buffer(device)
+
+
+@dataclass
+class _PreparedStep:
+    """What ``AdamW._commit_step`` applies: per bucket (its step counters, their values after this
+    update, the backend's commit), then the step-level outputs, all computed or allocated beforehand."""
+
+    updates: list[tuple[Tensor, Tensor, Callable[[], None]]]
+    k: Tensor  # the schedule index, advanced by ``applied`` (1, or 0/1 as a device tensor under AMP)
+    applied: Tensor | int
+    norm: Tensor | None  # this step's pre-clip norm, copied into ``norm_out`` (the ``grad_norm`` buffer)
+    norm_out: Tensor
+    record: Callable[[Tensor], None] | None  # the history row's commit, given the applied LRs
+    applied_lr: Tensor
+    scaler_found_inf: dict[torch.device, Tensor] | None  # GradScaler's found_inf_per_device, when it asked
+    found_inf: Tensor | None
 
 
 def _saved_steps(state: Any) -> Any:

@@ -37,25 +37,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from .bucket import Bucket
 from .distributed import local
 
 __all__ = [
     "GROUP_DEFAULTS",
     "MASTER_MODES",
-    "NATIVE_BACKENDS",
     "STATE_DTYPES",
     "STATE_KEYS",
     "Streams",
     "BucketPrecision",
     "check_options",
     "check_bucket",
-    "reference_only",
     "init_master",
     "hash32",
     "tensor_keys",
@@ -142,26 +137,6 @@ def check_bucket(group: dict[str, Any], group_index: int, dtype: torch.dtype) ->
             f"fusedlr.AdamW: stochastic_rounding=True rounds bfloat16 params and moments, but {where} and "
             f"state_dtype={sdt}: put them in a param group with stochastic_rounding=False"
         )
-
-
-#: Backends whose kernels implement the low-precision modes (the others hand such buckets to the reference).
-NATIVE_BACKENDS = ("cpu", "cuda", "triton")
-
-
-def reference_only(bucket: Bucket, backend: str) -> bool:
-    """Whether ``bucket`` uses a low-precision mode that ``backend`` hands to the reference backend
-    (warns once per bucket, naming ``backend``)."""
-    if bucket.precision is None or backend in NATIVE_BACKENDS:
-        return False
-    if not bucket.cache.get("fusedlr_precision_warned", False):
-        bucket.cache["fusedlr_precision_warned"] = True
-        warnings.warn(
-            f"fusedlr backend={backend!r}: master_weights / stochastic_rounding / state_dtype run in the torch "
-            "reference backend for now; this bucket is updated there",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return True
 
 
 def init_master(p: Tensor, state: dict[str, Any], mode: object) -> None:

@@ -10,8 +10,8 @@ evaluation order follows torch's: ``v = v * beta2 + (1 - beta2) * (g * g)`` and
 ``p = p * decay - m / (denom / step_size)``).
 
 Pass 1, ``grad_stats``: ``out[0] += sum over tensors of (norm(g) * inv_scale)^2`` with ``norm(g)``
-each tensor's L2 norm accumulated in float32 (float64 for float64 grads), ``out[1] += count of
-non-finite gradient elements``.
+each tensor's L2 norm accumulated in float32, ``out[1] += number of tensors holding a non-finite element``
+(positive exactly when one is, as the kernels' count of such elements).
 Pass 2, ``adamw_update``, per element, with ``lr_t = lr * sched(k)``, ``t = steps[i]`` and
 ``c = min(1, max_norm / (sqrt(stats[0]) + 1e-6))`` (NaN propagates)::
 
@@ -38,7 +38,8 @@ with a remainder (nearest, ties away from zero, so that the remainder recovers t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,12 +49,14 @@ from .bucket import Bucket
 from .control import CLIP_EPS, GroupHyper, StepControl
 from .precision import BucketPrecision, Streams
 
-__all__ = ["grad_stats", "adamw_update", "scheduled_lr", "clip_coefficient", "NAME"]
+__all__ = ["grad_stats", "adamw_update", "prepare_update", "scheduled_lr", "clip_coefficient", "NAME"]
 
 NAME = "torch"
 
-#: Elements per ``_foreach`` chunk: bounds the temporaries of a step to a few times this.
+#: Elements per ``_foreach`` chunk of pass 2: bounds its temporaries to a few times this per bucket.
 CHUNK_NUMEL = 1 << 24
+#: Elements per piece whose norm pass 1 takes in float32 (see ``grad_stats``).
+NORM_PIECE = 1 << 14
 
 
 def available(device: torch.device) -> str | None:
@@ -68,14 +71,33 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
     """Pass 1: accumulate the sum of squares of the unscaled grads and the non-finite count into ``out``.
 
-    Each tensor's squares are summed in float32 (the kernels' accumulation type), tensor by tensor.
+    Foreach ops over pieces of at most ``NORM_PIECE`` elements of each grad (views of its float32 form):
+    ``torch._foreach_norm`` gives each piece's L2 norm, accumulated in float32 like the Triton kernel's
+    blocks, and the squares of the (unscaled) norms are summed in float32 by ``torch.sum``. Why pieces:
+    torch's float32 norm on the CPU accumulates each vector lane sequentially, so its relative error grows
+    with the length (2e-5 at 2**20 elements, 5e-3 at 4e7); over 2**14 elements it stays at a few
+    float32 ulps (~1e-7), like the kernels', so the clip coefficient (a square root of the total) agrees
+    with theirs to ~1e-7, what the float64 clip tests compare at. Gradients holding bfloat16 values
+    (16-bit squares, whose float32 sums round with a bias) come out up to ~4e-6 low, within the 1e-5
+    at which 16-bit pass-1 results are compared.
+
+    ``out[1]`` grows by the number of tensors holding a non-finite element (the kernels add the number
+    of such elements; either is positive exactly when one is, which is all the step reads): those
+    whose plain sum (in the grad's dtype; float32 for float16, whose range is small) is not finite. One
+    fast reduction per tensor, where counting elements (``isfinite``, a bool sum) costs 10 to 40 times
+    the norm on the CPU. A sum is finite for finite elements unless it exceeds the float32 range
+    (elements of ~1e38 / numel), where the squares in ``out[0]`` are infinite already; a float64 grad too
+    large for float32 is finite.
     """
-    for g in grads:
-        gf = g.to(torch.float32)
-        if inv_scale is not None:
-            gf = gf * inv_scale
-        out[0] += gf.square().sum()
-        out[1] += (~torch.isfinite(g)).sum().to(torch.float32)
+    if not grads:
+        return
+    pieces = [piece for g in grads for piece in g.to(torch.float32).reshape(-1).split(NORM_PIECE)]
+    norms = torch.stack(torch._foreach_norm(pieces)) if pieces else out.new_zeros(1)
+    if inv_scale is not None:
+        norms = norms * inv_scale
+    out[0] += norms.square().sum()
+    sums = torch.stack([g.sum(dtype=torch.float32) if g.dtype == torch.float16 else g.sum() for g in grads])
+    out[1] += (~torch.isfinite(sums)).sum().to(torch.float32)
 
 
 def scheduled_lr(lr: float | Tensor, ctrl: StepControl) -> Tensor:
@@ -111,34 +133,121 @@ def _chunks(tensors: list[Tensor]) -> Iterator[list[int]]:
         yield chunk
 
 
-def _rounded(dst: Tensor, value: Tensor, prec: BucketPrecision | None, key: Tensor | None, stream: int) -> Tensor:
-    """``value`` (math dtype) as it is stored into ``dst``: unchanged, stochastically rounded or to nearest."""
+def _rounded(dst: Tensor, value: Tensor, prec: BucketPrecision | None, key: Tensor | None, stream: int | None) -> Tensor:
+    """``value`` (math dtype) as it is stored into ``dst``: unchanged, stochastically rounded (a bf16 ``dst``
+    with ``prec.stochastic`` and a ``stream``) or to nearest."""
     if dst.dtype == value.dtype:
         return value
-    if dst.dtype == torch.bfloat16 and prec is not None and prec.stochastic and key is not None:
+    if dst.dtype == torch.bfloat16 and prec is not None and prec.stochastic and stream is not None:
+        assert key is not None
         bits = precision.random_bits(key, stream, precision.element_index(dst))
         return precision.stochastic_round_bf16(value.to(torch.float32), bits)
     return value.to(dst.dtype)
 
 
-def adamw_update(
-    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
-) -> None:
-    """Pass 2: one AdamW update of every tensor of ``bucket`` (see the module docstring).
+class _Scratch:
+    """Hands out math-dtype tensors carved in order out of ``buffer`` (allocated beforehand)."""
 
-    Tensors already in the math dtype are updated in place, the others through a math-dtype copy
-    stored back rounded. A skipped step (``found_inf > 0``) runs with gradients zeroed, the LR-side
-    scalars at 0 and the decays at 1: every formula then rewrites each (finite) value with itself.
-    ``applied_lr``: a 0-d float64 device tensor that receives ``lr_t`` when the update is applied.
+    def __init__(self, buffer: Tensor) -> None:
+        self.buffer = buffer
+        self.used = 0
+
+    def take(self, like: Tensor) -> Tensor:
+        n = like.numel()
+        view = self.buffer[self.used : self.used + n].view(like.shape)
+        self.used += n
+        return view
+
+
+@dataclass
+class _Chunk:
+    """The math-dtype tensors a chunk of a bucket is updated through: each is the stored tensor itself
+    (updated in place) or a scratch tensor, filled before the math from ``loads`` (scratch, source) and
+    copied after it into ``stores`` (stored, result, rounding stream or None for nearest, param index).
+    ``scaled``: the gradients ``g32`` receives scaled (one pass each), when not among ``loads``."""
+
+    idx: list[int]
+    p32: list[Tensor]
+    g32: list[Tensor]
+    m32: list[Tensor]
+    v32: list[Tensor]
+    vmax32: list[Tensor] | None
+    denom: list[Tensor]
+    loads: list[tuple[Tensor, Tensor]]
+    stores: list[tuple[Tensor, Tensor, int | None, int]]
+    scaled: list[Tensor] | None
+
+
+def _chunk(
+    bucket: Bucket, grads: list[Tensor], idx: list[int], scratch: _Scratch, scratch_grads: bool, private: bool,
+    scale_into: bool,
+) -> _Chunk:
+    """The tensors of chunk ``idx``. A stored tensor in the math dtype is used in place unless ``private``;
+    gradients (never written) go through scratch when ``scratch_grads`` (another dtype, scaled or masked),
+    written there by the scaling itself when ``scale_into``, else loaded first."""
+    prec = bucket.precision
+    dt = scratch.buffer.dtype
+    loads: list[tuple[Tensor, Tensor]] = []
+    stores: list[tuple[Tensor, Tensor, int | None, int]] = []
+
+    def math(stored: list[Tensor], stream: int | None) -> list[Tensor]:
+        out = []
+        for i in idx:
+            t = stored[i]
+            if t.dtype != dt or private:
+                s = scratch.take(t)
+                loads.append((s, t))
+                stores.append((t, s, stream, i))
+                t = s
+            out.append(t)
+        return out
+
+    g32 = [grads[i] for i in idx]
+    scaled = g32 if scale_into else None
+    if scratch_grads:
+        g32 = [scratch.take(g) for g in g32]
+        if not scale_into:
+            loads += [(s, grads[i]) for s, i in zip(g32, idx)]
+    if prec is not None and prec.master is not None:
+        p32 = math(prec.master, Streams.PARAM)
+        stores += [(bucket.params[i], p, None, i) for i, p in zip(idx, p32)]  # the param: its master, to nearest
+    elif prec is not None and prec.remainder is not None:  # the master, joined from param and remainder
+        p32 = [precision.join_master(bucket.params[i], prec.remainder[i]) for i in idx]
+    else:
+        p32 = math(bucket.params, Streams.PARAM)
+    m32 = math(bucket.exp_avgs, Streams.EXP_AVG)
+    v32 = math(bucket.exp_avg_sqs, Streams.EXP_AVG_SQ)
+    vmax = bucket.max_exp_avg_sqs
+    vmax32 = None if vmax is None else math(vmax, Streams.MAX_EXP_AVG_SQ)
+    denom = [scratch.take(bucket.params[i]) for i in idx]
+    return _Chunk(idx, p32, g32, m32, v32, vmax32, denom, loads, stores, scaled)
+
+
+def prepare_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> Callable[[], None]:
+    """Pass 2 in two phases: this call does all that can fail (the per-tensor scalars, every allocation)
+    and modifies nothing; the function it returns (the commit) runs the update of every tensor of
+    ``bucket`` (see the module docstring) with in-place foreach ops and copies, allocating nothing.
+
+    Tensors already in the math dtype are updated in place, the others through a math-dtype scratch copy
+    stored back to nearest. Scratch (those copies, scaled gradients, the denominator) is one buffer of a
+    chunk's size that every chunk reuses. With stochastic rounding or a remainder the stored values need
+    fresh tensors (random bits, bit splits), so the whole update of such a bucket is computed here, in
+    scratch of its own, and the commit only copies it in. A skipped step (``found_inf > 0``) runs with
+    gradients zeroed, the LR-side scalars at 0 and the decays at 1: every formula then rewrites each
+    (finite) value with itself. ``applied_lr``: a 0-d float64 device tensor that receives ``lr_t``
+    when the update is applied.
     """
     dt = _math_dtype(bucket.params[0])  # a bucket holds one param dtype
+    device = bucket.steps.device
     lr = scheduled_lr(hyper.lr, ctrl)
     scale = clip_coefficient(ctrl)
     if ctrl.inv_scale is not None:
         scale = ctrl.inv_scale.to(torch.float64) if scale is None else scale * ctrl.inv_scale
     if hyper.maximize:
         scale = -1.0 if scale is None else -scale
-    gscale = None if scale is None else torch.as_tensor(scale, dtype=torch.float64).to(dt)
+    gscale = None if scale is None else torch.as_tensor(scale, dtype=torch.float64, device=device).to(dt)
     # Per-tensor scalars of the whole bucket at once: t = this update's step of each tensor.
     t = bucket.steps.to(torch.float64)
     step_size = lr / (1.0 - torch.pow(hyper.beta1, t))
@@ -148,7 +257,7 @@ def adamw_update(
     weight1: float | list[Tensor] = 1.0 - hyper.beta1
     beta2: float | Tensor = hyper.beta2
     if skip is not None:
-        zero, one = torch.zeros((), dtype=dt, device=t.device), torch.ones((), dtype=dt, device=t.device)
+        zero, one = torch.zeros((), dtype=dt, device=device), torch.ones((), dtype=dt, device=device)
         step_size = torch.where(skip, 0.0, step_size)
         bias2_sqrt = torch.where(skip, 1.0, bias2_sqrt)  # a skipped first step has t = 0
         decay = torch.where(skip, 1.0, decay)
@@ -157,74 +266,92 @@ def adamw_update(
     step_size_dt = step_size.to(dt).unbind()
     bias2_sqrt_dt = bias2_sqrt.to(dt).unbind()
     decay = decay.to(dt)
-    prec = bucket.precision
-    keys = None
-    if prec is not None and prec.stochastic:
-        keys = precision.tensor_keys(prec.seed, prec.pids, bucket.steps).unbind()
+    new_lr = None if applied_lr is None else lr if skip is None else torch.where(skip, applied_lr, lr)
 
-    def key(i: int) -> Tensor | None:
-        return None if keys is None else keys[i]
-
-    for idx in _chunks(bucket.params):
-        params = [bucket.params[i] for i in idx]
-        if prec is not None and prec.master is not None:
-            p32 = [prec.master[i] for i in idx]
-        elif prec is not None and prec.remainder is not None:
-            p32 = [precision.join_master(bucket.params[i], prec.remainder[i]) for i in idx]
-        else:
-            p32 = [p.to(dt) for p in params]
-        g32 = [grads[i].to(dt) for i in idx]
-        if gscale is not None:
-            g32 = torch._foreach_mul(g32, gscale)
+    def run(c: _Chunk) -> None:
+        """The update of one chunk, in place on its math-dtype tensors."""
+        if c.loads:
+            torch._foreach_copy_([s for s, _ in c.loads], [src for _, src in c.loads])
+        if c.scaled is not None:
+            for s, g in zip(c.g32, c.scaled):
+                torch.mul(g, gscale, out=s)
+        elif gscale is not None:
+            torch._foreach_mul_(c.g32, gscale)
         if skip is not None:  # a skipped step's grads may be inf/NaN
-            if gscale is None:
-                g32 = [torch.where(skip, 0.0, g) for g in g32]
-            else:  # g32 is our own copy: in place
-                g32 = [g.masked_fill_(skip, 0.0) for g in g32]
-        ms = [bucket.exp_avgs[i] for i in idx]
-        vs = [bucket.exp_avg_sqs[i] for i in idx]
-        m32, v32 = [m.to(dt) for m in ms], [v.to(dt) for v in vs]
-        torch._foreach_lerp_(m32, g32, weight1 if isinstance(weight1, float) else weight1[: len(idx)])
-        torch._foreach_mul_(v32, beta2)
-        torch._foreach_addcmul_(v32, g32, g32, value=1.0 - hyper.beta2)
-        stores = [(ms, m32, Streams.EXP_AVG), (vs, v32, Streams.EXP_AVG_SQ)]
-        vden = v32
-        if bucket.max_exp_avg_sqs is not None:
-            vmaxs = [bucket.max_exp_avg_sqs[i] for i in idx]
-            vden = [v.to(dt) for v in vmaxs]
+            for g in c.g32:
+                g.masked_fill_(skip, 0.0)
+        torch._foreach_lerp_(c.m32, c.g32, weight1 if isinstance(weight1, float) else weight1[: len(c.idx)])
+        torch._foreach_mul_(c.v32, beta2)
+        torch._foreach_addcmul_(c.v32, c.g32, c.g32, value=1.0 - hyper.beta2)
+        vden = c.v32
+        if c.vmax32 is not None:
             if skip is None:
-                torch._foreach_maximum_(vden, v32)
+                torch._foreach_maximum_(c.vmax32, c.v32)
             else:  # stochastically rounded, a stored v may exceed its stored v_max: a skipped step keeps v_max
-                torch._foreach_maximum_(vden, [torch.where(skip, d, v) for d, v in zip(vden, v32)])
-            stores.append((vmaxs, vden, Streams.MAX_EXP_AVG_SQ))
-        denom = torch._foreach_sqrt(vden)
-        torch._foreach_div_(denom, [bias2_sqrt_dt[i] for i in idx])
-        torch._foreach_add_(denom, hyper.eps)
-        torch._foreach_div_(denom, [step_size_dt[i] for i in idx])  # p -= m / (denom / step_size)
-        torch._foreach_mul_(p32, decay)
-        torch._foreach_addcdiv_(p32, m32, denom, value=-1.0)
+                for d, v in zip(c.denom, c.v32):
+                    d.copy_(v).masked_fill_(skip, 0.0)
+                torch._foreach_maximum_(c.vmax32, c.denom)
+            vden = c.vmax32
+        for d, v in zip(c.denom, vden):
+            torch.sqrt(v, out=d)
+        torch._foreach_div_(c.denom, [bias2_sqrt_dt[i] for i in c.idx])
+        torch._foreach_add_(c.denom, hyper.eps)
+        torch._foreach_div_(c.denom, [step_size_dt[i] for i in c.idx])  # p -= m / (denom / step_size)
+        torch._foreach_mul_(c.p32, decay)
+        torch._foreach_addcdiv_(c.p32, c.m32, c.denom, value=-1.0)
 
+    prec = bucket.precision
+    private = prec is not None and (prec.stochastic or prec.remainder is not None)
+    scratch_grads = grads[0].dtype != dt or gscale is not None or skip is not None
+    scale_into = gscale is not None and grads[0].dtype == dt  # else loaded (converted), then scaled in place
+    stored = [bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs]
+    if prec is None or prec.remainder is None:
+        stored.append(bucket.params if prec is None or prec.master is None else prec.master)
+    per_element = 1 + int(scratch_grads) + sum(s is not None and (s[0].dtype != dt or private) for s in stored)
+    chunks = list(_chunks(bucket.params))
+    sizes = [per_element * sum(bucket.params[i].numel() for i in idx) for idx in chunks]
+    if private:
+        work = [
+            _chunk(bucket, grads, idx, _Scratch(torch.empty(n, dtype=dt, device=device)), scratch_grads, True, scale_into)
+            for idx, n in zip(chunks, sizes)
+        ]
+        keys = precision.tensor_keys(prec.seed, prec.pids, bucket.steps).unbind() if prec.stochastic else None
         dsts: list[Tensor] = []
         values: list[Tensor] = []
-        for olds, news, stream in stores:
-            for i, old, new in zip(idx, olds, news):
-                if new is not old:
-                    dsts.append(old)
-                    values.append(_rounded(old, new, prec, key(i), stream))
-        if prec is not None and prec.master is not None:
-            dsts += params
-            values += p32
-        elif prec is not None and prec.remainder is not None:
-            for i, p, new in zip(idx, params, p32):
-                high, low = precision.split_master(new)
-                dsts += [p, prec.remainder[i]]
-                values += [high, low]
-        else:
-            for i, p, new in zip(idx, params, p32):
-                if new is not p:
-                    dsts.append(p)
-                    values.append(_rounded(p, new, prec, key(i), Streams.PARAM))
-        if dsts:
+        for c in work:
+            run(c)
+            for dst, result, stream, i in c.stores:
+                dsts.append(dst)
+                values.append(_rounded(dst, result, prec, None if keys is None else keys[i], stream))
+            if prec.remainder is not None:
+                for i, new in zip(c.idx, c.p32):
+                    high, low = precision.split_master(new)
+                    dsts += [bucket.params[i], prec.remainder[i]]
+                    values += [high, low]
+
+        def commit() -> None:
             torch._foreach_copy_(dsts, values)
-    if applied_lr is not None:
-        applied_lr.copy_(lr if skip is None else torch.where(skip, applied_lr, lr))
+            if applied_lr is not None:
+                applied_lr.copy_(new_lr)
+
+        return commit
+
+    buffer = torch.empty(max(sizes, default=0), dtype=dt, device=device)
+    work = [_chunk(bucket, grads, idx, _Scratch(buffer), scratch_grads, False, scale_into) for idx in chunks]
+
+    def commit() -> None:
+        for c in work:
+            run(c)
+            if c.stores:
+                torch._foreach_copy_([dst for dst, *_ in c.stores], [result for _, result, *_ in c.stores])
+        if applied_lr is not None:
+            applied_lr.copy_(new_lr)
+
+    return commit
+
+
+def adamw_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> None:
+    """Pass 2 at once: ``prepare_update`` and its commit."""
+    prepare_update(bucket, grads, hyper, ctrl, applied_lr)()

@@ -220,6 +220,10 @@ class EmulatedCudaBackend:
         )
         self.shim.check(rc)
 
+    def prepare_update(self, bucket, grads, hyper, ctrl, applied_lr=None):
+        """The backend interface's two-phase update; the emulated launch has nothing to prepare."""
+        return functools.partial(self.adamw_update, bucket, grads, hyper, ctrl, applied_lr)
+
     def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None) -> None:
         n = len(bucket.params)
         if n == 0:

@@ -87,79 +87,193 @@ def test_checkpoint_resumed_in_a_new_process_continues_bit_identically(
 
 
 # ------------------------------------------------------------------ a step that raises changes nothing
-def _setup(backend: str) -> tuple[list[torch.nn.Parameter], fusedlr.AdamW]:
+# Every backend runnable here (the Triton kernels under the interpreter), with the interpreter fixture.
+from test_step_lifecycle import BACKENDS, _triton_interpreter  # noqa: E402, F401
+
+
+def _setup(backend: str, low_precision: bool = False) -> tuple[list[torch.nn.Parameter], fusedlr.AdamW]:
+    """Two param groups (two buckets), clipping and a schedule; ``low_precision``: the second group holds a
+    bf16 param with stochastic rounding and bf16 moments (the reference's mode that computes ahead)."""
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((5, 4), (4,), (3, 3))]
-    opt = fusedlr.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 3e-2, "amsgrad": True}],
-                        lr=1e-2, schedule=fusedlr.get_schedule("linear", 2, 20), max_grad_norm=0.5, backend=backend)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((5, 4), (4,), (3, 3), (7,))]
+    second: dict = {"params": params[2:], "lr": 3e-2, "amsgrad": True}
+    if low_precision:
+        params[3] = torch.nn.Parameter(params[3].detach().bfloat16())
+        second = {"params": params[3:], "lr": 3e-2, "stochastic_rounding": True, "state_dtype": torch.bfloat16}
+    opt = fusedlr.AdamW([{"params": params[:2]}, second], lr=1e-2, schedule=fusedlr.get_schedule("linear", 2, 20),
+                        max_grad_norm=0.5, backend=backend, history=4)
+    if low_precision:
+        params = params[:2] + params[3:]
     return params, opt
 
 
 def _grads(params: list[torch.Tensor], i: int) -> None:
     g = torch.Generator().manual_seed(50 + i)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
 
 
 def _snapshot(params: list[torch.Tensor], opt: fusedlr.AdamW) -> list[torch.Tensor]:
+    """Params, every state tensor, schedule index, grad_norm, applied LRs and the history buffer."""
     out = [p.detach().clone() for p in params]
     for p in params:
         out += [v.clone() for v in opt.state[p].values()]
-    return out + [opt.schedule_index.clone(), opt.grad_norm.clone()]
+    history = opt._history
+    assert history is not None
+    return out + [opt.schedule_index.clone(), opt.grad_norm.clone(), opt._applied_lr.clone(), history.rows.clone(),
+                  history.count.clone()]
 
 
-def _raise_on_call(fn, n: int):
-    """``fn``, raising a simulated out-of-memory error on its ``n``-th call."""
+def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))  # bitwise, NaNs where NaNs were
+
+
+def _raise_on_call(fn, n: int, only_allocating: bool = False):
+    """``fn``, raising a simulated out-of-memory error on its ``n``-th call (counting, with
+    ``only_allocating``, only calls without ``out=``, which allocate their result)."""
     calls = [0]
 
     def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n:
-            raise torch.OutOfMemoryError("injected")
+        if not (only_allocating and "out" in kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                raise torch.OutOfMemoryError("injected")
         return fn(*args, **kwargs)
 
     return wrapper
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# Functions of torch that allocate their result: the simulated OOM is raised from the n-th call to any of them.
+ALLOCATING = ("empty", "empty_like", "zeros", "zeros_like", "full", "full_like", "ones", "tensor", "stack", "cat",
+              "where", "sqrt", "pow", "remainder", "_foreach_mul", "_foreach_norm")
+
+
+class _Twins:
+    """The optimizer under test, a fusedlr twin that never sees a fault, and torch.optim.AdamW (clipping with
+    ``clip_grad_norm_``, the LR set from the twin's schedule each step)."""
+
+    def __init__(self, backend: str, low_precision: bool = False) -> None:
+        self.params, self.opt = _setup(backend, low_precision)
+        self.twin_params, self.twin = _setup(backend, low_precision)
+        self.torch_params = [torch.nn.Parameter(p.detach().clone()) for p in self.params]
+        n = len(self.opt.param_groups[0]["params"])
+        self.torch_opt = torch.optim.AdamW(
+            [{"params": self.torch_params[:n]}, {"params": self.torch_params[n:], "amsgrad": not low_precision}],
+            lr=1e-2, foreach=False)
+        self.low_precision = low_precision
+        self.i = 0
+
+    def step(self, test_too: bool = True) -> None:
+        """One step of the twins (and of the optimizer under test when ``test_too``)."""
+        for gi, group in enumerate(self.torch_opt.param_groups):
+            group["lr"] = float(self.twin.scheduled_lr(gi))
+        for ps in (self.twin_params, self.torch_params) + ((self.params,) if test_too else ()):
+            _grads(ps, self.i)
+        torch.nn.utils.clip_grad_norm_(self.torch_params, 0.5)
+        for o in (self.twin, self.torch_opt) + ((self.opt,) if test_too else ()):
+            o.step()
+        self.i += 1
+
+    def check(self) -> None:
+        _assert_same(_snapshot(self.params, self.opt), _snapshot(self.twin_params, self.twin))
+        if not self.low_precision:  # stochastic rounding: the twin is the reference
+            for p, q in zip(self.params, self.torch_params):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _faulty_step(t: _Twins, inject, monkeypatch: pytest.MonkeyPatch, **kwargs) -> bool:
+    """Step ``t.opt`` with ``inject(monkeypatch)`` in force; if it raised, assert that nothing changed and
+    return True; if not, the step ran (the fault was never reached): step the twins too and return False."""
+    _grads(t.params, t.i)
+    before = _snapshot(t.params, t.opt)
+    inject(monkeypatch)
+    try:
+        t.opt.step(**kwargs)
+    except (torch.OutOfMemoryError, RuntimeError):
+        monkeypatch.undo()
+        _assert_same(before, _snapshot(t.params, t.opt))
+        return True
+    monkeypatch.undo()
+    t.step(test_too=False)
+    return False
+
+
+def _then_continues(t: _Twins) -> None:
+    """After the failed step, the optimizer continues exactly as the twin (and as torch) does."""
+    for _ in range(3):
+        t.step()
+    t.check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "fault", ["grad_stats on the 2nd bucket", "adamw_update", "sparse grad", "grad scaler without a scale"]
+    "fault", ["grad_stats on the 2nd bucket", "update of the 2nd bucket", "sparse grad", "grad scaler without a scale"]
 )
 def test_a_step_that_raises_changes_nothing(backend: str, fault: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    params, opt = _setup(backend)
-    twin_params, twin = _setup(backend)
-    for i in range(3):
-        for ps, o in ((params, opt), (twin_params, twin)):
-            _grads(ps, i)
-            o.step()
-    _grads(params, 3)
-    before = _snapshot(params, opt)
-    impl = opt._step_cache["impl"]
+    t = _Twins(backend)
+    for _ in range(3):
+        t.step()
+    impl = t.opt._step_cache["impl"]
     kwargs = {}
     if fault in ("grad_stats on the 2nd bucket", "adamw_update"):
         # Injected into the backend's Python functions: the op path (the cpu backend's eager fast path
         # calls the kernels from C++, after every check that can fail).
         monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     if fault == "grad_stats on the 2nd bucket":
-        monkeypatch.setattr(impl, "grad_stats", _raise_on_call(impl.grad_stats, 2))
-    elif fault == "adamw_update":
-        monkeypatch.setattr(impl, "adamw_update", _raise_on_call(impl.adamw_update, 1))
+        inject = lambda mp: mp.setattr(impl, "grad_stats", _raise_on_call(impl.grad_stats, 2))  # noqa: E731
+    elif fault == "update of the 2nd bucket":
+        inject = lambda mp: mp.setattr(impl, "prepare_update", _raise_on_call(impl.prepare_update, 2))  # noqa: E731
     elif fault == "sparse grad":
-        params[1].grad = params[1].grad.to_sparse()
+        inject = lambda mp: setattr(t.params[1], "grad", t.params[1].grad.to_sparse())  # noqa: E731
     else:
+        inject = lambda mp: None  # noqa: E731
         kwargs["grad_scaler"] = torch.amp.GradScaler("cpu")  # never scaled a loss: no scale yet
-    with pytest.raises((torch.OutOfMemoryError, RuntimeError)):
-        opt.step(**kwargs)
-    after = _snapshot(params, opt)
-    for b, a in zip(before, after):
-        assert torch.equal(b, a) or bool(b.isnan().all() and a.isnan().all())
-    monkeypatch.undo()
-    # The retried step continues exactly as if the failed one had never been tried.
-    _grads(params, 3)
-    for i in range(3, 6):
-        _grads(params, i)
-        _grads(twin_params, i)
-        opt.step()
-        twin.step()
-    for a, b in zip(_snapshot(params, opt), _snapshot(twin_params, twin)):
-        assert torch.equal(a, b)
+    assert _faulty_step(t, inject, monkeypatch, **kwargs)
+    _then_continues(t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_memory_at_any_allocation_changes_nothing(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A simulated OOM raised from the n-th allocating torch call of a step, for every n until a step
+    gets through: each leaves everything as it was (so the update's writes allocate nothing)."""
+    t = _Twins(backend)
+    for _ in range(3):
+        t.step()
+
+    def inject(n: int):
+        def patch(mp: pytest.MonkeyPatch) -> None:
+            counter = _raise_on_call(lambda f, *a, **k: f(*a, **k), n, only_allocating=True)
+            for name in ALLOCATING:
+                fn = getattr(torch, name)
+                mp.setattr(torch, name, lambda *a, _fn=fn, **k: counter(_fn, *a, **k))
+        return patch
+
+    n = 1
+    while _faulty_step(t, inject(n), monkeypatch):
+        n += 1
+    assert n > 3, "the step allocated almost nothing: the injection did not reach it"
+    _then_continues(t)
+
+
+def test_reference_mid_way_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference raising mid-way through a bucket: after its first chunk is prepared (chunks of a few
+    elements), and after its first foreach op in a bucket whose update it computes ahead (bf16 moments and
+    stochastic rounding)."""
+    monkeypatch.setattr(fusedlr.reference, "CHUNK_NUMEL", 8)
+    t = _Twins("torch")
+    for _ in range(2):
+        t.step()
+    chunk = fusedlr.reference._chunk
+    assert _faulty_step(t, lambda mp: mp.setattr(fusedlr.reference, "_chunk", _raise_on_call(chunk, 2)), monkeypatch)
+    monkeypatch.setattr(fusedlr.reference, "CHUNK_NUMEL", 8)
+    _then_continues(t)
+
+    low = _Twins("torch", low_precision=True)
+    for _ in range(2):
+        low.step()
+    lerp = torch._foreach_lerp_
+    assert _faulty_step(low, lambda mp: mp.setattr(torch, "_foreach_lerp_", _raise_on_call(lerp, 1)), monkeypatch)
+    _then_continues(low)

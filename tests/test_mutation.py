@@ -28,24 +28,25 @@ pytestmark = parity.pytestmark
 
 def _bias_correction_off_by_one(mp: pytest.MonkeyPatch) -> None:
     """Bias corrections computed with step t + 1 instead of t."""
-    original = reference.adamw_update
+    original = reference.prepare_update
 
     def mutant(bucket, grads, hyper, ctrl, applied_lr=None):
         bucket.steps.add_(1)
-        original(bucket, grads, hyper, ctrl, applied_lr)
+        commit = original(bucket, grads, hyper, ctrl, applied_lr)
         bucket.steps.sub_(1)
+        return commit
 
-    mp.setattr(reference, "adamw_update", mutant)
+    mp.setattr(reference, "prepare_update", mutant)
 
 
 def _amsgrad_max_dropped(mp: pytest.MonkeyPatch) -> None:
     """amsgrad ignored: the running maximum is neither updated nor used."""
-    original = reference.adamw_update
+    original = reference.prepare_update
 
     def mutant(bucket, grads, hyper, ctrl, applied_lr=None):
-        original(dataclasses.replace(bucket, max_exp_avg_sqs=None), grads, hyper, ctrl, applied_lr)
+        return original(dataclasses.replace(bucket, max_exp_avg_sqs=None), grads, hyper, ctrl, applied_lr)
 
-    mp.setattr(reference, "adamw_update", mutant)
+    mp.setattr(reference, "prepare_update", mutant)
 
 
 def _clip_epsilon_changed(mp: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,6 @@ from torch import Tensor
 
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ..precision import reference_only
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -52,12 +51,8 @@ def compiled_ok(bucket: Bucket, grads: list[Tensor], backend: str) -> bool:
 
     The parameter/state layout is checked once per bucket (cached in ``bucket.cache``); tensors
     updated in place are never copied. Gradients are only read: the kernels copy any whose
-    layout differs from its parameter's, but a grad dtype different from the param dtype falls back
-    (and so does a bucket of a low-precision mode the backend does not implement, see
-    ``fusedlr.precision.reference_only``).
+    layout differs from its parameter's, but a grad dtype different from the param dtype falls back.
     """
-    if reference_only(bucket, backend):
-        return False
     reason = bucket.cache.get("fusedlr_ext_reason", False)
     if reason is False:
         reason = _bucket_reason(bucket)
@@ -72,6 +67,15 @@ def compiled_ok(bucket: Bucket, grads: list[Tensor], backend: str) -> bool:
     if reason is not None:
         return False
     return not grads or grads[0].dtype == bucket.params[0].dtype
+
+
+def kernel_grads(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` as the kernels read them: each laid out like its parameter (a copy made here otherwise,
+    so that the kernels never allocate; gradients are only read)."""
+    return [
+        g if linear(g) and same_layout(g, p) else torch.empty_like(p, dtype=g.dtype).copy_(g)
+        for g, p in zip(grads, bucket.params)
+    ]
 
 
 def schedule_table(bucket: Bucket, ctrl: StepControl) -> Tensor | None:

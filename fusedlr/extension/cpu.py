@@ -6,15 +6,18 @@ dense (or whose grads have another dtype than the params) is handed to the refer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, update_args, update_kwargs
+from ._common import compiled_ok, kernel_grads, update_args, update_kwargs
 
-__all__ = ["NAME", "adamw_update", "available", "grad_stats"]
+__all__ = ["NAME", "adamw_update", "available", "grad_stats", "prepare_update"]
 
 NAME = "cpu"
 
@@ -36,10 +39,19 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     torch.ops.fusedlr.grad_stats(grads, inv_scale, out)
 
 
+def prepare_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> Callable[[], None]:
+    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``): the checks, the fallback decision and
+    the gradients' layout copies happen here; the commit is the op, which then allocates nothing."""
+    if not compiled_ok(bucket, grads, NAME):
+        return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
+    args = update_args(bucket, kernel_grads(bucket, grads), hyper, ctrl)
+    return partial(torch.ops.fusedlr.adamw_update, *args, **update_kwargs(bucket, hyper, applied_lr))
+
+
 def adamw_update(
     bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
 ) -> None:
     """Pass 2 (see ``fusedlr.reference.adamw_update``)."""
-    if not compiled_ok(bucket, grads, NAME):
-        return reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
-    torch.ops.fusedlr.adamw_update(*update_args(bucket, grads, hyper, ctrl), **update_kwargs(bucket, hyper, applied_lr))
+    prepare_update(bucket, grads, hyper, ctrl, applied_lr)()

@@ -9,15 +9,18 @@ states are not dense (or whose grads have another dtype than the params) uses th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, update_args, update_kwargs
+from ._common import compiled_ok, kernel_grads, update_args, update_kwargs
 
-__all__ = ["NAME", "adamw_update", "available", "grad_stats"]
+__all__ = ["NAME", "adamw_update", "available", "grad_stats", "prepare_update"]
 
 NAME = "cuda"
 
@@ -89,15 +92,22 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host, _workspace(bucket, out.device))
 
 
-def adamw_update(
+def prepare_update(
     bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
-) -> None:
-    """Pass 2 (see ``fusedlr.reference.adamw_update``): one launch, nothing written when found_inf > 0."""
+) -> Callable[[], None]:
+    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``): checks, fallback decision, table and
+    the gradients' layout copies here; the commit is one launch, nothing written when found_inf > 0."""
     if not compiled_ok(bucket, grads, NAME):
-        return reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
+        return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
     table, host = _table(
         bucket, "fusedlr_cuda_update_table", len(bucket.params), extension._C.UPDATE_TABLE_PTRS, bucket.device
     )
-    torch.ops.fusedlr.adamw_update(
-        *update_args(bucket, grads, hyper, ctrl), table, host, **update_kwargs(bucket, hyper, applied_lr)
-    )
+    args = update_args(bucket, kernel_grads(bucket, grads), hyper, ctrl)
+    return partial(torch.ops.fusedlr.adamw_update, *args, table, host, **update_kwargs(bucket, hyper, applied_lr))
+
+
+def adamw_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> None:
+    """Pass 2 (see ``fusedlr.reference.adamw_update``)."""
+    prepare_update(bucket, grads, hyper, ctrl, applied_lr)()

@@ -14,6 +14,8 @@ one shared layout (see ``tables.py``) are updated by the reference backend inste
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -21,7 +23,6 @@ from torch import Tensor
 from .. import reference
 from ..bucket import Bucket
 from ..control import GroupHyper, StepControl
-from ..precision import reference_only
 
 # The kernel modules import triton (which reads TRITON_INTERPRET when the kernels are defined).
 # Imported before the functions below are defined: ``grad_stats`` names both a submodule and a
@@ -44,7 +45,7 @@ except ImportError as _err:  # triton missing or broken: available() says so
     _IMPORT_ERROR = _err
     _INTERPRETED = False
 
-__all__ = ["NAME", "adamw_update", "available", "grad_stats"]
+__all__ = ["NAME", "adamw_update", "available", "grad_stats", "prepare_update"]
 
 NAME = "triton"
 
@@ -91,7 +92,7 @@ def available(device: torch.device) -> str | None:
 
 def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
     """Pass 1: ``out[0] += sum((g * inv_scale)^2)`` (float32), ``out[1] += non-finite count``; one launch."""
-    tables = None if reference_only(bucket, NAME) else _tables.bucket_tables(bucket)
+    tables = _tables.bucket_tables(bucket)
     if tables is None:
         reference.grad_stats(bucket, grads, inv_scale, out)
         return
@@ -101,25 +102,42 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, inv_scale, out)
 
 
+def _launch(launch: Callable[[], None], keep: list[Tensor]) -> None:
+    """Enqueue ``launch``; ``keep``: the gradient tensors its table points to, alive until then."""
+    launch()
+
+
+def prepare_update(
+    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+) -> Callable[[], None]:
+    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``): the fallback decision, the launch
+    tables, the gradients' layout copies and the launch's checks happen here; the commit is one launch
+    (``fusedlr.reference``'s math)."""
+    tables = _tables.bucket_tables(bucket)
+    if tables is None or tables.n_blocks == 0:  # nothing to launch, or not addressable in storage order
+        return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
+    gtab, used = _tables.grad_table(tables, bucket, grads)
+    return partial(
+        _launch,
+        _adamw_kernel.prepare_launch(
+            tables,
+            gtab,
+            bucket.steps,
+            bucket.params[0].dtype,
+            used[0].dtype,
+            bucket.exp_avgs[0].dtype,
+            bucket.max_exp_avg_sqs is not None,
+            hyper,
+            ctrl,
+            bucket.precision,
+            applied_lr,
+        ),
+        used,
+    )
+
+
 def adamw_update(
     bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
 ) -> None:
     """Pass 2: one AdamW update of every tensor of ``bucket`` (``fusedlr.reference``'s math); one launch."""
-    tables = None if reference_only(bucket, NAME) else _tables.bucket_tables(bucket)
-    if tables is None or tables.n_blocks == 0:  # nothing to launch, or a mode the kernel lacks: the reference
-        reference.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
-        return
-    gtab, used = _tables.grad_table(tables, bucket, grads)
-    _adamw_kernel.launch_adamw(
-        tables,
-        gtab,
-        bucket.steps,
-        bucket.params[0].dtype,
-        used[0].dtype,
-        bucket.exp_avgs[0].dtype,
-        bucket.max_exp_avg_sqs is not None,
-        hyper,
-        ctrl,
-        bucket.precision,
-        applied_lr,
-    )
+    prepare_update(bucket, grads, hyper, ctrl, applied_lr)()

@@ -19,6 +19,8 @@ bit (helpers in ``precision.py``).
 """
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import triton
@@ -45,7 +47,7 @@ from .tables import (
     LaunchTables,
 )
 
-__all__ = ["launch_adamw"]
+__all__ = ["prepare_launch"]
 
 # The RNG stream of each stored tensor, as kernel constants.
 _PARAM = tl.constexpr(Streams.PARAM)
@@ -320,7 +322,7 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def launch_adamw(
+def prepare_launch(
     tables: LaunchTables,
     grads_table: Tensor,
     steps: Tensor,
@@ -332,12 +334,11 @@ def launch_adamw(
     ctrl: StepControl,
     prec: BucketPrecision | None = None,
     applied_lr: Tensor | None = None,
-) -> None:
-    """Enqueue the AdamW update of every tensor of a bucket (see the module docstring); program 0
-    writes ``lr_t`` into ``applied_lr`` (0-d float64) unless the step is skipped. ``prec``: the
-    bucket's low-precision modes (``tables`` then hold the master or remainder addresses)."""
-    if tables.n_blocks == 0:
-        return
+) -> Callable[[], None]:
+    """The launch of the AdamW update of every tensor of a bucket (see the module docstring), checked and
+    bound, to enqueue by calling it; program 0 writes ``lr_t`` into ``applied_lr`` (0-d float64) unless
+    the step is skipped. ``prec``: the bucket's low-precision modes (``tables`` then hold the master or
+    remainder addresses). Call it only with ``tables.n_blocks > 0``."""
     kind, n = schedule_constexprs(ctrl.schedule)
     has_clip = ctrl.max_norm is not None
     if has_clip and ctrl.stats is None:
@@ -347,7 +348,8 @@ def launch_adamw(
         raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
     dummy = ctrl.k
     lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
-    _adamw_kernel[(tables.n_blocks,)](
+    return partial(
+        _adamw_kernel[(tables.n_blocks,)],
         tables.rows,
         tables.blocks,
         grads_table,
