@@ -97,9 +97,8 @@ class AdamW(torch.optim.Optimizer):
             for ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq``.
         seed: the stochastic rounding seed, 0 <= seed < 2**32.
         ``master_weights``, ``stochastic_rounding`` and ``state_dtype`` are param group options
-        (e.g. a group of fp32 params with ``master_weights=False``). The ``cpu`` and ``cuda``
-        backends implement those modes natively; the ``triton`` backend updates their param
-        groups in the torch reference backend (exact spec: ``fusedlr.precision``).
+        (e.g. a group of fp32 params with ``master_weights=False``), implemented by every backend's
+        kernels (exact spec: ``fusedlr.precision``).
 
     States ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are float32 (float64 for float64
     params) whatever the param dtype unless ``state_dtype`` says otherwise; ``step`` is an int64 tensor on the param's device.
