@@ -18,9 +18,10 @@ so building or refreshing a table never waits for the device. Offsets are int64 
 
 Tensors are addressed in storage order, so each must be dense (no gaps, no overlap) and the
 states, masters (and gradients) must share the param's layout; the moments of a bucket share one
-dtype (float32, float64 for float64 params, or a ``state_dtype``: bfloat16, or float32 for float64 params). A bucket whose params or states are not
-(``bucket_tables`` returns None) is left to the reference backend; gradients of another layout
-are copied into the param's layout (read-only, so the copy is safe).
+dtype (float32, float64 for float64 params, or a ``state_dtype``: bfloat16, or float32 for float64
+params). A bucket whose params or states are not (``bucket_tables`` returns None) is left to the
+reference backend; gradients of another layout are copied into the param's layout (read-only, so
+the copy is safe).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def _upload(host: Tensor, device: torch.device, out: Tensor | None = None) -> Te
 
 def _moment_dtypes(p: Tensor) -> tuple[torch.dtype, ...]:
     """The moment dtypes the kernel can store for params like ``p``."""
-    return (torch.float64, torch.float32, torch.bfloat16) if p.dtype == torch.float64 else (torch.float32, torch.bfloat16)
+    low = (torch.float32, torch.bfloat16)
+    return (torch.float64, *low) if p.dtype == torch.float64 else low
 
 
 def _masters(bucket: Bucket) -> list[Tensor] | None:
