@@ -23,6 +23,7 @@ from torch import Tensor
 from . import extension
 from .control import StepControl
 from .plan import Plan
+from .reference import clip_coefficient
 
 __all__ = ["step"]
 
@@ -147,6 +148,12 @@ def step(opt: Any, grad_scaler: Any) -> bool:
             inv_scale=inv_scale,
             found_inf=found_inf,
         )
-        opt._record_history(ctrl, None if found_inf is None else found_inf > 0)
+        history.record(
+            k,
+            opt._applied_lr_buffer(device),
+            opt._norm_buffer(device) if need_stats else None,
+            clip_coefficient(ctrl),
+            None if found_inf is None else found_inf > 0,
+        )
         k.add_(1 if found_inf is None else (found_inf <= 0).to(torch.int64))
     return True
