@@ -61,8 +61,8 @@ NOTES: list[str] = [
     (
         "Precision-mode cases (<shapes>-bf16-<mode>, `--cases modes`): the fusedlr rows run with master_weights / "
         "stochastic_rounding / state_dtype; bytes and floor follow what the mode must move (master 30 B/param, "
-        "remainder 28, sr 24, sr-bf16-states 16; see cases.py). These modes run in the reference backend in "
-        "every fusedlr row for now; the torch rows are the same default-mode pipelines as in the bf16 case."
+        "remainder 28, sr 24, sr-bf16-states 16; see cases.py), each fusedlr row in its backend's own kernels; the torch rows are the "
+        "same default-mode pipelines as in the bf16 case."
     ),
     (
         "torch.optim.AdamW keeps exp_avg/exp_avg_sq in the param dtype: with bf16 params the torch rows move "

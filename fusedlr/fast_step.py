@@ -56,7 +56,7 @@ def _native_plan(opt: Any, plan: Plan) -> Any:
         or plan.unwrap
         or not plan.buckets
         or not isinstance(plan.signature, bytes)
-        or any(b.device.type != "cpu" or reduce is not None for _, b, _, reduce in plan.buckets)
+        or any(b.device.type != "cpu" or reduce is not None or b.precision is not None for _, b, _, reduce in plan.buckets)
         or not all(compiled_ok(b, [], cpu.NAME) for _, b, _, _ in plan.buckets)
     ):
         return None

@@ -72,14 +72,12 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     """Pass 1: accumulate the sum of squares of the unscaled grads and the non-finite count into ``out``.
 
     Foreach ops over pieces of at most ``NORM_PIECE`` elements of each grad (views of its float32 form):
-    ``torch._foreach_norm`` gives each piece's L2 norm, accumulated in float32 like the Triton kernel's
-    blocks, and the squares of the (unscaled) norms are summed in float32 by ``torch.sum``. Why pieces:
-    torch's float32 norm on the CPU accumulates each vector lane sequentially, so its relative error grows
-    with the length (2e-5 at 2**20 elements, 5e-3 at 4e7); over 2**14 elements it stays at a few
-    float32 ulps (~1e-7), like the kernels', so the clip coefficient (a square root of the total) agrees
-    with theirs to ~1e-7, what the float64 clip tests compare at. Gradients holding bfloat16 values
-    (16-bit squares, whose float32 sums round with a bias) come out up to ~4e-6 low, within the 1e-5
-    at which 16-bit pass-1 results are compared.
+    ``torch._foreach_norm`` gives each piece's L2 norm accumulated in float64 (a float32 square is exact in
+    float64), and the squares of the (unscaled) norms are summed in float64 and rounded once to float32.
+    So the total is the exact sum of squares to about 1e-15, rounded: bit for bit the kernels' float32 sum
+    when that sum is exact (gradients of few significant bits, as the bitwise tests use), and within
+    their float32 accumulation error (~1e-7 relative) otherwise. Why pieces: torch's norm on the CPU
+    accumulates each vector lane sequentially, so its error grows with the length.
 
     ``out[1]`` grows by the number of tensors holding a non-finite element (the kernels add the number
     of such elements; either is positive exactly when one is, which is all the step reads): those
@@ -92,10 +90,10 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     if not grads:
         return
     pieces = [piece for g in grads for piece in g.to(torch.float32).reshape(-1).split(NORM_PIECE)]
-    norms = torch.stack(torch._foreach_norm(pieces)) if pieces else out.new_zeros(1)
+    norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float64))
     if inv_scale is not None:
-        norms = norms * inv_scale
-    out[0] += norms.square().sum()
+        norms = norms * inv_scale.to(torch.float64)
+    out[0] += norms.square().sum().to(torch.float32)
     sums = torch.stack([g.sum(dtype=torch.float32) if g.dtype == torch.float16 else g.sum() for g in grads])
     out[1] += (~torch.isfinite(sums)).sum().to(torch.float32)
 
@@ -292,8 +290,8 @@ def prepare_update(
                     d.copy_(v).masked_fill_(skip, 0.0)
                 torch._foreach_maximum_(c.vmax32, c.denom)
             vden = c.vmax32
-        for d, v in zip(c.denom, vden):
-            torch.sqrt(v, out=d)
+        torch._foreach_copy_(c.denom, vden)
+        torch._foreach_sqrt_(c.denom)
         torch._foreach_div_(c.denom, [bias2_sqrt_dt[i] for i in c.idx])
         torch._foreach_add_(c.denom, hyper.eps)
         torch._foreach_div_(c.denom, [step_size_dt[i] for i in c.idx])  # p -= m / (denom / step_size)

@@ -184,11 +184,16 @@ class _Twins:
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def _faulty_step(t: _Twins, inject, monkeypatch: pytest.MonkeyPatch, **kwargs) -> bool:
+def _faulty_step(t: _Twins, inject, monkeypatch: pytest.MonkeyPatch, general_path: bool = False, **kwargs) -> bool:
     """Step ``t.opt`` with ``inject(monkeypatch)`` in force; if it raised, assert that nothing changed and
-    return True; if not, the step ran (the fault was never reached): step the twins too and return False."""
+    return True; if not, the step ran (the fault was never reached): step the twins too and return False.
+    ``general_path``: the fault is injected into Python functions of the general path, which the cpu
+    backend's eager fast path (the kernels called from C++, after every check that can fail) does not call,
+    so that step takes the general path."""
     _grads(t.params, t.i)
     before = _snapshot(t.params, t.opt)
+    if general_path:
+        monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     inject(monkeypatch)
     try:
         t.opt.step(**kwargs)
@@ -217,11 +222,7 @@ def test_a_step_that_raises_changes_nothing(backend: str, fault: str, monkeypatc
     for _ in range(3):
         t.step()
     impl = t.opt._step_cache["impl"]
-    kwargs = {}
-    if fault in ("grad_stats on the 2nd bucket", "adamw_update"):
-        # Injected into the backend's Python functions: the op path (the cpu backend's eager fast path
-        # calls the kernels from C++, after every check that can fail).
-        monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    kwargs = {"general_path": fault in ("grad_stats on the 2nd bucket", "update of the 2nd bucket")}
     if fault == "grad_stats on the 2nd bucket":
         inject = lambda mp: mp.setattr(impl, "grad_stats", _raise_on_call(impl.grad_stats, 2))  # noqa: E731
     elif fault == "update of the 2nd bucket":
@@ -252,7 +253,7 @@ def test_out_of_memory_at_any_allocation_changes_nothing(backend: str, monkeypat
         return patch
 
     n = 1
-    while _faulty_step(t, inject(n), monkeypatch):
+    while _faulty_step(t, inject(n), monkeypatch, general_path=True):
         n += 1
     assert n > 3, "the step allocated almost nothing: the injection did not reach it"
     _then_continues(t)

@@ -549,10 +549,11 @@ def correctly_rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> None:
     torch's CPU float32 sqrt is off by one ulp on a fraction of inputs, which the bitwise comparisons below
     would see. (A float32 square root through float64 is correctly rounded.)"""
 
-    def sqrt(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.double().sqrt().to(t.dtype) if t.dtype == torch.float32 else t.sqrt() for t in ts]
+    def sqrt_(ts: list[torch.Tensor]) -> None:
+        for t in ts:
+            t.copy_(t.double().sqrt()) if t.dtype == torch.float32 else t.sqrt_()
 
-    monkeypatch.setattr(torch, "_foreach_sqrt", sqrt)
+    monkeypatch.setattr(torch, "_foreach_sqrt_", sqrt_)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
