@@ -57,6 +57,8 @@ NAME = "torch"
 CHUNK_NUMEL = 1 << 24
 #: Elements per piece whose norm pass 1 takes in float32 (see ``grad_stats``).
 NORM_PIECE = 1 << 14
+#: Largest scratch (elements) a bucket keeps between steps (see ``_shared_scratch``).
+KEEP_SCRATCH = 1 << 22
 
 
 def available(device: torch.device) -> str | None:
@@ -79,24 +81,31 @@ def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, ou
     their float32 accumulation error (~1e-7 relative) otherwise. Why pieces: torch's norm on the CPU
     accumulates each vector lane sequentially, so its error grows with the length.
 
-    ``out[1]`` grows by the number of tensors holding a non-finite element (the kernels add the number
-    of such elements; either is positive exactly when one is, which is all the step reads): those
-    whose plain sum (in the grad's dtype; float32 for float16, whose range is small) is not finite. One
-    fast reduction per tensor, where counting elements (``isfinite``, a bool sum) costs 10 to 40 times
-    the norm on the CPU. A sum is finite for finite elements unless it exceeds the float32 range
-    (elements of ~1e38 / numel), where the squares in ``out[0]`` are infinite already; a float64 grad too
-    large for float32 is finite.
+    ``out[1]`` grows by the number of pieces holding a non-finite element (the kernels add the number of
+    such elements; either is positive exactly when one is, which is all the step reads): those whose norm is
+    not finite, since a float64 sum of float32 squares cannot overflow. Float64 grads, which may be too
+    large for float32 and still finite, are checked on their own sums instead. A grad of at most
+    ``NORM_PIECE`` elements is its own piece (no view made: the per-tensor cost matters for many small
+    tensors).
     """
     if not grads:
         return
-    pieces = [piece for g in grads for piece in g.to(torch.float32).reshape(-1).split(NORM_PIECE)]
+    pieces = [piece for g in grads for piece in _norm_pieces(g)]
     norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float64))
+    if grads[0].dtype == torch.float64:  # a bucket has one grad dtype
+        finite = torch.isfinite(torch.stack([g.sum() for g in grads]))
+    else:
+        finite = torch.isfinite(norms)
     if inv_scale is not None:
         norms = norms * inv_scale.to(torch.float64)
     out[0] += norms.square().sum().to(torch.float32)
-    sums = torch.stack([g.sum(dtype=torch.float32) if g.dtype == torch.float16 else g.sum() for g in grads])
-    out[1] += (~torch.isfinite(sums)).sum().to(torch.float32)
+    out[1] += (~finite).sum().to(torch.float32)
 
+
+def _norm_pieces(g: Tensor) -> list[Tensor]:
+    """``g`` in float32, in pieces of at most ``NORM_PIECE`` elements (``g`` itself when it is one)."""
+    g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
+    return [g32] if g32.numel() <= NORM_PIECE else list(g32.reshape(-1).split(NORM_PIECE))
 
 def scheduled_lr(lr: float | Tensor, ctrl: StepControl) -> Tensor:
     """The applied LR ``lr * sched(k)`` as a float64 0-d tensor on the device (``lr``: a float, or a
@@ -144,17 +153,39 @@ def _rounded(dst: Tensor, value: Tensor, prec: BucketPrecision | None, key: Tens
 
 
 class _Scratch:
-    """Hands out math-dtype tensors carved in order out of ``buffer`` (allocated beforehand)."""
+    """Hands out math-dtype tensors carved in order out of ``buffer`` (allocated beforehand).
 
-    def __init__(self, buffer: Tensor) -> None:
+    ``views`` memoizes them: the same sequence of ``take`` calls over the same buffer gets the same views,
+    made once (a view costs microseconds, which dominates a step over many small tensors).
+    """
+
+    def __init__(self, buffer: Tensor, views: list[Tensor]) -> None:
         self.buffer = buffer
+        self.views = views
         self.used = 0
+        self.taken = 0
 
     def take(self, like: Tensor) -> Tensor:
-        n = like.numel()
-        view = self.buffer[self.used : self.used + n].view(like.shape)
-        self.used += n
-        return view
+        if self.taken == len(self.views):
+            n = like.numel()
+            self.views.append(self.buffer[self.used : self.used + n].view(like.shape))
+            self.used += n
+        self.taken += 1
+        return self.views[self.taken - 1]
+
+
+def _shared_scratch(bucket: Bucket, numel: int, dtype: torch.dtype, key: tuple) -> tuple[Tensor, list[list[Tensor]]]:
+    """The scratch buffer every chunk of ``bucket`` reuses, with each chunk's memoized views: kept in
+    ``bucket.cache`` between steps when it holds at most ``KEEP_SCRATCH`` elements (``key``: what the
+    sequence of views depends on), else fresh."""
+    cached = bucket.cache.get("fusedlr_reference_scratch")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    buffer = torch.empty(numel, dtype=dtype, device=bucket.device)
+    views: list[list[Tensor]] = []
+    if numel <= KEEP_SCRATCH and not torch.compiler.is_compiling():
+        bucket.cache["fusedlr_reference_scratch"] = (key, buffer, views)
+    return buffer, views
 
 
 @dataclass
@@ -310,7 +341,7 @@ def prepare_update(
     sizes = [per_element * sum(bucket.params[i].numel() for i in idx) for idx in chunks]
     if private:
         work = [
-            _chunk(bucket, grads, idx, _Scratch(torch.empty(n, dtype=dt, device=device)), scratch_grads, True, scale_into)
+            _chunk(bucket, grads, idx, _Scratch(torch.empty(n, dtype=dt, device=device), []), scratch_grads, True, scale_into)
             for idx, n in zip(chunks, sizes)
         ]
         keys = precision.tensor_keys(prec.seed, prec.pids, bucket.steps).unbind() if prec.stochastic else None
@@ -334,8 +365,12 @@ def prepare_update(
 
         return commit
 
-    buffer = torch.empty(max(sizes, default=0), dtype=dt, device=device)
-    work = [_chunk(bucket, grads, idx, _Scratch(buffer), scratch_grads, False, scale_into) for idx in chunks]
+    buffer, views = _shared_scratch(bucket, max(sizes, default=0), dt, (dt, scratch_grads, scale_into, tuple(sizes)))
+    views += [[] for _ in chunks[len(views) :]]
+    work = [
+        _chunk(bucket, grads, idx, _Scratch(buffer, chunk_views), scratch_grads, False, scale_into)
+        for idx, chunk_views in zip(chunks, views)
+    ]
 
     def commit() -> None:
         for c in work:

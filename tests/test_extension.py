@@ -397,7 +397,7 @@ def test_grad_stats_matches_reference(device, dtype, inv_scale) -> None:
     reference.grad_stats(bucket, grads, inv, out_ref)
     backend.grad_stats(bucket, grads, inv, out)
     assert float(out[1]) == 2.0 + 3  # the kernels add the number of non-finite elements
-    assert float(out_ref[1]) == 2.0 + 2  # the reference, of tensors holding one (see reference.grad_stats)
+    assert float(out_ref[1]) == 2.0 + 2  # the reference, of pieces holding one (see reference.grad_stats)
     assert torch.isnan(out[0]) and torch.isnan(out_ref[0])
     finite = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
     out_ref, out = torch.zeros(2, device=device), torch.zeros(2, device=device)
