@@ -263,13 +263,14 @@ def test_reference_mid_way_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> N
     """The reference raising mid-way through a bucket: after its first chunk is prepared (chunks of a few
     elements), and after its first foreach op in a bucket whose update it computes ahead (bf16 moments and
     stochastic rounding)."""
-    monkeypatch.setattr(fusedlr.reference, "CHUNK_NUMEL", 8)
+    monkeypatch.setattr(fusedlr.reference_chunks, "CHUNK_NUMEL", 8)
     t = _Twins("torch")
     for _ in range(2):
         t.step()
-    chunk = fusedlr.reference._chunk
-    assert _faulty_step(t, lambda mp: mp.setattr(fusedlr.reference, "_chunk", _raise_on_call(chunk, 2)), monkeypatch)
-    monkeypatch.setattr(fusedlr.reference, "CHUNK_NUMEL", 8)
+    chunk = fusedlr.reference_chunks.make_chunk
+    fault = _raise_on_call(chunk, 2)
+    assert _faulty_step(t, lambda mp: mp.setattr(fusedlr.reference_chunks, "make_chunk", fault), monkeypatch)
+    monkeypatch.setattr(fusedlr.reference_chunks, "CHUNK_NUMEL", 8)
     _then_continues(t)
 
     low = _Twins("torch", low_precision=True)
