@@ -17,10 +17,13 @@ from . import precision
 from .bucket import Bucket
 from .precision import Streams
 
-__all__ = ["CHUNK_NUMEL", "Chunk", "Scratch", "Segment", "make_chunk", "plan", "ranges", "shared_scratch"]
+__all__ = ["CHUNK_NUMEL", "KEEP_SCRATCH", "Chunk", "Scratch", "Segment", "make_chunk", "plan", "ranges", "shared_scratch"]
 
 #: Elements per ``_foreach`` chunk of pass 2: bounds the scratch a bucket keeps to a few times this.
 CHUNK_NUMEL = 1 << 22
+
+#: Largest scratch (elements) a bucket off the CPU keeps between steps (see ``shared_scratch``).
+KEEP_SCRATCH = 1 << 20
 
 #: Part of a bucket: parameter ``i``, whole (None) or the flat element range of a slice of it.
 Segment = tuple[int, slice | None]
@@ -86,14 +89,16 @@ class Scratch:
 
 def shared_scratch(bucket: Bucket, numel: int, dtype: torch.dtype, key: tuple) -> tuple[Tensor, list[list[Tensor]]]:
     """The scratch buffer every chunk of ``bucket`` reuses, with each chunk's memoized views, kept in
-    ``bucket.cache`` between steps (``key``: what the sequence of views depends on). Kept, because
-    allocating it each step costs more than the step on the CPU (hundreds of MB page-faulted in)."""
+    ``bucket.cache`` between steps (``key``: what the sequence of views depends on): on the CPU, where
+    allocating it each step is as slow as the update itself (page-faulted in), and elsewhere when it holds at
+    most ``KEEP_SCRATCH`` elements (a GPU's caching allocator makes a large one cheap, and free between steps
+    for other tensors)."""
     cached = bucket.cache.get("fusedlr_reference_scratch")
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     buffer = torch.empty(numel, dtype=dtype, device=bucket.device)
     views: list[list[Tensor]] = []
-    if not torch.compiler.is_compiling():
+    if (bucket.device.type == "cpu" or numel <= KEEP_SCRATCH) and not torch.compiler.is_compiling():
         bucket.cache["fusedlr_reference_scratch"] = (key, buffer, views)
     return buffer, views
 
