@@ -230,7 +230,8 @@ template <typename T, typename M, bool AMSGRAD, bool LOWP>
 FUSEDLR_HD void update_chunk(const int64_t* __restrict__ table, const ChunkRef& r,
                              const AdamWCoeffs<typename Elem<T>::S>& c, const LowPrecision& lp, const RngKeys& k,
                              int tid, int nthreads) {
-  constexpr int V = LOWP && sizeof(T) < 8 ? kLowPrecisionVec : kUpdateVec;  // fp64: registers
+  // fp64: registers (its default update: one 16-byte access per tensor, which fits 128 registers)
+  constexpr int V = sizeof(T) == 8 ? (LOWP ? kUpdateVec : 2) : (LOWP ? kLowPrecisionVec : kUpdateVec);
   T* p = table_ptr<T>(table, kUpdatePtrs, r.tensor, 0) + r.start;
   const T* g = table_ptr<const T>(table, kUpdatePtrs, r.tensor, 1) + r.start;
   M* m = table_ptr<M>(table, kUpdatePtrs, r.tensor, 2) + r.start;
