@@ -230,7 +230,7 @@ template <typename T, typename M, bool AMSGRAD, bool LOWP>
 FUSEDLR_HD void update_chunk(const int64_t* __restrict__ table, const ChunkRef& r,
                              const AdamWCoeffs<typename Elem<T>::S>& c, const LowPrecision& lp, const RngKeys& k,
                              int tid, int nthreads) {
-  // fp64: registers (its default update: one 16-byte access per tensor, which fits 128 registers)
+  // fp64: registers (its default update: one 16-byte access per array and iteration, to fit 128 of them)
   constexpr int V = sizeof(T) == 8 ? (LOWP ? kUpdateVec : 2) : (LOWP ? kLowPrecisionVec : kUpdateVec);
   T* p = table_ptr<T>(table, kUpdatePtrs, r.tensor, 0) + r.start;
   const T* g = table_ptr<const T>(table, kUpdatePtrs, r.tensor, 1) + r.start;
