@@ -245,3 +245,84 @@ def test_every_barrier_of_the_kernels_is_needed(site: int) -> None:
     finally:
         shim.disable_barrier(None)
     assert caught, f"removing the barrier at {shim.barrier_sites[site]} changed no result"
+
+
+# Twenty tensors, zero-size ones first, last and in runs, 22 chunks: grids of 3 and 7 blocks split them
+# unevenly, and block ranges start and end inside tensors and next to zero-size ones.
+WALK_SIZES = [0, 5, 8192, 0, 0, 8193, 1, 3 * 8192 + 7, 0, 100, 8191, 0, 2 * 8192, 17, 0, 8192 + 1, 3, 0, 40000, 0]
+WALK_STEPS = [1 + (7 * i) % 23 for i in range(len(WALK_SIZES))]
+
+
+def _update(grid: int, seed: int) -> tuple[Bucket, Bucket]:
+    """One adamw_update by the kernels with ``grid`` blocks, and by the reference, of the WALK_SIZES bucket."""
+    shim = fusedlr_kernels()
+    shim.disable_barrier(None)
+    shim.configure(seed, yield_prob=0.25, resident_blocks=2)
+    bucket, grads = _bucket(WALK_SIZES, WALK_STEPS, amsgrad=True, seed=0)
+    ref = _clone(bucket)
+    hyper = GroupHyper(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
+    ctrl = StepControl(k=torch.tensor(3), schedule=None, schedule_table=None, stats=torch.tensor([4.0, 0.0]),
+                       max_norm=1.0, inv_scale=torch.tensor(0.5),
+                       found_inf=torch.tensor(0.0))
+    EmulatedCudaBackend(shim, grid=grid).adamw_update(bucket, grads, hyper, ctrl)
+    reference.adamw_update(ref, grads, hyper, ctrl)
+    return bucket, ref
+
+
+def _tensors(b: Bucket) -> list[torch.Tensor]:
+    return [*b.params, *b.exp_avgs, *b.exp_avg_sqs, *b.max_exp_avg_sqs]
+
+
+def test_contiguous_chunk_ranges_update_every_tensor_once_whatever_the_grid() -> None:
+    """Each block walks its own range of chunks across tensors (zero-size ones included): every element is
+    updated once, with its own tensor's coefficients, bit for bit the same for any grid."""
+    one, ref = _update(grid=1, seed=0)
+    for a, b in zip(_tensors(one), _tensors(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for grid, seed in [(3, 1), (7, 2), (22, 3)]:
+        got, _ = _update(grid, seed)
+        for i, (a, b) in enumerate(zip(_tensors(got), _tensors(one))):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"grid {grid}: tensor {i}"
+
+
+def _stats(grid: int, seed: int, grads: list[torch.Tensor]) -> torch.Tensor:
+    shim = fusedlr_kernels()
+    shim.disable_barrier(None)
+    shim.configure(seed, yield_prob=0.5, resident_blocks=3)
+    out = torch.zeros(2)
+    bucket, _ = _bucket(WALK_SIZES, WALK_STEPS, amsgrad=False, seed=0)
+    EmulatedCudaBackend(shim, grid=grid).grad_stats(bucket, grads, torch.tensor(0.25), out)
+    return out
+
+
+def test_grad_stats_is_deterministic_for_a_grid_and_close_to_the_reference_for_any() -> None:
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=g) * (1 + i) for i, n in enumerate(WALK_SIZES)]
+    grads[7][123] = float("nan")
+    grads[18][-1] = float("inf")
+    want = torch.zeros(2)
+    reference.grad_stats(_bucket(WALK_SIZES, WALK_STEPS, amsgrad=False, seed=0)[0], grads, torch.tensor(0.25), want)
+    grads[7][123] = grads[18][-1] = 0.0  # finite, to compare the sums too
+    finite_want = torch.zeros(2)
+    reference.grad_stats(_bucket(WALK_SIZES, WALK_STEPS, amsgrad=False, seed=0)[0], grads, torch.tensor(0.25),
+                         finite_want)
+    for grid in (3, 7):
+        first = _stats(grid, seed=grid, grads=grads)
+        torch.testing.assert_close(first, finite_want, rtol=1e-5, atol=0)
+        again = _stats(grid, seed=100 + grid, grads=grads)  # another block order and interleaving
+        assert torch.equal(first.view(torch.int32), again.view(torch.int32)), f"grid {grid}"
+    grads[7][123], grads[18][-1] = float("nan"), float("inf")
+    assert _stats(7, seed=0, grads=grads)[1] == want[1] == 2
+
+
+def test_grid_is_sized_from_the_occupancy_of_the_kernel_that_runs() -> None:
+    """The binding's grid: min(total chunks, SMs * resident blocks per SM), here the shim's 132 SMs and its
+    thread-limited occupancy (2048 / 512 = 4 blocks); -1 for a mode without a kernel."""
+    lib = fusedlr_kernels().lib
+    lib.fusedlr_emu_grad_stats_grid.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.fusedlr_emu_adamw_update_grid.argtypes = [ctypes.c_int] * 4 + [ctypes.c_int64]
+    assert [lib.fusedlr_emu_grad_stats_grid(2, n) for n in (1, 22, 528, 10**12)] == [1, 22, 528, 528]
+    assert lib.fusedlr_emu_adamw_update_grid(0, 1, 0, 0, 10**6) == 528
+    assert lib.fusedlr_emu_adamw_update_grid(2, 0, 1, 2, 7) == 7
+    assert lib.fusedlr_emu_adamw_update_grid(0, 0, 1, 0, 7) == -1  # fp32 params, fp32 low-precision moments
+    assert lib.fusedlr_emu_grad_stats_grid(9, 7) == -1

@@ -2,21 +2,28 @@
 //
 // Each block first evaluates the per-step scalars (schedule, clip coefficient, AMP scale,
 // found_inf, a tensor LR) from device memory, and exits at once when found_inf > 0 (else block 0
-// records the applied LR); then it walks its
-// chunks (grid-stride), computing each tensor's bias corrections (and, with stochastic rounding,
-// its random-bit keys) once in shared memory.
+// records the applied LR); then it walks its contiguous range of chunks (detail::block_chunks: one
+// binary search, then forward tensor by tensor), computing each tensor's bias corrections (and, with
+// stochastic rounding, its random-bit keys) once per tensor in shared memory.
 #include <type_traits>
 
+#include "grid.h"
 #include "multi_tensor.cuh"
 
 namespace fusedlr {
 namespace cuda {
 namespace {
 
+// Resident blocks per SM the update's registers are capped for: 2 (64 registers) for the default
+// update of 16- and 32-bit params, which fits them without spilling in its element loops (see
+// benchmarks/cuda_resources.py); 1 for the others, which need more.
+template <typename T, bool LOWP>
+constexpr int kUpdateMinBlocks = !LOWP && sizeof(T) < 8 ? 2 : 1;
+
 // LOWP: the low-precision modes (moments M, masters/remainders, stochastic rounding); without it M is
 // the math type and the kernel is the default update.
 template <typename T, typename M, bool AMSGRAD, bool LOWP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<T, LOWP>)
     adamw_kernel(const int64_t* __restrict__ table, int64_t n, int64_t total_chunks, AdamWHyper hyper,
                  StepInputs in, LowPrecision lp) {
   using S = typename detail::Elem<T>::S;
@@ -29,52 +36,55 @@ __global__ void __launch_bounds__(kThreads)
   const StepScalars step = s_step;
   if (blockIdx.x == 0 && threadIdx.x == 0 && in.applied_lr != nullptr) *in.applied_lr = step.lr;
 
-  int64_t current = -1;
-  AdamWCoeffs<S> c;
-  for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    const detail::ChunkRef r = detail::locate<kUpdatePtrs>(table, n, chunk);
-    if (r.tensor != current) {  // uniform over the block
-      __syncthreads();          // everyone has read the previous coefficients (and keys)
-      if (threadIdx.x == 0) {
-        s_coeffs = tensor_coeffs<S>(hyper, step, in.steps[r.tensor]);
-        if (LOWP && lp.stochastic) s_keys = rng_keys(lp.seed, lp.pids[r.tensor], in.steps[r.tensor]);
-      }
-      __syncthreads();
-      c = s_coeffs;
-      current = r.tensor;
+  // The block's chunks tensor by tensor: one binary search for the first one's tensor, then forward
+  // (tensors without chunks in the range, zero-size ones included, are passed over).
+  const detail::ChunkRange range = detail::block_chunks(total_chunks, gridDim.x, blockIdx.x);
+  const int64_t* prefix = table + n * (kUpdatePtrs + 1);
+  int64_t chunk = range.first;
+  for (int64_t tensor = detail::find_tensor(prefix, n, chunk); chunk < range.last; ++tensor) {
+    const int64_t end = prefix[tensor + 1] < range.last ? prefix[tensor + 1] : range.last;
+    if (end <= chunk) continue;  // uniform over the block
+    __syncthreads();             // everyone has read the previous coefficients (and keys)
+    if (threadIdx.x == 0) {
+      s_coeffs = tensor_coeffs<S>(hyper, step, in.steps[tensor]);
+      if (LOWP && lp.stochastic) s_keys = rng_keys(lp.seed, lp.pids[tensor], in.steps[tensor]);
     }
-    detail::update_chunk<T, M, AMSGRAD, LOWP>(table, r, c, lp, s_keys, threadIdx.x, blockDim.x);
+    __syncthreads();
+    const AdamWCoeffs<S> c = s_coeffs;
+    for (; chunk < end; ++chunk) {
+      detail::update_chunk<T, M, AMSGRAD, LOWP>(table, detail::chunk_ref<kUpdatePtrs>(table, n, tensor, chunk), c,
+                                                lp, s_keys, threadIdx.x, blockDim.x);
+    }
   }
 }
 
-template <typename T, typename M, bool LOWP>
-cudaError_t launch(bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks, const AdamWHyper& hyper,
-                   const StepInputs& in, const LowPrecision& lp, int grid, cudaStream_t stream) {
-  if (amsgrad) {
-    adamw_kernel<T, M, true, LOWP><<<grid, kThreads, 0, stream>>>(table, n, total_chunks, hyper, in, lp);
-  } else {
-    adamw_kernel<T, M, false, LOWP><<<grid, kThreads, 0, stream>>>(table, n, total_chunks, hyper, in, lp);
-  }
-  return cudaGetLastError();
-}
+using AdamWKernel = decltype(&adamw_kernel<float, float, false, false>);
 
-// The default update (lp null), or the low-precision one with moments of ``state_dtype``: bf16, or
-// fp32 for 16-bit and fp64 params (fp32 params are low-precision only with bf16 moments).
+// The kernel instance of the default update (lp null), or of the low-precision one with moments of
+// ``state_dtype``: bf16, or fp32 for 16-bit and fp64 params (fp32 params are low-precision only with
+// bf16 moments); null for no such mode.
 template <typename T>
-cudaError_t launch_modes(bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
-                         const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
-                         int grid, cudaStream_t stream) {
+AdamWKernel kernel_modes(bool amsgrad, bool low_precision, int state_dtype) {
   using S = typename detail::Elem<T>::S;
-  if (lp == nullptr) {
-    return launch<T, S, false>(amsgrad, table, n, total_chunks, hyper, in, LowPrecision{}, grid, stream);
-  }
+  if (!low_precision) return amsgrad ? adamw_kernel<T, S, true, false> : adamw_kernel<T, S, false, false>;
   if (state_dtype == kBF16) {
-    return launch<T, __nv_bfloat16, true>(amsgrad, table, n, total_chunks, hyper, in, *lp, grid, stream);
+    return amsgrad ? adamw_kernel<T, __nv_bfloat16, true, true> : adamw_kernel<T, __nv_bfloat16, false, true>;
   }
   if constexpr (std::is_same_v<T, float>) {
-    return cudaErrorInvalidValue;
+    return nullptr;
   } else {
-    return launch<T, float, true>(amsgrad, table, n, total_chunks, hyper, in, *lp, grid, stream);
+    return amsgrad ? adamw_kernel<T, float, true, true> : adamw_kernel<T, float, false, true>;
+  }
+}
+
+// The kernel instance of a launch_adamw_update call (null: no such dtype or mode).
+AdamWKernel kernel_for(int dtype, bool amsgrad, bool low_precision, int state_dtype) {
+  switch (dtype) {
+    case kF32: return kernel_modes<float>(amsgrad, low_precision, state_dtype);
+    case kF16: return kernel_modes<__half>(amsgrad, low_precision, state_dtype);
+    case kBF16: return kernel_modes<__nv_bfloat16>(amsgrad, low_precision, state_dtype);
+    case kF64: return kernel_modes<double>(amsgrad, low_precision, state_dtype);
+    default: return nullptr;
   }
 }
 
@@ -92,14 +102,17 @@ cudaError_t launch_adamw_update(int dtype, bool amsgrad, const int64_t* table, i
                                 const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp,
                                 int state_dtype, int grid, cudaStream_t stream) {
   if (total_chunks <= 0 || grid <= 0) return cudaSuccess;
-  switch (dtype) {
-    case kF32: return launch_modes<float>(amsgrad, table, n, total_chunks, hyper, in, lp, state_dtype, grid, stream);
-    case kF16: return launch_modes<__half>(amsgrad, table, n, total_chunks, hyper, in, lp, state_dtype, grid, stream);
-    case kBF16:
-      return launch_modes<__nv_bfloat16>(amsgrad, table, n, total_chunks, hyper, in, lp, state_dtype, grid, stream);
-    case kF64: return launch_modes<double>(amsgrad, table, n, total_chunks, hyper, in, lp, state_dtype, grid, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  const AdamWKernel kernel = kernel_for(dtype, amsgrad, lp != nullptr, state_dtype);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  kernel<<<grid, kThreads, 0, stream>>>(table, n, total_chunks, hyper, in, lp != nullptr ? *lp : LowPrecision{});
+  return cudaGetLastError();
+}
+
+cudaError_t adamw_update_grid(int dtype, bool amsgrad, bool low_precision, int state_dtype, int64_t total_chunks,
+                              int device, int* grid) {
+  const AdamWKernel kernel = kernel_for(dtype, amsgrad, low_precision, state_dtype);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  return occupancy_grid(reinterpret_cast<const void*>(kernel), device, total_chunks, grid);
 }
 
 int compiled_archs(int* out, int capacity) {

@@ -10,9 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #include "../op_common.h"
@@ -83,25 +81,6 @@ const int64_t* upload_table(const std::vector<int64_t>& h, const std::optional<a
   return table->data_ptr<int64_t>();
 }
 
-int sm_count(int device) {
-  static std::mutex mutex;
-  static std::vector<int> counts;
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (device >= static_cast<int>(counts.size())) counts.resize(device + 1, 0);
-  if (counts[device] == 0) {
-    int n = 0;
-    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "(querying the SM count)");
-    counts[device] = std::max(n, 1);
-  }
-  return counts[device];
-}
-
-int grid_for(int64_t total_chunks, const at::Device& device) {
-  const int sms = sm_count(device.index());
-  const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSm;
-  return static_cast<int>(std::max<int64_t>(1, std::min(total_chunks, cap)));
-}
-
 void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
                      const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
                      const std::optional<at::Tensor>& workspace) {
@@ -119,7 +98,8 @@ void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_
   if (total_chunks == 0) return;
   at::Tensor keep;
   const int64_t* dtable = upload_table(h, table, table_host, out.device(), keep);
-  const int grid = grid_for(total_chunks, out.device());
+  int grid = 0;
+  check_launch(grad_stats_grid(code, total_chunks, out.device().index(), &grid), "(sizing the grid of grad_stats)");
   at::Tensor ws;
   if (workspace.has_value()) {
     ws = *workspace;
@@ -179,9 +159,13 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   in.steps = steps.data_ptr<int64_t>();
   set_lr_inputs(lr_tensor, applied_lr, steps.device(), in);
   const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};
+  int grid = 0;
+  check_launch(adamw_update_grid(chk.dtype, chk.amsgrad, chk.low_precision, chk.state_dtype, total_chunks,
+                                 steps.device().index(), &grid),
+               "(sizing the grid of adamw_update)");
   check_launch(launch_adamw_update(chk.dtype, chk.amsgrad, dtable, n, total_chunks, hyper, in,
-                                   chk.low_precision ? &lp : nullptr, chk.state_dtype,
-                                   grid_for(total_chunks, steps.device()), current_stream(steps.device())),
+                                   chk.low_precision ? &lp : nullptr, chk.state_dtype, grid,
+                                   current_stream(steps.device())),
                "adamw_update");
 }
 

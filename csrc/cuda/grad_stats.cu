@@ -1,6 +1,13 @@
 // Pass 1 on CUDA: sum of squares of the unscaled gradients and count of non-finite gradients of
 // every tensor of a bucket, in one launch, deterministic: float32 accumulation, a fixed-order
 // block reduction, and a second stage in the last block to finish (no floating-point atomics).
+//
+// The order of the float32 sum, fixed for a given grid: block b takes the contiguous chunks
+// [b * total / grid, (b + 1) * total / grid) (detail::block_chunks); each of its threads sums its
+// share of them tensor by tensor in table order (detail::stats_span gives the order within a
+// tensor); block_sum combines the 512 threads' sums; the last block adds the blocks' sums, thread t
+// those of blocks t, t + 512, ... in order, and block_sum combines those.
+#include "grid.h"
 #include "multi_tensor.cuh"
 
 namespace fusedlr {
@@ -40,17 +47,17 @@ __device__ void block_sum(float& sum, unsigned int& count) {
 // workspace: float32 [2 * gridDim.x + 1]: block b's partial sum at 2b and its non-finite count
 // (bits of an unsigned int) at 2b + 1, then the arrival counter (bits of an unsigned int, zero
 // between launches: the last block resets it, so CUDA-graph replays find it zero too).
+//
+// Registers are capped for kBlocksPerSm resident blocks per SM (32 per thread): full occupancy.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     grad_stats_kernel(const int64_t* __restrict__ table, int64_t n, int64_t total_chunks,
                       const float* __restrict__ inv_scale, float* __restrict__ out, float* workspace) {
   const float inv = inv_scale != nullptr ? *inv_scale : 1.0f;
   float sum = 0.0f;
   unsigned int count = 0;
-  for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    const detail::ChunkRef r = detail::locate<kStatsPtrs>(table, n, chunk);
-    detail::stats_chunk<T>(table, r, inv, threadIdx.x, blockDim.x, sum, count);
-  }
+  detail::SpanWalk<kStatsPtrs> walk(table, n, detail::block_chunks(total_chunks, gridDim.x, blockIdx.x));
+  for (detail::Span s; walk.next(s);) detail::stats_span<T>(table, s, inv, threadIdx.x, blockDim.x, sum, count);
   block_sum(sum, count);
 
   // Stage 1 -> 2: publish the block's partials; the last block to arrive finishes.
@@ -82,11 +89,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-cudaError_t launch(const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale, float* out,
-                   float* workspace, int grid, cudaStream_t stream) {
-  grad_stats_kernel<T><<<grid, kThreads, 0, stream>>>(table, n, total_chunks, inv_scale, out, workspace);
-  return cudaGetLastError();
+using StatsKernel = decltype(&grad_stats_kernel<float>);
+
+// The kernel instance for dtype code ``dtype`` (null: none).
+StatsKernel kernel_for(int dtype) {
+  switch (dtype) {
+    case kF32: return grad_stats_kernel<float>;
+    case kF16: return grad_stats_kernel<__half>;
+    case kBF16: return grad_stats_kernel<__nv_bfloat16>;
+    case kF64: return grad_stats_kernel<double>;
+    default: return nullptr;
+  }
 }
 
 }  // namespace
@@ -94,13 +107,16 @@ cudaError_t launch(const int64_t* table, int64_t n, int64_t total_chunks, const 
 cudaError_t launch_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
                               float* out, float* workspace, int grid, cudaStream_t stream) {
   if (total_chunks <= 0 || grid <= 0) return cudaSuccess;
-  switch (dtype) {
-    case 0: return launch<float>(table, n, total_chunks, inv_scale, out, workspace, grid, stream);
-    case 1: return launch<__half>(table, n, total_chunks, inv_scale, out, workspace, grid, stream);
-    case 2: return launch<__nv_bfloat16>(table, n, total_chunks, inv_scale, out, workspace, grid, stream);
-    case 3: return launch<double>(table, n, total_chunks, inv_scale, out, workspace, grid, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  const StatsKernel kernel = kernel_for(dtype);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  kernel<<<grid, kThreads, 0, stream>>>(table, n, total_chunks, inv_scale, out, workspace);
+  return cudaGetLastError();
+}
+
+cudaError_t grad_stats_grid(int dtype, int64_t total_chunks, int device, int* grid) {
+  const StatsKernel kernel = kernel_for(dtype);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  return occupancy_grid(reinterpret_cast<const void*>(kernel), device, total_chunks, grid);
 }
 
 }  // namespace cuda

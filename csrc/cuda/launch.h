@@ -30,6 +30,14 @@ cudaError_t launch_adamw_update(int dtype, bool amsgrad, const int64_t* table, i
                                 const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp,
                                 int state_dtype, int grid, cudaStream_t stream);
 
+// The grid of launch_grad_stats / launch_adamw_update (same dtype and modes; ``low_precision``: lp not
+// null) over ``total_chunks`` chunks on ``device`` (the current device) into ``grid``: min(total_chunks,
+// SMs * the kernel instance's resident blocks per SM from its occupancy at kThreads threads), at most
+// SMs * kBlocksPerSm. Queried once per (kernel instance, device), then cached; no stream sync.
+cudaError_t grad_stats_grid(int dtype, int64_t total_chunks, int device, int* grid);
+cudaError_t adamw_update_grid(int dtype, bool amsgrad, bool low_precision, int state_dtype, int64_t total_chunks,
+                              int device, int* grid);
+
 // The architectures the kernels were compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. 800 for
 // sm_80): writes up to ``capacity`` of them into ``out`` and returns how many there are.
 int compiled_archs(int* out, int capacity);

@@ -83,6 +83,13 @@ FUSEDLR_HD int64_t find_tensor(const int64_t* __restrict__ prefix, int64_t n, in
   return lo;
 }
 
+// The tensor owning chunk c, given the tensor ``t`` owning an earlier chunk: walks forward past the
+// tensors that end at or before c (zero-size ones included).
+FUSEDLR_HD int64_t next_tensor(const int64_t* __restrict__ prefix, int64_t t, int64_t c) {
+  while (prefix[t + 1] <= c) ++t;
+  return t;
+}
+
 // Where one chunk lies: its tensor, its first element within the tensor and its length.
 struct ChunkRef {
   int64_t tensor;
@@ -90,16 +97,58 @@ struct ChunkRef {
   int len;
 };
 
+// A run of consecutive chunks of one tensor: its elements [start, start + len).
+struct Span {
+  int64_t tensor;
+  int64_t start;
+  int64_t len;
+};
+
+// The chunks of block ``b`` of ``grid``: [b * total / grid, (b + 1) * total / grid), a contiguous,
+// balanced split (block sizes differ by at most one chunk; all 64-bit).
+struct ChunkRange {
+  int64_t first;
+  int64_t last;
+};
+FUSEDLR_HD ChunkRange block_chunks(int64_t total, int64_t grid, int64_t b) {
+  return ChunkRange{b * total / grid, (b + 1) * total / grid};
+}
+
+// The chunks [first, last) of a table of NPTR pointers per tensor, tensor by tensor, in table order:
+// one binary search at construction, then ``next`` walks forward (tensors without chunks in the range,
+// zero-size ones included, are skipped) and gives the span of each tensor holding some of them.
 template <int NPTR>
-FUSEDLR_HD ChunkRef locate(const int64_t* __restrict__ table, int64_t n, int64_t chunk) {
-  const int64_t* numels = table + n * NPTR;
-  const int64_t* prefix = table + n * (NPTR + 1);
-  ChunkRef r;
-  r.tensor = find_tensor(prefix, n, chunk);
-  r.start = (chunk - prefix[r.tensor]) * kChunk;
-  const int64_t left = numels[r.tensor] - r.start;
-  r.len = static_cast<int>(left < kChunk ? left : kChunk);
-  return r;
+class SpanWalk {
+ public:
+  FUSEDLR_HD SpanWalk(const int64_t* __restrict__ table, int64_t n, ChunkRange range)
+      : numels_(table + n * NPTR), prefix_(table + n * (NPTR + 1)), chunk_(range.first), last_(range.last),
+        tensor_(find_tensor(prefix_, n, range.first)) {}
+
+  // The next tensor's span (false when the range is done).
+  FUSEDLR_HD bool next(Span& s) {
+    if (chunk_ >= last_) return false;
+    tensor_ = next_tensor(prefix_, tensor_, chunk_);  // prefix_[n] = total > chunk_ stops it
+    const int64_t end = prefix_[tensor_ + 1] < last_ ? prefix_[tensor_ + 1] : last_;
+    s.tensor = tensor_;
+    s.start = (chunk_ - prefix_[tensor_]) * kChunk;
+    const int64_t stop = (end - prefix_[tensor_]) * kChunk;
+    s.len = (stop < numels_[tensor_] ? stop : numels_[tensor_]) - s.start;
+    chunk_ = end;
+    return true;
+  }
+
+ private:
+  const int64_t* numels_;
+  const int64_t* prefix_;
+  int64_t chunk_, last_, tensor_;
+};
+
+// Chunk ``chunk`` of a table of NPTR pointers per tensor, owned by tensor ``t``.
+template <int NPTR>
+FUSEDLR_HD ChunkRef chunk_ref(const int64_t* __restrict__ table, int64_t n, int64_t t, int64_t chunk) {
+  const int64_t start = (chunk - table[n * (NPTR + 1) + t]) * kChunk;
+  const int64_t left = table[n * NPTR + t] - start;
+  return ChunkRef{t, start, static_cast<int>(left < kChunk ? left : kChunk)};
 }
 
 template <typename T>
@@ -116,24 +165,43 @@ FUSEDLR_HD void stats_element(T x, float inv, float& sum, unsigned int& count) {
   sum += f * f;
 }
 
-// Thread ``tid`` of ``nthreads``: its share of chunk ``r``, accumulated into sum/count.
+// 16-byte loads a thread of pass 1 issues before using any (64 bytes in flight per thread).
+constexpr int kStatsLoads = 4;
+
+// Thread ``tid`` of ``nthreads``: its share of span ``s``, accumulated into sum/count. When the span
+// is 16-byte aligned, thread tid takes the 16-byte packs q = tid (mod nthreads): kStatsLoads of them
+// (q, q + nthreads, ...) loaded at once, then summed in that order element by element; the packs left
+// one by one; then the elements past the last whole pack, j = tid (mod nthreads). Otherwise only the
+// last loop runs. The order is fixed by (span, tid, nthreads).
 template <typename T>
-FUSEDLR_HD void stats_chunk(const int64_t* __restrict__ table, const ChunkRef& r, float inv, int tid, int nthreads,
-                            float& sum, unsigned int& count) {
+FUSEDLR_HD void stats_span(const int64_t* __restrict__ table, const Span& s, float inv, int tid, int nthreads,
+                           float& sum, unsigned int& count) {
   constexpr int V = 16 / sizeof(T);  // elements per 16-byte access
-  const T* g = table_ptr<const T>(table, kStatsPtrs, r.tensor, 0) + r.start;
-  int tail = 0;
+  constexpr int U = kStatsLoads;
+  const T* g = table_ptr<const T>(table, kStatsPtrs, s.tensor, 0) + s.start;
+  int64_t tail = 0;
   if (pack_aligned<T, V>(g)) {
-    const int packs = r.len / V;
+    const int64_t packs = s.len / V;
     const Pack<T, V>* gp = reinterpret_cast<const Pack<T, V>*>(g);
-    for (int q = tid; q < packs; q += nthreads) {
+    int64_t q = tid;
+    for (; q + (U - 1) * static_cast<int64_t>(nthreads) < packs; q += U * static_cast<int64_t>(nthreads)) {
+      Pack<T, V> x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) x[u] = gp[q + u * static_cast<int64_t>(nthreads)];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int l = 0; l < V; ++l) stats_element(x[u].v[l], inv, sum, count);
+      }
+    }
+    for (; q < packs; q += nthreads) {
       const Pack<T, V> x = gp[q];
 #pragma unroll
       for (int l = 0; l < V; ++l) stats_element(x.v[l], inv, sum, count);
     }
     tail = packs * V;
   }
-  for (int j = tail + tid; j < r.len; j += nthreads) stats_element(g[j], inv, sum, count);
+  for (int64_t j = tail + tid; j < s.len; j += nthreads) stats_element(g[j], inv, sum, count);
 }
 
 // ---------------------------------------------------------------- pass 2
@@ -162,7 +230,8 @@ template <typename T, typename M, bool AMSGRAD, bool LOWP>
 FUSEDLR_HD void update_chunk(const int64_t* __restrict__ table, const ChunkRef& r,
                              const AdamWCoeffs<typename Elem<T>::S>& c, const LowPrecision& lp, const RngKeys& k,
                              int tid, int nthreads) {
-  constexpr int V = LOWP && sizeof(T) < 8 ? kLowPrecisionVec : kUpdateVec;  // fp64: registers
+  // fp64: registers (its default update: one 16-byte access per array and iteration, to fit 128 of them)
+  constexpr int V = sizeof(T) == 8 ? (LOWP ? kUpdateVec : 2) : (LOWP ? kLowPrecisionVec : kUpdateVec);
   T* p = table_ptr<T>(table, kUpdatePtrs, r.tensor, 0) + r.start;
   const T* g = table_ptr<const T>(table, kUpdatePtrs, r.tensor, 1) + r.start;
   M* m = table_ptr<M>(table, kUpdatePtrs, r.tensor, 2) + r.start;

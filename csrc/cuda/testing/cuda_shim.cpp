@@ -363,4 +363,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   }
 }
 
+// Resident blocks per SM by the thread limit alone (the host knows no kernel's registers): 2048 / threads.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* kernel, int threads, size_t smem) {
+  if (kernel == nullptr || threads <= 0 || threads > 1024 || smem > 0) return cudaErrorInvalidValue;
+  *blocks = std::min(32, 2048 / threads);
+  return cudaSuccess;
+}
+
 }  // extern "C"

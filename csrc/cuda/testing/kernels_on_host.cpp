@@ -24,6 +24,18 @@ int fusedlr_emu_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t t
   return launch_grad_stats(dtype, table, n, total_chunks, inv_scale, out, workspace, grid, nullptr);
 }
 
+// The grid the CUDA binding launches pass 1 / pass 2 with (on the shim's device; -1 on an error).
+int fusedlr_emu_grad_stats_grid(int dtype, int64_t total_chunks) {
+  int grid = 0;
+  return grad_stats_grid(dtype, total_chunks, 0, &grid) == cudaSuccess ? grid : -1;
+}
+int fusedlr_emu_adamw_update_grid(int dtype, int amsgrad, int low_precision, int state_dtype, int64_t total_chunks) {
+  int grid = 0;
+  return adamw_update_grid(dtype, amsgrad != 0, low_precision != 0, state_dtype, total_chunks, 0, &grid) == cudaSuccess
+             ? grid
+             : -1;
+}
+
 // hyper6: lr, beta1, beta2, eps, weight_decay, max_norm (used when has_max_norm). lr_f32/lr_f64: a
 // tensor LR replacing hyper6[0] (or null); applied_lr receives lr_t when the update is applied (or null).
 // low_precision: 0 for the default update, else the modes master (MasterKind), stochastic, seed and

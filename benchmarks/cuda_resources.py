@@ -1,0 +1,98 @@
+"""Registers, spills, shared memory and theoretical occupancy of the fusedlr CUDA kernels, read from the
+machine code (no GPU needed): every ``csrc/cuda/*.cu`` is compiled to a cubin with nvcc and setup.py's
+flags, and ``cuobjdump -res-usage`` / the SASS are read with tests/machine_code.py.
+
+Occupancy follows sm_80/sm_90's limits (65536 registers, 2048 threads and 32 blocks per SM; registers
+allocated per warp in units of 256; 1 KiB of shared memory reserved per block): resident blocks per SM
+at the kernel's block size, and the warps they give as a share of the SM's 64.
+
+    python benchmarks/cuda_resources.py            # sm_90, the kernels of pass 1 and pass 2, a Markdown table
+    python benchmarks/cuda_resources.py --all      # every kernel instance (the low-precision modes too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from machine_code import Kernel, kernels, occupancy  # noqa: E402
+
+MAX_WARPS_PER_SM = 64
+_NAME = re.compile(r"(grad_stats_kernel|adamw_kernel)<[^()]*>")
+
+
+def _setup(arg: str) -> str:
+    return subprocess.run([sys.executable, str(ROOT / "setup.py"), arg], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def nvcc_version() -> str:
+    """nvcc's release line, e.g. 'Cuda compilation tools, release 13.0, V13.0.88'."""
+    out = subprocess.run([f"{_setup('--cuda-home')}/bin/nvcc", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    return next((line for line in out.splitlines() if "release" in line), out.strip())
+
+
+def compile_cubins(arch: str) -> list[Path]:
+    """Each csrc/cuda/*.cu as a cubin for ``arch``, built with the flags of tests/test_machine_code.py."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    out = Path(tempfile.mkdtemp(prefix="fusedlr-resources-"))
+    flags = _setup("--nvcc-flags").split() + COMMON_NVCC_FLAGS + ["-std=c++17", f"-arch={arch}", "-cubin"]
+    nvcc = f"{_setup('--cuda-home')}/bin/nvcc"
+
+    def build(source: Path) -> Path:
+        cubin = out / f"{source.stem}.{arch}.cubin"
+        proc = subprocess.run([nvcc, *flags, "-I", str(ROOT / "csrc"), str(source), "-o", str(cubin)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {source.name}:\n{proc.stderr}")
+        return cubin
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(build, sorted((ROOT / "csrc" / "cuda").glob("*.cu"))))
+
+
+def spilled(k: Kernel) -> int:
+    """Local-memory instructions (LDL/STL) anywhere in ``k``: spills or stack arrays."""
+    return sum(op.startswith(("LDL", "STL")) for _, op, _, _ in k.code)
+
+
+def table(ks: list[Kernel], everything: bool) -> str:
+    """A Markdown table, one row per kernel instance (default mode of pass 2 only unless ``everything``)."""
+    rows = ["| kernel | regs | stack B | LDL/STL | shared B | threads | blocks/SM | occupancy |", "|---|---|---|---|---|---|---|---|"]
+    for k in sorted(ks, key=lambda k: k.demangled):
+        m = _NAME.search(k.demangled)
+        if m is None:
+            continue
+        name = m.group(0)
+        if name.startswith("adamw_kernel") and not everything and not name.endswith("false>"):
+            continue
+        threads = k.max_threads or 256
+        blocks = occupancy(k, threads)
+        warps = blocks * ((threads + 31) // 32)
+        rows.append(f"| `{name}` | {k.registers} | {k.stack} | {spilled(k)} | {k.shared} | {threads} | {blocks} |"
+                    f" {100 * warps // MAX_WARPS_PER_SM}% |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--all", action="store_true", help="every instance of pass 2 (low-precision modes too)")
+    args = parser.parse_args()
+    ks = [k for cubin in compile_cubins(args.arch) for k in kernels(cubin, args.arch)]
+    print(f"{args.arch}, {nvcc_version()}, flags: {_setup('--nvcc-flags')}\n")
+    print(table(ks, args.all))
+
+
+if __name__ == "__main__":
+    main()
