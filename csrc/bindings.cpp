@@ -41,14 +41,15 @@ TORCH_LIBRARY(fusedlr, m) {
   // (float64, one element) receives lr * sched(k) when the update is applied (not when skipped).
   // Low-precision modes (fusedlr/precision.py): the moments may be bfloat16 (or float32 for float64
   // params); masters (float32, bf16/fp16 params) or remainders (int16, bf16 params) hold the fp32
-  // master of each param; stochastic rounds the bf16 params without master and bf16 moments with the
+  // master of each param (required lists, empty when unused: torch 2.6's functionalization refuses
+  // optional mutable tensor lists); stochastic rounds the bf16 params without master and bf16 moments with the
   // RNG keyed by seed, pids (int64 [n], each param's pid) and steps.
   m.def(
       "adamw_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor steps, Tensor k, Tensor? schedule, Tensor? stats, float? max_norm, "
       "Tensor? inv_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool maximize, Tensor(e!)? table=None, Tensor(f!)? table_host=None, Tensor? lr_tensor=None, "
-      "Tensor(g!)? applied_lr=None, Tensor(h!)[]? masters=None, Tensor(i!)[]? remainders=None, Tensor? pids=None, "
+      "bool maximize, Tensor(e!)[] masters, Tensor(f!)[] remainders, Tensor(g!)? table=None, "
+      "Tensor(h!)? table_host=None, Tensor? lr_tensor=None, Tensor(i!)? applied_lr=None, Tensor? pids=None, "
       "int seed=0, bool stochastic=False) -> ()");
   // The LR multiplier sched(k) for each k of ks (float64, shape of ks), as the kernels compute it.
   m.def("schedule_eval(Tensor table, Tensor ks) -> Tensor");

@@ -552,6 +552,8 @@ def test_op_rejects_bad_arguments_before_writing() -> None:
             1e-8,
             0.0,
             False,
+            [],
+            [],
         )
 
     with pytest.raises(RuntimeError, match="not contiguous"):
@@ -613,6 +615,8 @@ def test_opcheck() -> None:
         1e-8,
         0.01,
         False,
+        [],
+        [],
     )
     torch.library.opcheck(torch.ops.fusedlr.adamw_update.default, args)
     torch.library.opcheck(torch.ops.fusedlr.grad_stats.default, (grads, torch.tensor(0.5), torch.zeros(2)))

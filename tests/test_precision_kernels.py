@@ -198,7 +198,7 @@ def test_op_schema_and_fake_take_the_low_precision_arguments(master: str | None)
     """torch.library.opcheck: the trailing arguments' schema (written tensors), fake impl and dispatch."""
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(5, 3, generator=g).to(torch.bfloat16), torch.randn(4, generator=g).to(torch.bfloat16)]
-    kwargs: dict = dict(stochastic=True, seed=7, pids=torch.tensor([3, 8]))
+    kwargs: dict = dict(masters=[], remainders=[], stochastic=True, seed=7, pids=torch.tensor([3, 8]))
     if master == "full":
         kwargs["masters"] = [p.float() for p in ps]
     elif master == "remainder":

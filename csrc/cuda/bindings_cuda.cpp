@@ -121,12 +121,10 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& stats, std::optional<double> max_norm,
                        const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
                        double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
-                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr,
-                       std::optional<at::TensorList> masters_arg, std::optional<at::TensorList> remainders_arg,
-                       const std::optional<at::Tensor>& pids, int64_t seed, bool stochastic) {
-  const at::TensorList masters = masters_arg.value_or(at::TensorList());
-  const at::TensorList remainders = remainders_arg.value_or(at::TensorList());
+                       at::TensorList masters, at::TensorList remainders, const std::optional<at::Tensor>& table,
+                       const std::optional<at::Tensor>& table_host, const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& applied_lr, const std::optional<at::Tensor>& pids,
+                       int64_t seed, bool stochastic) {
   TORCH_CHECK(steps.is_cuda(), "fusedlr.adamw_update (CUDA): steps must be a CUDA tensor");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
                                          stats, max_norm, inv_scale, found_inf,

@@ -91,14 +91,16 @@ def schedule_table(bucket: Bucket, ctrl: StepControl) -> Tensor | None:
 
 
 def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> tuple:
-    """Positional arguments of ``torch.ops.fusedlr.adamw_update`` (without the table cache; a tensor
-    LR and the low-precision modes go in keyword arguments, see ``update_kwargs``)."""
+    """Positional arguments of ``torch.ops.fusedlr.adamw_update`` up to ``remainders`` (without the table
+    cache; a tensor LR and stochastic rounding's key go in keyword arguments, see ``update_kwargs``).
+    ``masters``/``remainders`` are required lists, empty when ``bucket.precision`` has none."""
     found_inf = ctrl.found_inf
     if found_inf is not None and found_inf.dtype != torch.float32:
         found_inf = found_inf.to(torch.float32)
     inv_scale = ctrl.inv_scale
     if inv_scale is not None and inv_scale.dtype != torch.float32:
         inv_scale = inv_scale.to(torch.float32)
+    prec = bucket.precision
     return (
         bucket.params,
         grads,
@@ -118,12 +120,14 @@ def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: St
         hyper.eps,
         hyper.weight_decay,
         hyper.maximize,
+        prec.master if prec is not None and prec.master is not None else [],
+        prec.remainder if prec is not None and prec.remainder is not None else [],
     )
 
 
 def update_kwargs(bucket: Bucket, hyper: GroupHyper, applied_lr: Tensor | None) -> dict[str, object]:
     """Keyword arguments of ``torch.ops.fusedlr.adamw_update``: the tensor LR, the applied-LR output and
-    the low-precision modes of ``bucket.precision`` (masters or remainders, stochastic rounding's key)."""
+    stochastic rounding's key of ``bucket.precision``."""
     kwargs: dict[str, object] = {
         "lr_tensor": hyper.lr if isinstance(hyper.lr, Tensor) else None,
         "applied_lr": applied_lr,
@@ -131,8 +135,6 @@ def update_kwargs(bucket: Bucket, hyper: GroupHyper, applied_lr: Tensor | None) 
     prec = bucket.precision
     if prec is not None:
         kwargs.update(
-            masters=prec.master,
-            remainders=prec.remainder,
             pids=prec.pids if prec.stochastic else None,
             seed=prec.seed,
             stochastic=prec.stochastic,
