@@ -1,8 +1,9 @@
 """The Triton backend: the interface of ``fusedlr.reference`` with one kernel launch per bucket and pass.
 
 ``grad_stats`` (pass 1) and ``adamw_update`` (pass 2) each enqueue a single multi-tensor launch
-whatever the number of tensors, addressed through device-resident pointer tables built once per
-bucket (``tables.py``). Nothing reads a device value on the host, so a step never syncs and can be
+whatever the number of tensors (pass 2: two when a bucket holds both 16-byte aligned tensors and
+others, a vectorized and a scalar launch), addressed through device-resident pointer tables built
+once per bucket (``tables.py``). Nothing reads a device value on the host, so a step never syncs and can be
 captured in a CUDA graph (after one eager step, which builds the tables).
 
 Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow,
@@ -111,8 +112,8 @@ def prepare_update(
     bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
 ) -> Callable[[], None]:
     """Pass 2, prepared (see ``fusedlr.reference.prepare_update``): the fallback decision, the launch
-    tables, the gradients' layout copies and the launch's checks happen here; the commit is one launch
-    (``fusedlr.reference``'s math)."""
+    tables, the gradients' layout copies and the launch's checks happen here; the commit is one launch,
+    or two for mixed alignment (``fusedlr.reference``'s math)."""
     tables = _tables.bucket_tables(bucket)
     if tables is None or tables.n_blocks == 0:  # nothing to launch, or not addressable in storage order
         return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
@@ -139,5 +140,6 @@ def prepare_update(
 def adamw_update(
     bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
 ) -> None:
-    """Pass 2: one AdamW update of every tensor of ``bucket`` (``fusedlr.reference``'s math); one launch."""
+    """Pass 2: one AdamW update of every tensor of ``bucket`` (``fusedlr.reference``'s math); one launch
+    (two when aligned and misaligned tensors are mixed, see ``tables.py``)."""
     prepare_update(bucket, grads, hyper, ctrl, applied_lr)()

@@ -170,6 +170,7 @@ def _adamw_block(
 def _adamw_kernel(
     rows_ptr,
     blocks_ptr,
+    order_ptr,
     grads_ptr,
     steps_ptr,
     pids_ptr,
@@ -220,7 +221,8 @@ def _adamw_kernel(
     BLOCK_: tl.constexpr,
     ITERS_: tl.constexpr,
 ):
-    """One program: chunk ``pid`` of the bucket (see ``tables.py`` for the addressing)."""
+    """One program: chunk ``pid`` of the bucket (see ``tables.py`` for the addressing), ``pid`` read from
+    ``order_ptr`` at the program's index (a launch covers a slice of ``LaunchTables.order``)."""
     # Float arguments as float64 scalars (the interpreter passes plain Python floats).
     lr = tl.full((), lr, tl.float64)
     lerp_weight = tl.full((), lerp_weight, tl.float64)
@@ -233,7 +235,7 @@ def _adamw_kernel(
     max_norm = tl.full((), max_norm, tl.float64)
 
     # Which tensor and which chunk of it.
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.load(order_ptr + tl.program_id(0).to(tl.int64))
     row = tl.load(blocks_ptr + pid)
     base = rows_ptr + row * ROW_
     numel = tl.load(base + F_NUMEL)
@@ -348,10 +350,7 @@ def prepare_launch(
         raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
     dummy = ctrl.k
     lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
-    return partial(
-        _adamw_kernel[(tables.n_blocks,)],
-        tables.rows,
-        tables.blocks,
+    args = (
         grads_table,
         steps,
         prec.pids if prec is not None else dummy,
@@ -372,6 +371,8 @@ def prepare_launch(
         float(hyper.weight_decay),
         float(ctrl.max_norm) if has_clip else 0.0,
         prec.seed if prec is not None else 0,
+    )
+    constexprs = dict(
         CLIP_EPS_=CLIP_EPS,
         SCHED_KIND=kind,
         SCHED_N=n,
@@ -398,9 +399,20 @@ def prepare_launch(
         F_STEP=FIELD_STEP,
         F_FIRST=FIELD_FIRST,
         F_MASTER=FIELD_MASTER,
-        ALIGNED=tables.aligned and tables.grads_aligned,
         BLOCK_=BLOCK,
         ITERS_=ITERS,
         num_warps=4,
         enable_fp_fusion=False,
     )
+    order, n_vector = tables.order, tables.n_vector
+    # The programs of aligned tensors (vectorized specialization) and the others' (scalar): one launch
+    # each, two only when the bucket has both.
+    parts = [(piece, aligned) for piece, aligned in ((order[:n_vector], True), (order[n_vector:], False))
+             if piece.numel() > 0]
+    return partial(_launch_parts, tables, parts, args, constexprs)
+
+
+def _launch_parts(tables: LaunchTables, parts: list[tuple[Tensor, bool]], args: tuple, constexprs: dict) -> None:
+    """Enqueue one launch per ``(slice of tables.order, ALIGNED)``, of ``len(slice)`` programs."""
+    for piece, aligned in parts:
+        _adamw_kernel[(piece.numel(),)](tables.rows, tables.blocks, piece, *args, **constexprs, ALIGNED=aligned)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .tables import BLOCK, FIELD_FIRST, FIELD_NUMEL, ITERS, ROW, LaunchTables
+from .tables import ALIGN, BLOCK, FIELD_FIRST, FIELD_NUMEL, ITERS, ROW, LaunchTables
 
 __all__ = ["TL_DTYPES", "launch_grad_stats"]
 
@@ -42,7 +42,7 @@ def _grad_stats_kernel(
     ROW_: tl.constexpr,
     F_NUMEL: tl.constexpr,
     F_FIRST: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGN_: tl.constexpr,
     BLOCK_: tl.constexpr,
     ITERS_: tl.constexpr,
 ):
@@ -50,7 +50,9 @@ def _grad_stats_kernel(
     row = tl.load(blocks_ptr + pid)
     numel = tl.load(rows_ptr + row * ROW_ + F_NUMEL)
     start = (pid - tl.load(rows_ptr + row * ROW_ + F_FIRST)) * (BLOCK_ * ITERS_)
-    g_ptr = tl.load(grads_ptr + row).to(tl.pointer_type(G_DTYPE))
+    g_addr = tl.load(grads_ptr + row)
+    vector = (g_addr % ALIGN_) == 0  # this gradient's full blocks take the vectorized path
+    g_ptr = g_addr.to(tl.pointer_type(G_DTYPE))
     if HAS_INV_SCALE:
         inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK_], dtype=tl.float32)
@@ -58,11 +60,8 @@ def _grad_stats_kernel(
     for it in range(ITERS_):
         lo = start + it * BLOCK_
         offs = lo + tl.arange(0, BLOCK_).to(tl.int64)
-        if ALIGNED:
-            if lo + BLOCK_ <= numel:  # a full block: unmasked, vectorized loads
-                g = tl.load(tl.max_contiguous(tl.multiple_of(g_ptr + offs, 16), BLOCK_))
-            else:
-                g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0)
+        if (lo + BLOCK_ <= numel) & vector:  # a full block of an aligned gradient: unmasked, vectorized loads
+            g = tl.load(tl.max_contiguous(tl.multiple_of(g_ptr + offs, ALIGN_), BLOCK_))
         else:
             g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0)
         if G_DTYPE == tl.float64:
@@ -109,7 +108,7 @@ def launch_grad_stats(
         ROW_=ROW,
         F_NUMEL=FIELD_NUMEL,
         F_FIRST=FIELD_FIRST,
-        ALIGNED=tables.grads_aligned,
+        ALIGN_=ALIGN,
         BLOCK_=BLOCK,
         ITERS_=ITERS,
         num_warps=4,

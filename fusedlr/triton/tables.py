@@ -1,18 +1,22 @@
 """Device-resident pointer tables for the multi-tensor launches, built once per bucket.
 
 A launch covers every tensor of a bucket with one grid. Each program owns a chunk of ``CHUNK``
-consecutive elements (``ITERS`` iterations of ``BLOCK``) of one tensor, found through two int64
-device tables:
+consecutive elements (``ITERS`` iterations of ``BLOCK``) of one tensor, found through int64 device
+tables:
 
 * ``rows`` ``[n_rows, ROW]``: per non-empty tensor, the addresses of param, exp_avg, exp_avg_sq and
   max_exp_avg_sq (0 without amsgrad), its element count, its index into ``bucket.steps`` (and into
   ``bucket.precision.pids``), the id of its first program, and the address of its fp32 master or
   int16 remainder (0 without; ``fusedlr.precision``) (``FIELD_*`` give the column of each);
 * ``blocks`` ``[n_blocks]``: the row each program works on; the program's first element is
-  ``(pid - rows[row, FIELD_FIRST]) * CHUNK``.
+  ``(pid - rows[row, FIELD_FIRST]) * CHUNK``;
+* ``order`` ``[n_blocks]``: the program ids for the update, those of tensors whose every address
+  (gradient included) is ``ALIGN``-aligned first (``n_vector`` of them): the update runs them in a
+  launch specialized for vector accesses and the rest in a scalar one (one launch when only one kind
+  exists), so alignment is decided per tensor. Pass 1 (fewer registers) decides it per gradient at run time.
 
-Gradient addresses live in a separate ``grads`` table ``[n_rows]``, re-uploaded only when the
-gradient tensors' addresses change (params and states are fixed for the bucket's life, gradients
+Gradient addresses live in a separate ``grads`` table ``[n_rows]``, re-uploaded (with ``order``) only
+when the gradient tensors' addresses change (params and states are fixed for the bucket's life, gradients
 may be new tensors every step). Uploads go through pinned host memory with ``non_blocking=True``,
 so building or refreshing a table never waits for the device. Offsets are int64 throughout.
 
@@ -64,7 +68,8 @@ CHUNK = BLOCK * ITERS
 FIELD_P, FIELD_M, FIELD_V, FIELD_VMAX, FIELD_NUMEL, FIELD_STEP, FIELD_FIRST, FIELD_MASTER = range(8)
 #: int64 entries per row of the ``rows`` table.
 ROW = 8
-#: Byte alignment that lets the kernels use vector accesses on full blocks (when every address has it).
+#: Byte alignment that lets the kernels use vector accesses on a tensor's full blocks (when every address
+#: of that tensor, gradient included, has it; the kernels decide per tensor, at run time).
 ALIGN = 16
 
 _CACHE_KEY = "triton.tables"
@@ -80,10 +85,13 @@ class LaunchTables:
     n_blocks: int
     partials: Tensor  # float32 [2 * n_blocks]: per-program (sum of squares, non-finite count) of pass 1
     arrived: Tensor  # int32 [1]: pass-1 programs done (zero between launches)
-    aligned: bool  # every param, state and master address is a multiple of ALIGN bytes
+    rows_aligned: Tensor  # bool [n_rows] (host): every param, state and master address of the row is ALIGN-aligned
+    block_rows: Tensor  # int64 [n_blocks] (host): what ``blocks`` holds
     grads: Tensor | None = None  # int64 [n_rows] gradient addresses
+    order: Tensor | None = None  # int64 [n_blocks]: program ids, those of vector tensors first (``grad_table``)
+    order_host: Tensor | None = None  # host copy of what ``order`` holds
+    n_vector: int = 0  # programs at the head of ``order`` whose tensor (gradient included) is ALIGN-aligned
     grad_ptrs: tuple[int, ...] = ()  # host copy of what ``grads`` holds
-    grads_aligned: bool = False  # every address in ``grads`` is a multiple of ALIGN bytes
     grad_refs: list[weakref.ref[Tensor]] = field(default_factory=list)  # the gradients ``grads`` points to
 
 
@@ -190,9 +198,8 @@ def _build(bucket: Bucket) -> LaunchTables:
         )
         blocks.extend([len(rows) - 1] * n_prog)
         members.append(i)
-    addresses = (FIELD_P, FIELD_M, FIELD_V, FIELD_VMAX, FIELD_MASTER)
-    aligned = all(row[f] % ALIGN == 0 for row in rows for f in addresses)
     host_rows = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), ROW)
+    addresses = [FIELD_P, FIELD_M, FIELD_V, FIELD_VMAX, FIELD_MASTER]
     host_blocks = torch.tensor(blocks, dtype=torch.int64)
     device = bucket.device
     return LaunchTables(
@@ -202,8 +209,21 @@ def _build(bucket: Bucket) -> LaunchTables:
         n_blocks=len(blocks),
         partials=torch.zeros(2 * len(blocks), dtype=torch.float32, device=device),
         arrived=torch.zeros(1, dtype=torch.int32, device=device),
-        aligned=aligned,
+        rows_aligned=(host_rows[:, addresses] % ALIGN == 0).all(dim=1),
+        block_rows=host_blocks,
     )
+
+
+def _order(tables: LaunchTables, device: torch.device) -> None:
+    """Refresh ``order``/``n_vector`` (the update's split into a vectorized and a scalar launch) for the
+    gradient addresses in ``grad_ptrs`` (called when they changed); uploads only when the order changed."""
+    vector = tables.rows_aligned & (torch.tensor(tables.grad_ptrs, dtype=torch.int64) % ALIGN == 0)
+    per_block = vector[tables.block_rows]
+    order = torch.cat([per_block.nonzero().flatten(), (~per_block).nonzero().flatten()])
+    if tables.order_host is None or not torch.equal(order, tables.order_host):
+        tables.order = _upload(order, device, tables.order)
+        tables.order_host = order
+    tables.n_vector = int(per_block.sum())
 
 
 def grad_table(tables: LaunchTables, bucket: Bucket, grads: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -232,7 +252,7 @@ def grad_table(tables: LaunchTables, bucket: Bucket, grads: list[Tensor]) -> tup
         host = torch.tensor(ptrs, dtype=torch.int64)
         tables.grads = _upload(host, bucket.device, tables.grads)
         tables.grad_ptrs = ptrs
-        tables.grads_aligned = all(addr % ALIGN == 0 for addr in ptrs)
+        _order(tables, bucket.device)
     # Copies are fresh every call, so only gradients used in place can take the fast path.
     # Weak references: the cache must not keep a step's gradients alive after zero_grad().
     tables.grad_refs = [weakref.ref(g) for g in used] if direct else []
