@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "../adamw_math.h"
-#include "../op_common.h"
 
 namespace fusedlr {
 namespace cpu {
@@ -21,8 +20,9 @@ struct DtypeTag {
   using type = T;
 };
 
-// Calls ``f(DtypeTag<T>{})`` with T the element type of dtype code ``dtype`` (kF32, kF16, kBF16; any other
-// code: double, as the checks of the ops leave only kF64). The one dtype switch of the CPU kernels.
+// Calls ``f(DtypeTag<T>{})`` with T the element type of dtype code ``dtype`` (adamw_math.h: kF32, kF16,
+// kBF16; any other code: double, as the checks of the ops leave only kF64). The one dtype switch of the
+// CPU kernels.
 template <typename F>
 decltype(auto) dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
