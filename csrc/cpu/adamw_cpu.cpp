@@ -307,32 +307,17 @@ void adamw_dispatch_ams(bool amsgrad, at::TensorList params, const std::vector<a
 }  // namespace
 
 void grad_stats_kernel(int dtype, const std::vector<at::Tensor>& grads, float inv, float* out) {
-  switch (dtype) {
-    case kF32: grad_stats_impl<float>(grads, inv, out); break;
-    case kF16: grad_stats_impl<c10::Half>(grads, inv, out); break;
-    case kBF16: grad_stats_impl<c10::BFloat16>(grads, inv, out); break;
-    default: grad_stats_impl<double>(grads, inv, out); break;
-  }
+  dispatch_dtype(dtype, [&](auto tag) { grad_stats_impl<typename decltype(tag)::type>(grads, inv, out); });
 }
 
 void adamw_update_kernel(int dtype, bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
                          at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                          const int64_t* steps, const AdamWHyper& h, const StepScalars& s) {
   if (params.empty()) return;
-  switch (dtype) {
-    case kF32:
-      adamw_dispatch_ams<float>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
-      break;
-    case kF16:
-      adamw_dispatch_ams<c10::Half>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
-      break;
-    case kBF16:
-      adamw_dispatch_ams<c10::BFloat16>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
-      break;
-    default:
-      adamw_dispatch_ams<double>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
-      break;
-  }
+  dispatch_dtype(dtype, [&](auto tag) {
+    adamw_dispatch_ams<typename decltype(tag)::type>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                                     steps, h, s);
+  });
 }
 
 namespace {
@@ -388,24 +373,10 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   if (chk.low_precision) {
     const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};
     const int sd = chk.state_dtype;
-    switch (chk.dtype) {
-      case kF32:
-        adamw_dispatch_states<float>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                     masters, remainders, in.steps, h, s, lp);
-        break;
-      case kF16:
-        adamw_dispatch_states<c10::Half>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                         masters, remainders, in.steps, h, s, lp);
-        break;
-      case kBF16:
-        adamw_dispatch_states<c10::BFloat16>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs,
-                                             max_exp_avg_sqs, masters, remainders, in.steps, h, s, lp);
-        break;
-      default:
-        adamw_dispatch_states<double>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                      masters, remainders, in.steps, h, s, lp);
-        break;
-    }
+    dispatch_dtype(chk.dtype, [&](auto tag) {
+      adamw_dispatch_states<typename decltype(tag)::type>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs,
+                                                          max_exp_avg_sqs, masters, remainders, in.steps, h, s, lp);
+    });
     return;
   }
   adamw_update_kernel(chk.dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);

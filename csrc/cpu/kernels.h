@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <vector>
@@ -11,6 +13,25 @@
 
 namespace fusedlr {
 namespace cpu {
+
+// The element type a dtype code stands for, as a value: ``f(DtypeTag<T>{})``.
+template <typename T>
+struct DtypeTag {
+  using type = T;
+};
+
+// Calls ``f(DtypeTag<T>{})`` with T the element type of dtype code ``dtype`` (adamw_math.h: kF32, kF16,
+// kBF16; any other code: double, as the checks of the ops leave only kF64). The one dtype switch of the
+// CPU kernels.
+template <typename F>
+decltype(auto) dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: return f(DtypeTag<float>{});
+    case kF16: return f(DtypeTag<c10::Half>{});
+    case kBF16: return f(DtypeTag<c10::BFloat16>{});
+    default: return f(DtypeTag<double>{});
+  }
+}
 
 // Pass 1: out[0] += sum((g * inv)^2), out[1] += count of non-finite elements, over ``grads`` (one dtype
 // code ``dtype`` among kF32/kF16/kBF16/kF64; each linear, as kernel_grad(g, nullptr) gives them).
