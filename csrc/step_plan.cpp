@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "adamw_math.h"
@@ -37,6 +38,12 @@ struct PlanBucket {
   bool amsgrad;
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
   at::Tensor steps;  // int64 [n]
+  // The low-precision modes (fusedlr/precision.py), decided as check_adamw_update (csrc/op_common.h) does.
+  std::vector<at::Tensor> masters, remainders;  // float32 / int16, one per param, or empty
+  at::Tensor pids;                              // int64 [n] (stochastic rounding), or undefined
+  LowPrecision lp{kNoMaster, false, 0u, nullptr};
+  int state_dtype = -1;
+  bool low_precision = false;
   // Per-step scratch, emptied before the call returns (gradients are not kept between steps).
   std::vector<at::Tensor> grads, update_grads, stats_grads;
 };
@@ -112,15 +119,32 @@ const char* bucket_reason(const PlanBucket& b) {
       b.steps.numel() != static_cast<int64_t>(b.params.size()) || !b.steps.is_contiguous()) {
     return "steps is not a contiguous int64 CPU tensor [n]";
   }
-  const at::ScalarType state_type = b.dtype == kF64 ? at::kDouble : at::kFloat;
-  for (size_t j = 0; j < b.params.size(); ++j) {
+  const at::ScalarType math_type = b.dtype == kF64 ? at::kDouble : at::kFloat;
+  const at::ScalarType state_type = b.exp_avgs.empty() ? math_type : b.exp_avgs[0].scalar_type();
+  if (state_type != math_type && !(state_type == at::kBFloat16 || (state_type == at::kFloat && b.dtype != kF32))) {
+    return "the moments' dtype is not one the low-precision kernels take";
+  }
+  const size_t n = b.params.size();
+  if ((!b.masters.empty() && (b.masters.size() != n || (b.dtype != kBF16 && b.dtype != kF16))) ||
+      (!b.remainders.empty() && (b.remainders.size() != n || b.dtype != kBF16)) ||
+      (!b.masters.empty() && !b.remainders.empty())) {
+    return "the masters or remainders do not match the parameters";
+  }
+  if (b.lp.stochastic && !(b.pids.defined() && b.pids.device().is_cpu() && b.pids.scalar_type() == at::kLong &&
+                           b.pids.dim() == 1 && b.pids.numel() == static_cast<int64_t>(n) && b.pids.is_contiguous())) {
+    return "stochastic rounding needs pids, a contiguous int64 CPU tensor [n]";
+  }
+  for (size_t j = 0; j < n; ++j) {
     const at::Tensor& p = b.params[j];
     if (!p.device().is_cpu()) return "a parameter is not on the CPU";
     if (dtype_code(p.scalar_type()) != b.dtype) return "the parameters of a bucket differ in dtype";
-    std::vector<const at::Tensor*> states = {&b.exp_avgs[j], &b.exp_avg_sqs[j]};
-    if (b.amsgrad) states.push_back(&b.max_exp_avg_sqs[j]);
-    for (const at::Tensor* s : states) {
-      if (s->scalar_type() != state_type || !s->device().is_cpu() || !linear(*s) || !same_layout(*s, p)) {
+    std::vector<std::pair<const at::Tensor*, at::ScalarType>> states = {{&b.exp_avgs[j], state_type},
+                                                                        {&b.exp_avg_sqs[j], state_type}};
+    if (b.amsgrad) states.emplace_back(&b.max_exp_avg_sqs[j], state_type);
+    if (!b.masters.empty()) states.emplace_back(&b.masters[j], at::kFloat);
+    if (!b.remainders.empty()) states.emplace_back(&b.remainders[j], at::kShort);
+    for (const auto& [s, type] : states) {
+      if (s->scalar_type() != type || !s->device().is_cpu() || !linear(*s) || !same_layout(*s, p)) {
         return "a state is not laid out like its parameter";
       }
     }
@@ -128,10 +152,22 @@ const char* bucket_reason(const PlanBucket& b) {
   return nullptr;
 }
 
+// The kernel a bucket takes, decided as check_adamw_update decides it (csrc/op_common.h).
+void decide_precision(PlanBucket& b) {
+  b.state_dtype = b.exp_avgs.empty() ? -1 : dtype_code(b.exp_avgs[0].scalar_type());
+  b.lp.master = !b.masters.empty() ? kFullMaster : (!b.remainders.empty() ? kRemainderMaster : kNoMaster);
+  b.lp.pids = b.lp.stochastic ? b.pids.data_ptr<int64_t>() : nullptr;
+  const int math_code = b.dtype == kF64 ? kF64 : kF32;
+  b.low_precision = b.lp.master != kNoMaster || (b.state_dtype >= 0 && b.state_dtype != math_code) ||
+                    (b.lp.stochastic && b.dtype == kBF16);
+}
+
 // ---------------------------------------------------------------- construction
 // StepPlan(params, signature, buckets, n_groups): ``params`` and ``signature`` of the plan (fusedlr.plan.Plan.flat,
 // .signature from scan_grads); ``buckets``: (group, indices into params, exp_avgs, exp_avg_sqs,
-// max_exp_avg_sqs or None, steps) each. Raises ValueError when the fast path cannot run this plan.
+// max_exp_avg_sqs or None, steps, precision) each, ``precision`` None or (masters or None, remainders or None,
+// pids, seed, stochastic) (fusedlr.precision.BucketPrecision). Raises ValueError when the fast path cannot run
+// this plan.
 int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
   static const char* kwlist[] = {"params", "signature", "buckets", "n_groups", nullptr};
   PyObject *params_obj, *sig_obj, *buckets_obj;
@@ -157,19 +193,29 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     if (seq == nullptr) return -1;
     const Py_ssize_t nb = PySequence_Fast_GET_SIZE(seq);
     for (Py_ssize_t bi = 0; bi < nb; ++bi) {
-      PyObject *idx_obj, *m_obj, *v_obj, *vmax_obj, *steps_obj;
+      PyObject *idx_obj, *m_obj, *v_obj, *vmax_obj, *steps_obj, *prec_obj;
       Py_ssize_t group;
-      if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, bi), "nOOOOO", &group, &idx_obj, &m_obj, &v_obj, &vmax_obj,
-                            &steps_obj)) {
+      if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, bi), "nOOOOOO", &group, &idx_obj, &m_obj, &v_obj, &vmax_obj,
+                            &steps_obj, &prec_obj)) {
         Py_DECREF(seq);
         return -1;
       }
       PlanBucket b;
       b.group = group;
       b.amsgrad = vmax_obj != Py_None;
-      std::vector<at::Tensor> steps_one;
       bool ok = tensor_list(m_obj, b.exp_avgs) && tensor_list(v_obj, b.exp_avg_sqs) &&
                 (!b.amsgrad || tensor_list(vmax_obj, b.max_exp_avg_sqs)) && THPVariable_Check(steps_obj);
+      if (ok && prec_obj != Py_None) {
+        PyObject *masters_obj, *remainders_obj, *pids_obj;
+        unsigned long long seed;
+        int stochastic;
+        ok = PyArg_ParseTuple(prec_obj, "OOOKp", &masters_obj, &remainders_obj, &pids_obj, &seed, &stochastic) &&
+             (masters_obj == Py_None || tensor_list(masters_obj, b.masters)) &&
+             (remainders_obj == Py_None || tensor_list(remainders_obj, b.remainders)) &&
+             tensor_or_none(pids_obj, b.pids);
+        b.lp.seed = static_cast<uint32_t>(seed);
+        b.lp.stochastic = stochastic != 0;
+      }
       PyObject* idx = ok ? PySequence_Fast(idx_obj, "fusedlr._C.StepPlan: indices must be a list") : nullptr;
       if (idx == nullptr) {
         if (ok) PyErr_SetString(PyExc_TypeError, "fusedlr._C.StepPlan: a bucket is (group, indices, exp_avgs, "
@@ -209,6 +255,7 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
       }
       if (reason == nullptr && m == 0) reason = "a bucket is empty";
       if (reason == nullptr) reason = bucket_reason(b);
+      if (reason == nullptr) decide_precision(b);
       if (reason != nullptr) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_ValueError, "fusedlr._C.StepPlan: %s", reason);
@@ -368,13 +415,21 @@ void run_step(StepPlan& plan, const StepArgs& a) {
     const StepScalars s = step_scalars(g.hyper, in);
     if (!s.skip) {
       applied_lr[b.group] = s.lr;
-      cpu::adamw_update_kernel(b.dtype, b.amsgrad, b.params, b.update_grads.empty() ? b.grads : b.update_grads,
-                               b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, steps, g.hyper, s);
+      const std::vector<at::Tensor>& grads = b.update_grads.empty() ? b.grads : b.update_grads;
+      if (b.low_precision) {
+        cpu::adamw_update_lp_kernel(b.dtype, b.state_dtype, b.amsgrad, b.params, grads, b.exp_avgs, b.exp_avg_sqs,
+                                    b.max_exp_avg_sqs, b.masters, b.remainders, steps, g.hyper, s, b.lp);
+      } else {
+        cpu::adamw_update_kernel(b.dtype, b.amsgrad, b.params, grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
+                                 steps, g.hyper, s);
+      }
     }
     bump_all(b.params);
     bump_all(b.exp_avgs);
     bump_all(b.exp_avg_sqs);
     bump_all(b.max_exp_avg_sqs);
+    bump_all(b.masters);
+    bump_all(b.remainders);
     bump(a.applied_lr);
   }
   if (a.advance_k) {

@@ -9,8 +9,8 @@ the version counters the ops bump. When anything changed it writes nothing, and 
 O(number of param groups): the hyperparameters (cached on the group values), AMP, the schedule index.
 
 Only the eager ``cpu`` backend takes it, for plans whose every bucket the compiled kernels run as they
-are (no low-precision mode, no reference fallback, no DTensor or complex parameter); ``torch.compile``
-traces the op path.
+are (the low-precision modes included; no reference fallback, no DTensor or complex parameter);
+``torch.compile`` traces the op path.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor
 from . import extension
 from .control import StepControl
 from .plan import Plan
+from .precision import BucketPrecision
 from .reference import clip_coefficient
 
 __all__ = ["step"]
@@ -56,17 +57,25 @@ def _native_plan(opt: Any, plan: Plan) -> Any:
         or plan.unwrap
         or not plan.buckets
         or not isinstance(plan.signature, bytes)
-        or any(b.device.type != "cpu" or reduce is not None or b.precision is not None for _, b, _, reduce in plan.buckets)
+        or any(b.device.type != "cpu" or reduce is not None for _, b, _, reduce in plan.buckets)
         or not all(compiled_ok(b, [], cpu.NAME) for _, b, _, _ in plan.buckets)
     ):
         return None
     buckets = [
-        (gi, idx, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps) for gi, b, idx, _ in plan.buckets
+        (gi, idx, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, _precision(b.precision))
+        for gi, b, idx, _ in plan.buckets
     ]
     try:
         return step_plan(plan.flat, plan.signature, buckets, len(opt.param_groups))
     except ValueError:  # e.g. grads of another dtype than their params: the reference runs those buckets
         return None
+
+
+def _precision(prec: BucketPrecision | None) -> tuple | None:
+    """A bucket's low-precision modes as ``StepPlan`` takes them: (masters, remainders, pids, seed, stochastic)."""
+    if prec is None:
+        return None
+    return (prec.master, prec.remainder, prec.pids, prec.seed, prec.stochastic)
 
 
 def _group_key(group: dict[str, Any]) -> tuple:

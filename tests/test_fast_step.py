@@ -269,6 +269,49 @@ def test_amp_skips_match_the_op_path(contract: str) -> None:
     _check(build, mutate, do_step=do_step)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"master_weights": True},
+        {"master_weights": "remainder", "amsgrad": True},
+        {"stochastic_rounding": True},
+        {"state_dtype": torch.bfloat16, "stochastic_rounding": True, "amsgrad": True},
+        {"master_weights": True, "state_dtype": torch.bfloat16},
+    ],
+    ids=["master", "remainder-amsgrad", "sr", "bf16-moments-sr-amsgrad", "master-bf16-moments"],
+)
+def test_low_precision_modes_match_the_op_path(kw: dict) -> None:
+    """bf16 params (and fp16 with a master; an fp32 param in a default-mode group beside them) in each
+    low-precision mode, clipping, a schedule and an AMP skip: masters, remainders and moments bit for bit the
+    op path's, version counters included."""
+    scalers: list[torch.amp.GradScaler] = []
+
+    def build() -> World:
+        params = [torch.nn.Parameter(torch.randn(*shape, dtype=dt)) for shape, dt in [
+            ((5, 3), torch.bfloat16), ((7,), torch.bfloat16), ((1,), torch.float32), ((4, 4), torch.float16),
+        ]]
+        if kw.get("master_weights") is not True:  # fp16 params take a full master only
+            params[3] = torch.nn.Parameter(params[3].detach().to(torch.bfloat16))
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**8))
+        scalers[-1].scale(torch.ones(()))
+        groups = [{"params": [params[0], params[1], params[3]], **kw}, {"params": [params[2]]}]  # fp32: default mode
+        opt = fusedlr.AdamW(groups, lr=1e-2, schedule=SCHED, max_grad_norm=0.5, backend="cpu", seed=3)
+        return params, opt
+
+    def mutate(i: int, params: list[torch.Tensor], opt: fusedlr.AdamW) -> None:
+        for p in params:
+            p.grad.mul_(scalers[-1].get_scale())
+        if i == 3:
+            params[0].grad[1, 1] = float("inf")
+
+    def do_step(opt: fusedlr.AdamW) -> list:
+        scalers[-1].step(opt)
+        scalers[-1].update()
+        return [scalers[-1].get_scale()]
+
+    _check(build, mutate, do_step=do_step)
+
+
 def test_a_bad_gradient_after_fast_steps_is_refused_before_anything_changes() -> None:
     params, opt = _mixed()
     for i in range(3):

@@ -320,6 +320,16 @@ void adamw_update_kernel(int dtype, bool amsgrad, at::TensorList params, const s
   });
 }
 
+void adamw_update_lp_kernel(int dtype, int state_dtype, bool amsgrad, at::TensorList params,
+                            const std::vector<at::Tensor>& grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::TensorList max_exp_avg_sqs, at::TensorList masters, at::TensorList remainders,
+                            const int64_t* steps, const AdamWHyper& h, const StepScalars& s, const LowPrecision& lp) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    adamw_dispatch_states<typename decltype(tag)::type>(state_dtype, amsgrad, params, grads, exp_avgs, exp_avg_sqs,
+                                                        max_exp_avg_sqs, masters, remainders, steps, h, s, lp);
+  });
+}
+
 namespace {
 
 void check_cpu(const at::Tensor& t, const char* what) {
@@ -372,11 +382,8 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   if (params.empty()) return;
   if (chk.low_precision) {
     const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};
-    const int sd = chk.state_dtype;
-    dispatch_dtype(chk.dtype, [&](auto tag) {
-      adamw_dispatch_states<typename decltype(tag)::type>(sd, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs,
-                                                          max_exp_avg_sqs, masters, remainders, in.steps, h, s, lp);
-    });
+    adamw_update_lp_kernel(chk.dtype, chk.state_dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs,
+                           max_exp_avg_sqs, masters, remainders, in.steps, h, s, lp);
     return;
   }
   adamw_update_kernel(chk.dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);

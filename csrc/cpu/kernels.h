@@ -45,5 +45,13 @@ void adamw_update_kernel(int dtype, bool amsgrad, at::TensorList params, const s
                          at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                          const int64_t* steps, const AdamWHyper& h, const StepScalars& s);
 
+// Pass 2 of one bucket in a low-precision mode (fusedlr/precision.py), in place, as adamw_update_kernel:
+// moments of dtype code ``state_dtype`` (kBF16, or kF32 for 16-bit and float64 params), ``masters`` (float32)
+// or ``remainders`` (int16) laid out like their param when ``lp.master`` says so (else empty).
+void adamw_update_lp_kernel(int dtype, int state_dtype, bool amsgrad, at::TensorList params,
+                            const std::vector<at::Tensor>& grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::TensorList max_exp_avg_sqs, at::TensorList masters, at::TensorList remainders,
+                            const int64_t* steps, const AdamWHyper& h, const StepScalars& s, const LowPrecision& lp);
+
 }  // namespace cpu
 }  // namespace fusedlr
