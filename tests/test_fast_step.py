@@ -280,7 +280,7 @@ def test_amp_skips_match_the_op_path(contract: str) -> None:
     ],
     ids=["master", "remainder-amsgrad", "sr", "bf16-moments-sr-amsgrad", "master-bf16-moments"],
 )
-def test_low_precision_modes_match_the_op_path(kw: dict) -> None:
+def test_low_precision_buckets_equal_the_op_path(kw: dict) -> None:
     """bf16 params (and fp16 with a master; an fp32 param in a default-mode group beside them) in each
     low-precision mode, clipping, a schedule and an AMP skip: masters, remainders and moments bit for bit the
     op path's, version counters included."""
