@@ -91,6 +91,28 @@ struct PrecisionArgs {
   bool stochastic;
 };
 
+// Which update the kernels run for a bucket of dtype code ``dtype`` whose first moment has dtype
+// ``first_state`` (the one decision of check_adamw_update and of the CPU fast path, csrc/step_plan.cpp):
+// the moments' dtype (``first_state`` when bfloat16 or float32, else the math type), the master kind, and
+// whether the low-precision kernel runs (a master, moments in another dtype than the math's, or bf16
+// params rounded stochastically; stochastic rounding alone, of nothing bf16, is the default update).
+struct KernelMode {
+  at::ScalarType state_type;
+  int master;  // MasterKind
+  bool low_precision;
+};
+
+inline KernelMode kernel_mode(int dtype, at::ScalarType first_state, bool has_masters, bool has_remainders,
+                              bool stochastic) {
+  const at::ScalarType math_type = dtype == kF64 ? at::kDouble : at::kFloat;
+  KernelMode mode;
+  mode.state_type = first_state == at::kBFloat16 || first_state == at::kFloat ? first_state : math_type;
+  mode.master = has_masters ? kFullMaster : (has_remainders ? kRemainderMaster : kNoMaster);
+  mode.low_precision =
+      mode.master != kNoMaster || mode.state_type != math_type || (stochastic && dtype == kBF16);
+  return mode;
+}
+
 // Checks every argument of ``adamw_update``: one device, one param dtype (grads the same), states
 // of one dtype (float32, float64 for float64 params; or bfloat16, or float32 for float64 params)
 // and masters/remainders laid out like their parameter, which must be linear (contiguous or
@@ -132,18 +154,19 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
   out.dtype = n == 0 ? kF32 : dtype_code(params[0].scalar_type());
   TORCH_CHECK(out.dtype >= 0, "fusedlr.adamw_update: params must be float32/float16/bfloat16/float64, got ",
               params[0].scalar_type());
-  const at::ScalarType math_type = out.dtype == kF64 ? at::kDouble : at::kFloat;
-  // the states' dtype: the math type, or bfloat16 / float32 (low-precision modes), as the first one
-  const at::ScalarType first = n == 0 ? math_type : exp_avgs[0].scalar_type();
-  const at::ScalarType state_type = first == at::kBFloat16 || first == at::kFloat ? first : math_type;
+  const at::ScalarType first = n == 0 ? (out.dtype == kF64 ? at::kDouble : at::kFloat) : exp_avgs[0].scalar_type();
+  const KernelMode mode =
+      kernel_mode(out.dtype, first, !prec.masters.empty(), !prec.remainders.empty(), prec.stochastic);
+  const at::ScalarType state_type = mode.state_type;
   out.state_dtype = dtype_code(state_type);
+  out.master = mode.master;
+  out.low_precision = mode.low_precision;
   TORCH_CHECK(prec.masters.empty() || prec.remainders.empty(),
               "fusedlr.adamw_update: pass masters or remainders, not both");
   TORCH_CHECK(prec.masters.empty() || prec.masters.size() == n,
               "fusedlr.adamw_update: masters must be empty or as long as params");
   TORCH_CHECK(prec.remainders.empty() || prec.remainders.size() == n,
               "fusedlr.adamw_update: remainders must be empty or as long as params");
-  out.master = !prec.masters.empty() ? kFullMaster : (!prec.remainders.empty() ? kRemainderMaster : kNoMaster);
   TORCH_CHECK(out.master == kNoMaster || n == 0 || out.dtype == kBF16 ||
                   (out.master == kFullMaster && out.dtype == kF16),
               "fusedlr.adamw_update: masters need bfloat16/float16 params, remainders bfloat16 params, got ",
@@ -154,8 +177,6 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
                     prec.pids->device() == device,
                 "fusedlr.adamw_update: stochastic rounding needs pids, a contiguous int64 tensor [n] on ", device);
   }
-  // (stochastic rounding alone, of nothing bf16, is the default update)
-  out.low_precision = out.master != kNoMaster || state_type != math_type || (prec.stochastic && out.dtype == kBF16);
   out.grads.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];

@@ -42,7 +42,7 @@ struct PlanBucket {
   std::vector<at::Tensor> masters, remainders;  // float32 / int16, one per param, or empty
   at::Tensor pids;                              // int64 [n] (stochastic rounding), or undefined
   LowPrecision lp{kNoMaster, false, 0u, nullptr};
-  int state_dtype = -1;
+  at::ScalarType state_type = at::kFloat;  // of the moments
   bool low_precision = false;
   // Per-step scratch, emptied before the call returns (gradients are not kept between steps).
   std::vector<at::Tensor> grads, update_grads, stats_grads;
@@ -119,11 +119,6 @@ const char* bucket_reason(const PlanBucket& b) {
       b.steps.numel() != static_cast<int64_t>(b.params.size()) || !b.steps.is_contiguous()) {
     return "steps is not a contiguous int64 CPU tensor [n]";
   }
-  const at::ScalarType math_type = b.dtype == kF64 ? at::kDouble : at::kFloat;
-  const at::ScalarType state_type = b.exp_avgs.empty() ? math_type : b.exp_avgs[0].scalar_type();
-  if (state_type != math_type && !(state_type == at::kBFloat16 || (state_type == at::kFloat && b.dtype != kF32))) {
-    return "the moments' dtype is not one the low-precision kernels take";
-  }
   const size_t n = b.params.size();
   if ((!b.masters.empty() && (b.masters.size() != n || (b.dtype != kBF16 && b.dtype != kF16))) ||
       (!b.remainders.empty() && (b.remainders.size() != n || b.dtype != kBF16)) ||
@@ -138,9 +133,9 @@ const char* bucket_reason(const PlanBucket& b) {
     const at::Tensor& p = b.params[j];
     if (!p.device().is_cpu()) return "a parameter is not on the CPU";
     if (dtype_code(p.scalar_type()) != b.dtype) return "the parameters of a bucket differ in dtype";
-    std::vector<std::pair<const at::Tensor*, at::ScalarType>> states = {{&b.exp_avgs[j], state_type},
-                                                                        {&b.exp_avg_sqs[j], state_type}};
-    if (b.amsgrad) states.emplace_back(&b.max_exp_avg_sqs[j], state_type);
+    std::vector<std::pair<const at::Tensor*, at::ScalarType>> states = {{&b.exp_avgs[j], b.state_type},
+                                                                        {&b.exp_avg_sqs[j], b.state_type}};
+    if (b.amsgrad) states.emplace_back(&b.max_exp_avg_sqs[j], b.state_type);
     if (!b.masters.empty()) states.emplace_back(&b.masters[j], at::kFloat);
     if (!b.remainders.empty()) states.emplace_back(&b.remainders[j], at::kShort);
     for (const auto& [s, type] : states) {
@@ -152,14 +147,14 @@ const char* bucket_reason(const PlanBucket& b) {
   return nullptr;
 }
 
-// The kernel a bucket takes, decided as check_adamw_update decides it (csrc/op_common.h).
+// The kernel a bucket takes (csrc/op_common.h's kernel_mode, as the op decides it); bucket_reason then
+// checks every tensor against it, and the caller sets ``lp.pids`` once pids is checked.
 void decide_precision(PlanBucket& b) {
-  b.state_dtype = b.exp_avgs.empty() ? -1 : dtype_code(b.exp_avgs[0].scalar_type());
-  b.lp.master = !b.masters.empty() ? kFullMaster : (!b.remainders.empty() ? kRemainderMaster : kNoMaster);
-  b.lp.pids = b.lp.stochastic ? b.pids.data_ptr<int64_t>() : nullptr;
-  const int math_code = b.dtype == kF64 ? kF64 : kF32;
-  b.low_precision = b.lp.master != kNoMaster || (b.state_dtype >= 0 && b.state_dtype != math_code) ||
-                    (b.lp.stochastic && b.dtype == kBF16);
+  const KernelMode mode =
+      kernel_mode(b.dtype, b.exp_avgs[0].scalar_type(), !b.masters.empty(), !b.remainders.empty(), b.lp.stochastic);
+  b.state_type = mode.state_type;
+  b.lp.master = mode.master;
+  b.low_precision = mode.low_precision;
 }
 
 // ---------------------------------------------------------------- construction
@@ -254,13 +249,16 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
         return -1;
       }
       if (reason == nullptr && m == 0) reason = "a bucket is empty";
-      if (reason == nullptr) reason = bucket_reason(b);
-      if (reason == nullptr) decide_precision(b);
+      if (reason == nullptr) {
+        decide_precision(b);
+        reason = bucket_reason(b);
+      }
       if (reason != nullptr) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_ValueError, "fusedlr._C.StepPlan: %s", reason);
         return -1;
       }
+      b.lp.pids = b.lp.stochastic ? b.pids.data_ptr<int64_t>() : nullptr;  // checked by bucket_reason
       b.grads.reserve(m);
       plan->buckets.push_back(std::move(b));
     }
@@ -417,8 +415,9 @@ void run_step(StepPlan& plan, const StepArgs& a) {
       applied_lr[b.group] = s.lr;
       const std::vector<at::Tensor>& grads = b.update_grads.empty() ? b.grads : b.update_grads;
       if (b.low_precision) {
-        cpu::adamw_update_lp_kernel(b.dtype, b.state_dtype, b.amsgrad, b.params, grads, b.exp_avgs, b.exp_avg_sqs,
-                                    b.max_exp_avg_sqs, b.masters, b.remainders, steps, g.hyper, s, b.lp);
+        cpu::adamw_update_lp_kernel(b.dtype, dtype_code(b.state_type), b.amsgrad, b.params, grads, b.exp_avgs,
+                                    b.exp_avg_sqs, b.max_exp_avg_sqs, b.masters, b.remainders, steps, g.hyper, s,
+                                    b.lp);
       } else {
         cpu::adamw_update_kernel(b.dtype, b.amsgrad, b.params, grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
                                  steps, g.hyper, s);
