@@ -103,6 +103,7 @@ def _norm_pieces(g: Tensor) -> list[Tensor]:
     g32 = g if g.dtype == torch.float32 else g.to(torch.float32)
     return [g32] if g32.numel() <= NORM_PIECE else list(g32.reshape(-1).split(NORM_PIECE))
 
+
 def scheduled_lr(lr: float | Tensor, ctrl: StepControl) -> Tensor:
     """The applied LR ``lr * sched(k)`` as a float64 0-d tensor on the device (``lr``: a float, or a
     1-element tensor read on the device, so filling it in place changes the next step's LR)."""
