@@ -16,49 +16,22 @@ import argparse
 import re
 import subprocess
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from machine_code import Kernel, kernels, occupancy  # noqa: E402
+from machine_code import Kernel, compile_cubins, kernels, occupancy, setup_value  # noqa: E402
 
 MAX_WARPS_PER_SM = 64
 _NAME = re.compile(r"(grad_stats_kernel|adamw_kernel)<[^()]*>")
 
 
-def _setup(arg: str) -> str:
-    return subprocess.run([sys.executable, str(ROOT / "setup.py"), arg], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
 def nvcc_version() -> str:
     """nvcc's release line, e.g. 'Cuda compilation tools, release 13.0, V13.0.88'."""
-    out = subprocess.run([f"{_setup('--cuda-home')}/bin/nvcc", "--version"], capture_output=True, text=True,
+    out = subprocess.run([f"{setup_value('--cuda-home')}/bin/nvcc", "--version"], capture_output=True, text=True,
                          check=True).stdout
     return next((line for line in out.splitlines() if "release" in line), out.strip())
-
-
-def compile_cubins(arch: str) -> list[Path]:
-    """Each csrc/cuda/*.cu as a cubin for ``arch``, built with the flags of tests/test_machine_code.py."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-
-    out = Path(tempfile.mkdtemp(prefix="fusedlr-resources-"))
-    flags = _setup("--nvcc-flags").split() + COMMON_NVCC_FLAGS + ["-std=c++17", f"-arch={arch}", "-cubin"]
-    nvcc = f"{_setup('--cuda-home')}/bin/nvcc"
-
-    def build(source: Path) -> Path:
-        cubin = out / f"{source.stem}.{arch}.cubin"
-        proc = subprocess.run([nvcc, *flags, "-I", str(ROOT / "csrc"), str(source), "-o", str(cubin)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"nvcc failed on {source.name}:\n{proc.stderr}")
-        return cubin
-
-    with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(build, sorted((ROOT / "csrc" / "cuda").glob("*.cu"))))
 
 
 def spilled(k: Kernel) -> int:
@@ -90,7 +63,7 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every instance of pass 2 (low-precision modes too)")
     args = parser.parse_args()
     ks = [k for cubin in compile_cubins(args.arch) for k in kernels(cubin, args.arch)]
-    print(f"{args.arch}, {nvcc_version()}, flags: {_setup('--nvcc-flags')}\n")
+    print(f"{args.arch}, {nvcc_version()}, flags: {setup_value('--nvcc-flags')}\n")
     print(table(ks, args.all))
 
 

@@ -11,6 +11,8 @@ including the inlining chain) points into one. ``problems`` lists, per kernel: l
 without a 128-bit global load (or, where they store, without a 128-bit global store). Global data
 reached through a generic pointer is read with ``LD``/``ST`` rather than ``LDG``/``STG``; both count.
 ``occupancy`` gives the resident blocks per SM that a kernel's registers and shared memory allow.
+``compile_cubins`` builds the project's ``csrc/cuda/*.cu`` as setup.py does (the tests and
+benchmarks/cuda_resources.py read the same cubins).
 """
 
 from __future__ import annotations
@@ -19,11 +21,25 @@ import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Kernel", "cuda_tool", "element_loop_lines", "kernels", "problems", "occupancy", "report"]
+__all__ = [
+    "Kernel",
+    "compile_cubins",
+    "cuda_tool",
+    "element_loop_lines",
+    "kernels",
+    "occupancy",
+    "problems",
+    "report",
+    "setup_value",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 _SECTION = re.compile(r"^\.text\.(\S+):\s*$")
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
@@ -34,6 +50,35 @@ _GLOBAL_LOAD = re.compile(r"^(LDG|LD)\.")  # LD: generic (global or shared), LDS
 _GLOBAL_STORE = re.compile(r"^(STG|ST)\.")
 _LOOP = re.compile(r"\b(for|while)\s*\(")
 _PER_THREAD = re.compile(r"\b(threadIdx|blockDim|tid|nthreads|lane)\b")
+
+
+def setup_value(arg: str) -> str:
+    """What ``python setup.py <arg>`` prints (``--cuda-home``, ``--nvcc-flags``); '' when it fails (no CUDA
+    toolkit)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "setup.py"), arg], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def compile_cubins(arch: str) -> tuple[Path, ...]:
+    """Each ``csrc/cuda/*.cu`` as a cubin for ``arch`` (e.g. ``sm_90``), built with setup.py's nvcc flags
+    (two at a time). Needs ``setup_value("--cuda-home")``; raises RuntimeError with nvcc's command and
+    output when a build fails."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    nvcc = f"{setup_value('--cuda-home')}/bin/nvcc"
+    out = Path(tempfile.mkdtemp(prefix="fusedlr-cubin-"))
+    flags = setup_value("--nvcc-flags").split() + COMMON_NVCC_FLAGS + ["-std=c++17", f"-arch={arch}", "-cubin"]
+
+    def build(source: Path) -> Path:
+        cubin = out / f"{source.stem}.{arch}.cubin"
+        cmd = [nvcc, *flags, "-I", str(ROOT / "csrc"), str(source), "-o", str(cubin)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}\n{proc.stderr}")
+        return cubin
+
+    with ThreadPoolExecutor(2) as pool:
+        return tuple(pool.map(build, sorted((ROOT / "csrc" / "cuda").glob("*.cu"))))
 
 
 def cuda_tool(name: str) -> Path | None:

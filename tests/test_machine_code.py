@@ -13,24 +13,16 @@ from __future__ import annotations
 import functools
 import re
 import subprocess
-import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from fusedlr import extension
 
-from machine_code import cuda_tool, element_loop_lines, kernels, problems, report
+from machine_code import compile_cubins, cuda_tool, element_loop_lines, kernels, problems, report, setup_value
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "csrc").rglob("*.cu*")) + sorted((ROOT / "csrc").rglob("*.h"))
-
-
-def _setup(arg: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "setup.py"), arg], capture_output=True, text=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 @functools.cache
@@ -39,23 +31,9 @@ def binaries(arch: str) -> tuple[Path, ...]:
     like setup.py builds."""
     if extension.has_kernel("cuda") and int(arch[3:]) * 10 in tuple(getattr(extension._C, "CUDA_ARCHS", ())):
         return (Path(extension._C.__file__),)
-    cuda_home = _setup("--cuda-home")
-    if not cuda_home:
+    if not setup_value("--cuda-home"):
         pytest.skip("no CUDA toolkit (nvcc) found")
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-
-    out = Path(tempfile.mkdtemp(prefix="fusedlr-cubin-"))
-    flags = _setup("--nvcc-flags").split() + COMMON_NVCC_FLAGS + ["-std=c++17", f"-arch={arch}", "-cubin"]
-
-    def build(source: Path) -> Path:
-        cubin = out / f"{source.stem}.{arch}.cubin"
-        cmd = [f"{cuda_home}/bin/nvcc", *flags, "-I", str(ROOT / "csrc"), str(source), "-o", str(cubin)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
-        return cubin
-
-    with ThreadPoolExecutor(2) as pool:
-        return tuple(pool.map(build, sorted((ROOT / "csrc" / "cuda").glob("*.cu"))))
+    return compile_cubins(arch)
 
 
 def _element_type(demangled: str) -> str:
@@ -99,13 +77,14 @@ __global__ void __launch_bounds__(256) scale_in_double(float* x, int n, double f
 
 @pytest.mark.skipif(cuda_tool("nvdisasm") is None, reason="nvdisasm not found (triton's NVIDIA backend)")
 def test_checks_catch_a_bad_kernel(tmp_path) -> None:
-    cuda_home = _setup("--cuda-home")
+    cuda_home = setup_value("--cuda-home")
     if not cuda_home:
         pytest.skip("no CUDA toolkit (nvcc) found")
     source = tmp_path / "bad.cu"
     source.write_text(BAD)
     cubin = tmp_path / "bad.cubin"
-    cmd = [f"{cuda_home}/bin/nvcc", *_setup("--nvcc-flags").split(), "-arch=sm_90", "-cubin", str(source), "-o", str(cubin)]
+    cmd = [f"{cuda_home}/bin/nvcc", *setup_value("--nvcc-flags").split(), "-arch=sm_90", "-cubin", str(source), "-o",
+           str(cubin)]
     subprocess.run(cmd, check=True, capture_output=True)
     (k,) = kernels(cubin)
     assert k.max_threads == 256
