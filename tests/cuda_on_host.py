@@ -46,8 +46,13 @@ _SHARED = re.compile(r"\b__shared__\s+([^;{}()=]*?)\s*\b(\w+)\s*((?:\[[^\]]*\]\s
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
 
 
-# -O2 as shipped code would be; -fno-ipa-reference: a __shared__ static may change across any shim call.
-_FLAGS = ["-std=c++17", "-O2", "-fno-ipa-reference", "-g0", "-fPIC", "-shared", "-Wl,--no-undefined", "-pthread"]
+# -O2 as shipped code would be; -fno-ipa-reference: a __shared__ static may change across any shim call;
+# -Bsymbolic: the kernels call the shim's cudaGetLastError & co., never the real CUDA runtime's, which a CUDA
+# build of torch has already loaded into the global namespace (there, without a driver, they return 35).
+_FLAGS = [
+    "-std=c++17", "-O2", "-fno-ipa-reference", "-g0", "-fPIC", "-shared", "-Wl,--no-undefined", "-Wl,-Bsymbolic",
+    "-pthread",
+]
 _BARRIER = re.compile(r"\b__syncthreads\(\)")
 
 
