@@ -11,7 +11,7 @@
 //   g = grad * scale (negated when maximize); p *= 1 - lr_t * wd; m = lerp(m, g, 1 - beta1);
 //   v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v) (amsgrad: the denominator uses vmax);
 //   p -= lr_t / bias1 * m / (sqrt(v) / sqrt(bias2) + eps).
-// Nothing is written when found_inf > 0.
+// Nothing is written when found_inf > 0 (or, with StepInputs::skip_nonfinite, stats[1] > 0).
 //
 // The low-precision modes (fp32 master, 16-bit remainder, stochastic rounding, bf16 moments) load
 // and store around the same per-element math (``adamw_element_lp``); their bit-level spec is the
@@ -72,7 +72,27 @@ struct StepInputs {
   const float* lr_f32;       // float32 0-d tensor LR (replaces AdamWHyper::lr), or null
   const double* lr_f64;      // float64 0-d tensor LR (replaces AdamWHyper::lr), or null
   double* applied_lr;        // float64 0-d: receives lr_t when the update is applied, or null
+  const float* grad_scale;   // float32 0-d: GradScaler's scale, read when inv_scale is null (see unscale_factor), or null
+  bool skip_nonfinite;       // skip also when stats[1] > 0 (GradScaler's inf/NaN check from pass 1)
 };
+
+// What the last update launch of a step writes besides the tensors (each null when not wanted).
+struct StepOutputs {
+  int64_t* steps;         // int64 [n]: advanced by 1 when the update is applied; StepInputs::steps is then
+                          // this tensor, holding the updates applied before (this update's step is steps + 1)
+  int64_t* k;             // int64 0-d: the schedule index, advanced by 1 when the update is applied
+  float* norm;            // float32 0-d: sqrt(stats[0]), written also when the update is skipped
+  float* found_inf;       // float32 0-d: 1 when the update is skipped, else 0 (GradScaler's found_inf)
+  unsigned int* arrival;  // CUDA: the blocks' arrival counter when steps or k is set, zero between launches
+};
+
+// The factor multiplying every gradient: ``*inv_scale``, else ``1 / *scale`` as GradScaler computes it
+// (in float64, rounded to float32), else 1.
+FUSEDLR_HD float unscale_factor(const float* inv_scale, const float* scale) {
+  if (inv_scale != nullptr) return *inv_scale;
+  if (scale != nullptr) return static_cast<float>(1.0 / static_cast<double>(*scale));
+  return 1.0f;
+}
 
 // The group's LR: the tensor LR when one is given (read on the device), else the host value.
 FUSEDLR_HD double base_lr(const AdamWHyper& h, const StepInputs& in) {
@@ -85,12 +105,12 @@ FUSEDLR_HD double base_lr(const AdamWHyper& h, const StepInputs& in) {
 struct StepScalars {
   double lr;     // lr_t = lr * sched(k)
   double scale;  // clip coefficient * inv_scale, negated when maximize
-  bool skip;     // found_inf > 0: write nothing
+  bool skip;     // found_inf > 0 (or, with skip_nonfinite, stats[1] > 0): write nothing
 };
 
 FUSEDLR_HD StepScalars step_scalars(const AdamWHyper& h, const StepInputs& in) {
   StepScalars s;
-  s.skip = in.found_inf != nullptr && *in.found_inf > 0.0f;
+  s.skip = (in.found_inf != nullptr && *in.found_inf > 0.0f) || (in.skip_nonfinite && in.stats[1] > 0.0f);
   const double lr = base_lr(h, in);
   s.lr = in.schedule != nullptr ? lr * schedule_multiplier(in.schedule, *in.k) : lr;
   double scale = 1.0;
@@ -98,9 +118,17 @@ FUSEDLR_HD StepScalars step_scalars(const AdamWHyper& h, const StepInputs& in) {
     const double x = h.max_norm / (::sqrt(static_cast<double>(in.stats[0])) + kClipEps);
     scale = x >= 1.0 ? 1.0 : x;  // NaN -> NaN
   }
-  if (in.inv_scale != nullptr) scale *= static_cast<double>(*in.inv_scale);
+  if (in.inv_scale != nullptr || in.grad_scale != nullptr) {
+    scale *= static_cast<double>(unscale_factor(in.inv_scale, in.grad_scale));
+  }
   s.scale = h.maximize ? -scale : scale;
   return s;
+}
+
+// Writes ``o.norm`` and ``o.found_inf`` of a step whose scalars are ``s`` (once per step).
+FUSEDLR_HD void write_step_flags(const StepInputs& in, const StepScalars& s, const StepOutputs& o) {
+  if (o.norm != nullptr) *o.norm = ::sqrtf(in.stats[0]);
+  if (o.found_inf != nullptr) *o.found_inf = s.skip ? 1.0f : 0.0f;
 }
 
 // ``1 - beta^t`` without cancellation.

@@ -28,13 +28,16 @@ TORCH_LIBRARY(fusedlr, m) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
   m.set_python_module("fusedlr.extension");
 #endif
-  // Pass 1: out[0] += sum((g * inv_scale)^2), out[1] += count of non-finite grads.
+  // Pass 1: out[0] += sum((g * inv_scale)^2), out[1] += count of non-finite grads (out = ... with reset).
   // table/table_host: CUDA only, the cached device pointer table and its host mirror (see
   // csrc/cuda/bindings_cuda.cpp); None uploads a fresh table. workspace: CUDA only, float32
   // [2 * blocks + 1] zeros for the two-stage reduction (left zeroed; None allocates one).
+  // scale (float32, one element): GradScaler's scale, instead of inv_scale: the kernels multiply by
+  // float32(1 / float64(scale)), as GradScaler's own inverse. reset: write out instead of adding to it
+  // (also with no gradient element), so the first bucket of a step needs no zeroed buffer.
   m.def(
       "grad_stats(Tensor[] grads, Tensor? inv_scale, Tensor(a!) out, Tensor(b!)? table=None, "
-      "Tensor(c!)? table_host=None, Tensor(d!)? workspace=None) -> ()");
+      "Tensor(c!)? table_host=None, Tensor(d!)? workspace=None, Tensor? scale=None, bool reset=False) -> ()");
   // Pass 2: the fused AdamW update, in place (see fusedlr/reference.py). max_exp_avg_sqs is empty
   // without amsgrad; steps holds each tensor's step number of this update; k is the schedule index.
   // lr_tensor (float32/float64, one element, on the device) replaces lr when given; applied_lr
@@ -44,13 +47,22 @@ TORCH_LIBRARY(fusedlr, m) {
   // master of each param (required lists, empty when unused: torch 2.6's functionalization refuses
   // optional mutable tensor lists); stochastic rounds the bf16 params without master and bf16 moments with the
   // RNG keyed by seed, pids (int64 [n], each param's pid) and steps.
+  // The small ops of a step, folded in (fusedlr.control.FoldedUpdate): applied_lr may hold every group's
+  // entry (lr_index: this bucket's); scale: GradScaler's scale instead of inv_scale (as in grad_stats);
+  // skip_nonfinite: skip also when stats[1] > 0. advance: steps hold the updates applied before (this
+  // update's step numbers are steps + 1) and are advanced by 1 when the update is applied; advance_k:
+  // k too. norm_out (float32, one element) receives sqrt(stats[0]) and found_inf_out (float32, one
+  // element) 1.0 when the update is skipped, else 0.0, both also on a skipped step. workspace: CUDA only,
+  // int32 [1] zero, the blocks' arrival counter of advance/advance_k (left zero; None allocates one).
   m.def(
       "adamw_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor steps, Tensor k, Tensor? schedule, Tensor? stats, float? max_norm, "
-      "Tensor? inv_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool maximize, Tensor(e!)[] masters, Tensor(f!)[] remainders, Tensor(g!)? table=None, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(j!) steps, Tensor(k!) k, Tensor? schedule, Tensor? stats, "
+      "float? max_norm, Tensor? inv_scale, Tensor? found_inf, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool maximize, Tensor(e!)[] masters, Tensor(f!)[] remainders, Tensor(g!)? table=None, "
       "Tensor(h!)? table_host=None, Tensor? lr_tensor=None, Tensor(i!)? applied_lr=None, Tensor? pids=None, "
-      "int seed=0, bool stochastic=False) -> ()");
+      "int seed=0, bool stochastic=False, int lr_index=0, Tensor? scale=None, bool skip_nonfinite=False, "
+      "bool advance=False, bool advance_k=False, Tensor(l!)? norm_out=None, Tensor(m!)? found_inf_out=None, "
+      "Tensor(n!)? workspace=None) -> ()");
   // The LR multiplier sched(k) for each k of ks (float64, shape of ks), as the kernels compute it.
   m.def("schedule_eval(Tensor table, Tensor ks) -> Tensor");
 }

@@ -214,9 +214,10 @@ inline CheckedUpdate check_adamw_update(at::TensorList params, at::TensorList gr
   return out;
 }
 
-// The tensor LR and the applied-LR output of ``adamw_update``, checked and stored into ``in``.
+// The tensor LR and the applied-LR output of ``adamw_update`` (entry ``lr_index`` of the float64 tensor
+// ``applied_lr``), checked and stored into ``in``.
 inline void set_lr_inputs(const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr,
-                          const at::Device& device, StepInputs& in) {
+                          int64_t lr_index, const at::Device& device, StepInputs& in) {
   if (lr_tensor.has_value()) {
     TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device() == device &&
                     (lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble),
@@ -227,8 +228,41 @@ inline void set_lr_inputs(const std::optional<at::Tensor>& lr_tensor, const std:
       in.lr_f32 = lr_tensor->data_ptr<float>();
     }
   }
-  check_scalar(applied_lr, "applied_lr", at::kDouble, device);
-  in.applied_lr = applied_lr.has_value() ? applied_lr->data_ptr<double>() : nullptr;
+  if (applied_lr.has_value()) {
+    TORCH_CHECK(applied_lr->scalar_type() == at::kDouble && applied_lr->is_contiguous() &&
+                    applied_lr->device() == device && lr_index >= 0 && lr_index < applied_lr->numel(),
+                "fusedlr.adamw_update: applied_lr must be a contiguous float64 tensor on ", device,
+                " with an entry lr_index=", lr_index);
+    in.applied_lr = applied_lr->data_ptr<double>() + lr_index;
+  } else {
+    in.applied_lr = nullptr;
+  }
+}
+
+// GradScaler's ``scale`` (the kernels compute its inverse, see unscale_factor) and the inf check from
+// pass 1 (``skip_nonfinite``) of ``grad_stats``/``adamw_update``, checked.
+inline void check_scale(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& inv_scale,
+                        const at::Device& device) {
+  check_scalar(scale, "scale", at::kFloat, device);
+  TORCH_CHECK(!(scale.has_value() && inv_scale.has_value()), "fusedlr: pass inv_scale or scale, not both");
+}
+
+// The step-level outputs of a folded ``adamw_update`` (see its schema in csrc/bindings.cpp), checked; the
+// arrival counter is left null (the CUDA binding sets it).
+inline StepOutputs step_outputs(bool advance, bool advance_k, const at::Tensor& steps, const at::Tensor& k,
+                                const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& norm_out,
+                                const std::optional<at::Tensor>& found_inf_out, bool skip_nonfinite) {
+  const at::Device device = steps.device();
+  TORCH_CHECK(!skip_nonfinite || stats.has_value(), "fusedlr.adamw_update: skip_nonfinite needs stats");
+  TORCH_CHECK(!norm_out.has_value() || stats.has_value(), "fusedlr.adamw_update: norm_out needs stats");
+  check_scalar(norm_out, "norm_out", at::kFloat, device);
+  check_scalar(found_inf_out, "found_inf_out", at::kFloat, device);
+  StepOutputs out{};
+  out.steps = advance ? steps.data_ptr<int64_t>() : nullptr;
+  out.k = advance_k ? k.data_ptr<int64_t>() : nullptr;
+  out.norm = norm_out.has_value() ? norm_out->data_ptr<float>() : nullptr;
+  out.found_inf = found_inf_out.has_value() ? found_inf_out->data_ptr<float>() : nullptr;
+  return out;
 }
 
 template <typename T>

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .schedules import Schedule
 
-__all__ = ["StepControl", "GroupHyper", "CLIP_EPS"]
+__all__ = ["StepControl", "GroupHyper", "FoldedUpdate", "CLIP_EPS"]
 
 #: Added to the global norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` does.
 CLIP_EPS = 1e-6
@@ -57,3 +57,30 @@ class StepControl:
     max_norm: float | None
     inv_scale: Tensor | None
     found_inf: Tensor | None
+
+
+@dataclass(frozen=True)
+class FoldedUpdate:
+    """What the update of a folding backend (``FOLDED = True``: ``cpu``, ``cuda``) does beyond ``StepControl``:
+    the small ops of a step, folded into its kernels, so that a step is one ``grad_stats`` and one
+    ``adamw_update`` per bucket and nothing else.
+
+    With it, ``bucket.steps`` hold the updates applied before this one (this update's step numbers are
+    ``steps + 1``) and the update advances them by 1 when it is applied; ``applied_lr`` is the optimizer's
+    whole float64 ``[groups]`` buffer.
+
+    scale: GradScaler's scale (float32 0-d), or None: gradients are multiplied by ``1 / scale`` computed as
+        GradScaler does (float64, rounded to float32); ``StepControl.inv_scale`` is then None.
+    skip_nonfinite: skip the update also when ``stats[1] > 0`` (GradScaler's inf check, from pass 1).
+    group: this bucket's entry of ``applied_lr``.
+    advance_k: advance ``StepControl.k`` by 1 when the update is applied (the step's last update).
+    norm_out: receives ``sqrt(stats[0])`` (float32 0-d), also when the update is skipped, or None.
+    found_inf_out: receives 1.0 when the update is skipped, else 0.0 (float32 0-d), or None.
+    """
+
+    scale: Tensor | None
+    skip_nonfinite: bool
+    group: int
+    advance_k: bool
+    norm_out: Tensor | None
+    found_inf_out: Tensor | None

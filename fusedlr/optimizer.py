@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from . import backends, distributed, fast_step, precision
-from .control import GroupHyper, StepControl
+from .control import FoldedUpdate, GroupHyper, StepControl
 from .distributed import ReduceKey
 from .history import HistoryRecords, StepHistory
 from .plan import STATE_KEYS, Plan, plan_for_step, state_dtype
@@ -296,8 +296,9 @@ class AdamW(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------------ AMP
-    def _amp(self, device: torch.device, grad_scaler: Any) -> tuple[Tensor | None, Tensor | None, bool]:
-        """(inv_scale, found_inf, check_inf): what AMP asks of this step.
+    def _amp_scale(self, device: torch.device, grad_scaler: Any) -> tuple[Tensor | None, Tensor | None, bool]:
+        """(scale, found_inf, check_inf): what AMP asks of this step, with GradScaler's ``scale`` as it is
+        (the gradients are divided by it; on its own device).
 
         ``grad_scaler`` (GradScaler's keyword contract): unscale here unless the user already called
         ``scaler.unscale_(opt)``, in which case its recorded ``found_inf`` is used. Otherwise the
@@ -314,13 +315,26 @@ class AdamW(torch.optim.Optimizer):
             scale = grad_scaler._scale
             if scale is None:
                 raise RuntimeError("GradScaler has no scale yet: call scaler.scale(loss).backward() before step")
-            return _inverse(scale, device), None, True
-        grad_scale = getattr(self, "grad_scale", None)
+            return scale, None, True
         found_inf = getattr(self, "found_inf", None)
-        inv_scale = None if grad_scale is None else _inverse(grad_scale, device)
         if found_inf is not None:
             found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
-        return inv_scale, found_inf, False
+        return getattr(self, "grad_scale", None), found_inf, False
+
+    def _amp(self, device: torch.device, grad_scaler: Any) -> tuple[Tensor | None, Tensor | None, bool]:
+        """(inv_scale, found_inf, check_inf): ``_amp_scale`` with the scale inverted as GradScaler does
+        (``_inverse``)."""
+        scale, found_inf, check_inf = self._amp_scale(device, grad_scaler)
+        return None if scale is None else _inverse(scale, device), found_inf, check_inf
+
+    def _private_buffer(self, key: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """A float32 buffer of ``shape`` of the folded step on ``device`` (cached in ``_step_cache``: private, written
+        whole by each step that uses it, never read by the user)."""
+        buf = self._step_cache.get(key)
+        if buf is None or buf.device != device:
+            buf = torch.zeros(shape, dtype=torch.float32, device=device)
+            self._step_cache[key] = buf
+        return buf
 
     # ------------------------------------------------------------------ step
     @staticmethod
@@ -375,9 +389,17 @@ class AdamW(torch.optim.Optimizer):
             cache["impl_device"] = device
         impl = cache["impl"]
         applied_lr = self._applied_lr_buffer(device)
+        history = self._history_buffer(device)
+        bucket_grads = [[grads[i] for i in idx] for _, _, idx, _ in plan.buckets]
+        if (
+            getattr(impl, "FOLDED", False)
+            and history is None
+            and all(reduce is None and impl.folds(b, gs) for (_, b, _, reduce), gs in zip(plan.buckets, bucket_grads))
+        ):
+            return self._prepare_folded(impl, plan, bucket_grads, grad_scaler, device)
         work = [
-            (self._hyper(gi, device), b, [grads[i] for i in idx], reduce, applied_lr[gi])
-            for gi, b, idx, reduce in plan.buckets
+            (self._hyper(gi, device), b, gs, reduce, applied_lr[gi])
+            for (gi, b, _, reduce), gs in zip(plan.buckets, bucket_grads)
         ]
 
         inv_scale, found_inf, check_inf = self._amp(device, grad_scaler)
@@ -405,7 +427,6 @@ class AdamW(torch.optim.Optimizer):
             updates.append((b.steps, upcoming, commit))
         skipped = None if found_inf is None else found_inf > 0
         norm = None if stats is None else stats[0].sqrt()
-        history = self._history_buffer(device)
         record = None if history is None else history.prepare_record(ctrl.k, norm, clip_coefficient(ctrl), skipped)
         scaler_found_inf = None
         if check_inf:
@@ -414,19 +435,68 @@ class AdamW(torch.optim.Optimizer):
             updates, ctrl.k, applied, norm, self._norm_buffer(device), record, applied_lr, scaler_found_inf, found_inf
         )
 
+    def _prepare_folded(
+        self, impl: Any, plan: Plan, bucket_grads: list[list[Tensor]], grad_scaler: Any, device: torch.device
+    ) -> _PreparedStep:
+        """``_prepare_step`` on a backend that folds the small ops of a step into its kernels (``impl.FOLDED``,
+        every bucket run by its kernels, no history): pass 1 of every bucket into the cached private stats
+        buffer (the first resets it) and one prepared update per bucket, the last of which also advances the
+        schedule index and writes ``grad_norm`` and GradScaler's ``found_inf`` (``fusedlr.control.FoldedUpdate``).
+        Nothing else runs on the device: a step is one launch per bucket and pass."""
+        scale, found_inf, check_inf = self._amp_scale(device, grad_scaler)
+        if scale is not None:
+            scale = scale.to(device, non_blocking=True)
+        stats = None
+        if self.max_grad_norm is not None or check_inf:
+            stats = self._private_buffer("stats", (2,), device)
+            for i, ((_, b, _, _), gs) in enumerate(zip(plan.buckets, bucket_grads)):
+                impl.grad_stats(b, gs, None, stats, scale=scale, reset=i == 0)
+        ctrl = StepControl(
+            k=self._schedule_index(device),
+            schedule=self.schedule,
+            schedule_table=self._schedule_tensor(device),
+            stats=stats,
+            max_norm=self.max_grad_norm,
+            inv_scale=None,
+            found_inf=found_inf,
+        )
+        found_inf_out = self._private_buffer("found_inf", (), device) if check_inf else None
+        applied_lr = self._applied_lr_buffer(device)
+        last = len(plan.buckets) - 1
+        updates: list[tuple[Tensor | None, Tensor | None, Callable[[], None]]] = []
+        for i, ((gi, b, _, _), gs) in enumerate(zip(plan.buckets, bucket_grads)):
+            fold = FoldedUpdate(
+                scale=scale,
+                skip_nonfinite=check_inf,
+                group=gi,
+                advance_k=i == last,
+                norm_out=self._norm_buffer(device) if i == last and stats is not None else None,
+                found_inf_out=found_inf_out if i == last else None,
+            )
+            updates.append((None, None, impl.prepare_update(b, gs, self._hyper(gi, device), ctrl, applied_lr, fold)))
+        scaler_found_inf = None
+        if check_inf:
+            scaler_found_inf = grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        return _PreparedStep(
+            updates, ctrl.k, None, None, self._norm_buffer(device), None, applied_lr, scaler_found_inf, found_inf_out
+        )
+
     @staticmethod
     def _commit_step(prepared: _PreparedStep) -> None:
-        """Apply a prepared step: the update launches, then the counters, norm, history and schedule index."""
+        """Apply a prepared step: the update launches, then the counters, norm, history and schedule index
+        (those the launches do not write themselves)."""
         for steps, upcoming, commit in prepared.updates:
             commit()
-            steps.copy_(upcoming)
+            if steps is not None:
+                steps.copy_(upcoming)
         if prepared.scaler_found_inf is not None:  # GradScaler.update() reads it
             prepared.scaler_found_inf[prepared.norm_out.device] = prepared.found_inf
         if prepared.norm is not None:
             prepared.norm_out.copy_(prepared.norm)
         if prepared.record is not None:
             prepared.record(prepared.applied_lr)
-        prepared.k.add_(prepared.applied)
+        if prepared.applied is not None:
+            prepared.k.add_(prepared.applied)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -650,11 +720,12 @@ class AdamW(torch.optim.Optimizer):
 @dataclass
 class _PreparedStep:
     """What ``AdamW._commit_step`` applies: per bucket (its step counters, their values after this
-    update, the backend's commit), then the step-level outputs, all computed or allocated beforehand."""
+    update, the backend's commit; counters None when the commit advances them), then the step-level outputs,
+    all computed or allocated beforehand."""
 
-    updates: list[tuple[Tensor, Tensor, Callable[[], None]]]
+    updates: list[tuple[Tensor | None, Tensor | None, Callable[[], None]]]
     k: Tensor  # the schedule index, advanced by ``applied`` (1, or 0/1 as a device tensor under AMP)
-    applied: Tensor | int
+    applied: Tensor | int | None  # None: the update launches advance k themselves
     norm: Tensor | None  # this step's pre-clip norm, copied into ``norm_out`` (the ``grad_norm`` buffer)
     norm_out: Tensor
     record: Callable[[Tensor], None] | None  # the history row's commit, given the applied LRs

@@ -184,19 +184,27 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class EmulatedCudaBackend:
-    """The fusedlr backend interface over the CUDA kernels run on the host (CPU tensors)."""
+    """The fusedlr backend interface over the CUDA kernels run on the host (CPU tensors); it folds
+    (``FOLDED``, ``fusedlr.control.FoldedUpdate``) as the CUDA backend does."""
 
     NAME = "cuda-emulated"
+    FOLDED = True
 
     def __init__(self, shim: ShimLibrary, grid: int) -> None:
         self.shim, self.lib, self.grid = shim, shim.lib, grid
+        self.arrival = torch.zeros(1, dtype=torch.int32)  # of the folded update; the kernel leaves it zero
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.lib.fusedlr_emu_fill_table.restype = i64
         self.lib.fusedlr_emu_fill_table.argtypes = [p, p, i64, i32, p]
-        self.lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, p, i32]
+        self.lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, i32, p, p, i32]
         self.lib.fusedlr_emu_adamw_update.argtypes = [
-            i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p, i32, i32, i32, i32, ctypes.c_uint32, p
+            i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p, i32, i32, i32, i32, ctypes.c_uint32, p,
+            p, i32, i32, i32, p, p, p,
         ]
+
+    def folds(self, bucket, grads) -> bool:
+        """The emulated kernels run every bucket (they copy gradients laid out unlike their param)."""
+        return True
 
     def _table(self, lists, n):
         nptr = len(lists)
@@ -208,7 +216,7 @@ class EmulatedCudaBackend:
         total = self.lib.fusedlr_emu_fill_table(ptrs.data_ptr(), numels.data_ptr(), n, nptr, table.data_ptr())
         return table, total
 
-    def grad_stats(self, bucket, grads, inv_scale, out) -> None:
+    def grad_stats(self, bucket, grads, inv_scale, out, scale=None, reset=False) -> None:
         grads = [g.contiguous() for g in grads]
         table, total = self._table([grads], len(grads))
         grid = max(1, min(total, self.grid))
@@ -219,17 +227,19 @@ class EmulatedCudaBackend:
             len(grads),
             total,
             _ptr(inv_scale),
+            _ptr(scale),
+            int(reset),
             out.data_ptr(),
             workspace.data_ptr(),
             grid,
         )
         self.shim.check(rc)
 
-    def prepare_update(self, bucket, grads, hyper, ctrl, applied_lr=None):
+    def prepare_update(self, bucket, grads, hyper, ctrl, applied_lr=None, fold=None):
         """The backend interface's two-phase update; the emulated launch has nothing to prepare."""
-        return functools.partial(self.adamw_update, bucket, grads, hyper, ctrl, applied_lr)
+        return functools.partial(self.adamw_update, bucket, grads, hyper, ctrl, applied_lr, fold)
 
-    def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None) -> None:
+    def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None, fold=None) -> None:
         n = len(bucket.params)
         if n == 0:
             return
@@ -257,6 +267,9 @@ class EmulatedCudaBackend:
             dtype=torch.float64,
         )
         grid = max(1, min(total, self.grid))
+        lr_out = _ptr(applied_lr)
+        if fold is not None and applied_lr is not None:  # the whole buffer: this group's entry
+            lr_out = applied_lr.data_ptr() + fold.group * applied_lr.element_size()
         rc = self.lib.fusedlr_emu_adamw_update(
             _DTYPE_CODE[bucket.params[0].dtype],
             int(bucket.max_exp_avg_sqs is not None),
@@ -275,12 +288,19 @@ class EmulatedCudaBackend:
             grid,
             _ptr(lr if lr is not None and lr.dtype == torch.float32 else None),
             _ptr(lr if lr is not None and lr.dtype == torch.float64 else None),
-            _ptr(applied_lr),
+            lr_out,
             int(low_precision),
             _DTYPE_CODE[state_dtype],
             0 if master is None and remainder is None else (1 if master is not None else 2),
             int(stochastic),
             0 if prec is None else prec.seed,
             _ptr(prec.pids if stochastic else None),
+            None if fold is None else _ptr(fold.scale),
+            int(fold is not None and fold.skip_nonfinite),
+            int(fold is not None),
+            int(fold is not None and fold.advance_k),
+            None if fold is None else _ptr(fold.norm_out),
+            None if fold is None else _ptr(fold.found_inf_out),
+            self.arrival.data_ptr(),
         )
         self.shim.check(rc)

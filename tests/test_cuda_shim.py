@@ -14,7 +14,7 @@ import torch
 import fusedlr
 from fusedlr import reference
 from fusedlr.bucket import Bucket
-from fusedlr.control import GroupHyper, StepControl
+from fusedlr.control import FoldedUpdate, GroupHyper, StepControl
 
 from cuda_on_host import EmulatedCudaBackend, ShimLibrary, cuda_include, fusedlr_kernels, kernel_barrier_sites
 
@@ -180,32 +180,54 @@ SIZES = [3, 8192 + 5, 1, 0, 2 * 8192, 700]
 STEPS = [1, 7, 2, 9, 30, 4]
 
 
+HYPER = GroupHyper(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
+SCHED = fusedlr.get_schedule("cosine", num_warmup_steps=2, num_training_steps=10)
+
+
+def _folded_step(backend: EmulatedCudaBackend, bucket: Bucket, grads: list[torch.Tensor], scale: torch.Tensor):
+    """A folded step of one bucket by the kernels (as ``AdamW`` runs it on a folding backend): pass 1 into a
+    stats buffer holding garbage (reset), then the update as group 1 of two, advancing the steps and k and
+    writing the norm, found_inf and applied LR. Returns (stats, k, norm, found_inf, applied_lr)."""
+    stats = torch.full((2,), 7.0)
+    backend.grad_stats(bucket, grads, None, stats, scale=scale, reset=True)
+    k, norm, found = torch.tensor(3), torch.full((), -1.0), torch.full((), -1.0)
+    applied = torch.full((2,), float("nan"), dtype=torch.float64)
+    ctrl = StepControl(k=k, schedule=SCHED, schedule_table=SCHED.as_tensor(), stats=stats, max_norm=1.0,
+                       inv_scale=None, found_inf=None)
+    fold = FoldedUpdate(scale=scale, skip_nonfinite=True, group=1, advance_k=True, norm_out=norm, found_inf_out=found)
+    backend.adamw_update(bucket, grads, HYPER, ctrl, applied, fold)
+    return stats, k, norm, found, applied
+
+
 def _kernels_match_reference(backend: EmulatedCudaBackend, seed: int, sizes=SIZES, steps=STEPS) -> bool:
-    """One grad_stats + adamw_update of tensors with different steps (so per-tensor coefficients differ)."""
+    """One folded grad_stats + adamw_update (``_folded_step``) of tensors with different steps (so per-tensor
+    coefficients differ), against the reference and the small ops the optimizer runs without folding."""
     bucket, grads = _bucket(sizes, steps, amsgrad=True, seed=seed)
     ref = _clone(bucket)
-    stats, ref_stats = torch.zeros(2), torch.zeros(2)
-    inv = torch.tensor(0.5)
-    backend.grad_stats(bucket, grads, inv, stats)
+    ref.steps += 1  # the reference reads this update's step numbers
+    scale = torch.tensor(3.0)
+    inv = scale.double().reciprocal().float()  # GradScaler's inverse
+    ref_stats = torch.zeros(2)
     reference.grad_stats(ref, grads, inv, ref_stats)
+    stats, k, norm, found, applied = _folded_step(backend, bucket, grads, scale)
     if not torch.allclose(stats, ref_stats, rtol=1e-5, atol=0):
         return False
-    hyper = GroupHyper(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False)
-    sched = fusedlr.get_schedule("cosine", num_warmup_steps=2, num_training_steps=10)
-    ctrl = StepControl(
-        k=torch.tensor(3),
-        schedule=sched,
-        schedule_table=sched.as_tensor(),
-        stats=ref_stats,
-        max_norm=1.0,
-        inv_scale=inv,
-        found_inf=torch.tensor(0.0),
-    )
-    backend.adamw_update(bucket, grads, hyper, ctrl)
-    reference.adamw_update(ref, grads, hyper, ctrl)
+    ref_lr = torch.zeros((), dtype=torch.float64)
+    ctrl = StepControl(k=torch.tensor(3), schedule=SCHED, schedule_table=SCHED.as_tensor(), stats=stats, max_norm=1.0,
+                       inv_scale=inv, found_inf=torch.tensor(0.0))
+    reference.adamw_update(ref, grads, HYPER, ctrl, ref_lr)
     pairs = zip([*bucket.params, *bucket.exp_avgs, *bucket.exp_avg_sqs, *bucket.max_exp_avg_sqs],
                 [*ref.params, *ref.exp_avgs, *ref.exp_avg_sqs, *ref.max_exp_avg_sqs])
-    return all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+    return (
+        all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+        and torch.equal(bucket.steps, ref.steps)
+        and int(k) == 4
+        and torch.equal(norm, stats[0].sqrt())
+        and float(found) == 0.0
+        and torch.equal(applied[1], ref_lr)
+        and bool(applied[0].isnan())
+        and int(backend.arrival) == 0
+    )
 
 
 def test_fusedlr_kernels_match_reference_under_many_interleavings() -> None:
@@ -245,6 +267,31 @@ def test_every_barrier_of_the_kernels_is_needed(site: int) -> None:
     finally:
         shim.disable_barrier(None)
     assert caught, f"removing the barrier at {shim.barrier_sites[site]} changed no result"
+
+
+@pytest.mark.parametrize("grid", [1, 3])
+def test_folded_step_skipped_and_without_chunks(grid: int) -> None:
+    """A skipped step (an inf gradient) writes only the norm (inf) and found_inf (1): steps, k, the applied LR
+    and every tensor stay; a bucket of zero-size tensors (no chunk) still resets the stats, advances the steps
+    and k and writes the norm, found_inf and applied LR."""
+    shim = fusedlr_kernels()
+    shim.disable_barrier(None)
+    shim.configure(grid, yield_prob=0.5, resident_blocks=2)
+    backend = EmulatedCudaBackend(shim, grid=grid)
+    bucket, grads = _bucket(SIZES, STEPS, amsgrad=True, seed=1)
+    grads[1][17] = float("inf")
+    before = _clone(bucket)
+    stats, k, norm, found, applied = _folded_step(backend, bucket, grads, torch.tensor(2.0))
+    assert stats[1] > 0 and float(norm) == float("inf") and float(found) == 1.0
+    assert int(k) == 3 and torch.equal(bucket.steps, before.steps) and bool(applied.isnan().all())
+    for a, b in zip(_tensors(bucket), _tensors(before)):
+        assert torch.equal(a, b)
+
+    empty, empty_grads = _bucket([0, 0], [0, 5], amsgrad=True, seed=2)
+    stats, k, norm, found, applied = _folded_step(backend, empty, empty_grads, torch.tensor(2.0))
+    assert stats.tolist() == [0.0, 0.0] and float(norm) == 0.0 and float(found) == 0.0
+    assert int(k) == 4 and empty.steps.tolist() == [1, 6] and int(backend.arrival) == 0
+    assert float(applied[1]) == pytest.approx(1e-2 * SCHED(3)) and bool(applied[0].isnan())
 
 
 # Twenty tensors, zero-size ones first, last and in runs, 22 chunks: grids of 3 and 7 blocks split them

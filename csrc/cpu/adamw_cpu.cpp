@@ -339,17 +339,24 @@ void check_cpu(const at::Tensor& t, const char* what) {
 // ---------------------------------------------------------------- ops
 void grad_stats_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
-                    const std::optional<at::Tensor>& workspace) {
+                    const std::optional<at::Tensor>& workspace, const std::optional<at::Tensor>& scale,
+                    bool reset) {
   (void)table;
   (void)table_host;
   (void)workspace;
   check_cpu(out, "out");
   const int code = check_grad_stats(grads, inv_scale, out);
+  check_scale(scale, inv_scale, out.device());
   std::vector<at::Tensor> gs;
   gs.reserve(grads.size());
   for (const auto& g : grads) gs.push_back(kernel_grad(g, nullptr));
-  const float inv = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
-  grad_stats_kernel(code, gs, inv, out.data_ptr<float>());
+  const float inv = unscale_factor(opt_ptr<float>(inv_scale), opt_ptr<float>(scale));
+  float* o = out.data_ptr<float>();
+  if (reset) {
+    o[0] = 0.0f;
+    o[1] = 0.0f;
+  }
+  grad_stats_kernel(code, gs, inv, o);
 }
 
 void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -360,9 +367,13 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       double weight_decay, bool maximize, at::TensorList masters, at::TensorList remainders,
                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& applied_lr,
-                      const std::optional<at::Tensor>& pids, int64_t seed, bool stochastic) {
+                      const std::optional<at::Tensor>& pids, int64_t seed, bool stochastic, int64_t lr_index,
+                      const std::optional<at::Tensor>& scale, bool skip_nonfinite, bool advance, bool advance_k,
+                      const std::optional<at::Tensor>& norm_out, const std::optional<at::Tensor>& found_inf_out,
+                      const std::optional<at::Tensor>& workspace) {
   (void)table;
   (void)table_host;
+  (void)workspace;
   check_cpu(steps, "steps");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
                                          stats, max_norm, inv_scale, found_inf,
@@ -375,10 +386,19 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   in.inv_scale = opt_ptr<float>(inv_scale);
   in.found_inf = opt_ptr<float>(found_inf);
   in.steps = steps.data_ptr<int64_t>();
-  set_lr_inputs(lr_tensor, applied_lr, steps.device(), in);
+  set_lr_inputs(lr_tensor, applied_lr, lr_index, steps.device(), in);
+  check_scale(scale, inv_scale, steps.device());
+  in.grad_scale = opt_ptr<float>(scale);
+  in.skip_nonfinite = skip_nonfinite;
+  const StepOutputs out = step_outputs(advance, advance_k, steps, k, stats, norm_out, found_inf_out, skip_nonfinite);
   const StepScalars s = step_scalars(h, in);
+  write_step_flags(in, s, out);
   if (s.skip) return;
   if (in.applied_lr != nullptr) *in.applied_lr = s.lr;
+  if (out.steps != nullptr) {  // from here on, steps hold this update's step numbers (the kernels read them)
+    for (size_t i = 0; i < params.size(); ++i) out.steps[i] += 1;
+  }
+  if (out.k != nullptr) *out.k += 1;  // read only by step_scalars
   if (params.empty()) return;
   if (chk.low_precision) {
     const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};

@@ -1,10 +1,12 @@
 // Pass 2 on CUDA: the fused AdamW update of every tensor of a bucket in one launch.
 //
 // Each block first evaluates the per-step scalars (schedule, clip coefficient, AMP scale,
-// found_inf, a tensor LR) from device memory, and exits at once when found_inf > 0 (else block 0
-// records the applied LR); then it walks its contiguous range of chunks (detail::block_chunks: one
-// binary search, then forward tensor by tensor), computing each tensor's bias corrections (and, with
-// stochastic rounding, its random-bit keys) once per tensor in shared memory.
+// found_inf, a tensor LR) from device memory (block 0 writes the step's norm and found_inf outputs),
+// and exits at once when the step is skipped (else block 0 records the applied LR); then it walks its
+// contiguous range of chunks (detail::block_chunks: one binary search, then forward tensor by tensor),
+// computing each tensor's bias corrections (and, with stochastic rounding, its random-bit keys) once per
+// tensor in shared memory. When the launch advances the step counters or k, the last block to finish
+// (an integer arrival counter, as in grad_stats.cu) advances them, after every block has read them.
 #include <type_traits>
 
 #include "grid.h"
@@ -20,21 +22,44 @@ namespace {
 template <typename T, bool LOWP>
 constexpr int kUpdateMinBlocks = !LOWP && sizeof(T) < 8 ? 2 : 1;
 
+// The epilogue of a launch that advances the step counters (``outs.steps``, n of them) or k: the last
+// block to arrive advances them and leaves the arrival counter zero. Every block reads them in thread 0
+// only (step_scalars, tensor_coeffs), before it arrives.
+__device__ void advance_counters(int64_t n, const StepOutputs& outs) {
+  __shared__ bool s_last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(outs.arrival, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;  // uniform over the block
+  __threadfence();
+  if (outs.steps != nullptr) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) outs.steps[i] += 1;
+  }
+  if (threadIdx.x == 0) {
+    if (outs.k != nullptr) *outs.k += 1;
+    *outs.arrival = 0u;
+  }
+}
+
 // LOWP: the low-precision modes (moments M, masters/remainders, stochastic rounding); without it M is
 // the math type and the kernel is the default update.
 template <typename T, typename M, bool AMSGRAD, bool LOWP>
 __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<T, LOWP>)
     adamw_kernel(const int64_t* __restrict__ table, int64_t n, int64_t total_chunks, AdamWHyper hyper,
-                 StepInputs in, LowPrecision lp) {
+                 StepInputs in, LowPrecision lp, StepOutputs outs) {
   using S = typename detail::Elem<T>::S;
   __shared__ StepScalars s_step;
   __shared__ AdamWCoeffs<S> s_coeffs;
   __shared__ RngKeys s_keys;  // of the current tensor (LOWP with stochastic rounding)
   if (threadIdx.x == 0) s_step = step_scalars(hyper, in);
   __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0) write_step_flags(in, s_step, outs);
   if (s_step.skip) return;  // uniform over the block
   const StepScalars step = s_step;
   if (blockIdx.x == 0 && threadIdx.x == 0 && in.applied_lr != nullptr) *in.applied_lr = step.lr;
+  const int64_t offset = outs.steps != nullptr ? 1 : 0;  // in.steps: the updates applied before this one
 
   // The block's chunks tensor by tensor: one binary search for the first one's tensor, then forward
   // (tensors without chunks in the range, zero-size ones included, are passed over).
@@ -46,8 +71,9 @@ __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<T, LOWP>)
     if (end <= chunk) continue;  // uniform over the block
     __syncthreads();             // everyone has read the previous coefficients (and keys)
     if (threadIdx.x == 0) {
-      s_coeffs = tensor_coeffs<S>(hyper, step, in.steps[tensor]);
-      if (LOWP && lp.stochastic) s_keys = rng_keys(lp.seed, lp.pids[tensor], in.steps[tensor]);
+      const int64_t t = in.steps[tensor] + offset;
+      s_coeffs = tensor_coeffs<S>(hyper, step, t);
+      if (LOWP && lp.stochastic) s_keys = rng_keys(lp.seed, lp.pids[tensor], t);
     }
     __syncthreads();
     const AdamWCoeffs<S> c = s_coeffs;
@@ -56,6 +82,7 @@ __global__ void __launch_bounds__(kThreads, kUpdateMinBlocks<T, LOWP>)
                                                 lp, s_keys, threadIdx.x, blockDim.x);
     }
   }
+  if (outs.steps != nullptr || outs.k != nullptr) advance_counters(n, outs);  // uniform over the grid
 }
 
 using AdamWKernel = decltype(&adamw_kernel<float, float, false, false>);
@@ -100,11 +127,14 @@ __global__ void schedule_eval_kernel(const double* __restrict__ table, const int
 
 cudaError_t launch_adamw_update(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                                 const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp,
-                                int state_dtype, int grid, cudaStream_t stream) {
-  if (total_chunks <= 0 || grid <= 0) return cudaSuccess;
+                                int state_dtype, const StepOutputs& outs, int grid, cudaStream_t stream) {
+  const bool writes_outputs = outs.steps != nullptr || outs.k != nullptr || outs.norm != nullptr ||
+                              outs.found_inf != nullptr || in.applied_lr != nullptr;
+  if (grid <= 0 || (total_chunks <= 0 && !writes_outputs)) return cudaSuccess;
+  if ((outs.steps != nullptr || outs.k != nullptr) && outs.arrival == nullptr) return cudaErrorInvalidValue;
   const AdamWKernel kernel = kernel_for(dtype, amsgrad, lp != nullptr, state_dtype);
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  kernel<<<grid, kThreads, 0, stream>>>(table, n, total_chunks, hyper, in, lp != nullptr ? *lp : LowPrecision{});
+  kernel<<<grid, kThreads, 0, stream>>>(table, n, total_chunks, hyper, in, lp != nullptr ? *lp : LowPrecision{}, outs);
   return cudaGetLastError();
 }
 

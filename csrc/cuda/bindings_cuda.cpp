@@ -83,9 +83,11 @@ const int64_t* upload_table(const std::vector<int64_t>& h, const std::optional<a
 
 void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
                      const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
-                     const std::optional<at::Tensor>& workspace) {
+                     const std::optional<at::Tensor>& workspace, const std::optional<at::Tensor>& scale,
+                     bool reset) {
   TORCH_CHECK(out.is_cuda(), "fusedlr.grad_stats (CUDA): out must be a CUDA tensor");
   const int code = check_grad_stats(grads, inv_scale, out);
+  check_scale(scale, inv_scale, out.device());
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t n = static_cast<int64_t>(grads.size());
   std::vector<at::Tensor> gs;
@@ -95,7 +97,12 @@ void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_
   for (const auto& g : gs) ptrs.push_back(&g);
   int64_t total_chunks = 0;
   const std::vector<int64_t> h = build_table({ptrs}, kStatsPtrs, n, &total_chunks);
-  if (total_chunks == 0) return;
+  if (total_chunks == 0) {
+    check_launch(launch_grad_stats(code, nullptr, n, 0, nullptr, nullptr, reset, out.data_ptr<float>(), nullptr, 0,
+                                   current_stream(out.device())),
+                 "grad_stats");
+    return;
+  }
   at::Tensor keep;
   const int64_t* dtable = upload_table(h, table, table_host, out.device(), keep);
   int grid = 0;
@@ -110,8 +117,8 @@ void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_
   } else {
     ws = at::zeros({2 * static_cast<int64_t>(grid) + 1}, out.options());
   }
-  check_launch(launch_grad_stats(code, dtable, n, total_chunks, opt_ptr<float>(inv_scale), out.data_ptr<float>(),
-                                 ws.data_ptr<float>(), grid, current_stream(out.device())),
+  check_launch(launch_grad_stats(code, dtable, n, total_chunks, opt_ptr<float>(inv_scale), opt_ptr<float>(scale), reset,
+                                 out.data_ptr<float>(), ws.data_ptr<float>(), grid, current_stream(out.device())),
                "grad_stats");
 }
 
@@ -124,11 +131,28 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList masters, at::TensorList remainders, const std::optional<at::Tensor>& table,
                        const std::optional<at::Tensor>& table_host, const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& applied_lr, const std::optional<at::Tensor>& pids,
-                       int64_t seed, bool stochastic) {
+                       int64_t seed, bool stochastic, int64_t lr_index, const std::optional<at::Tensor>& scale,
+                       bool skip_nonfinite, bool advance, bool advance_k, const std::optional<at::Tensor>& norm_out,
+                       const std::optional<at::Tensor>& found_inf_out, const std::optional<at::Tensor>& workspace) {
   TORCH_CHECK(steps.is_cuda(), "fusedlr.adamw_update (CUDA): steps must be a CUDA tensor");
   CheckedUpdate chk = check_adamw_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, k, schedule,
                                          stats, max_norm, inv_scale, found_inf,
                                          PrecisionArgs{masters, remainders, pids, stochastic});
+  check_scale(scale, inv_scale, steps.device());
+  StepOutputs outs = step_outputs(advance, advance_k, steps, k, stats, norm_out, found_inf_out, skip_nonfinite);
+  at::Tensor arrival;
+  if (advance || advance_k) {
+    if (workspace.has_value()) {
+      arrival = *workspace;
+      TORCH_CHECK(arrival.scalar_type() == at::kInt && arrival.is_contiguous() && arrival.numel() >= 1 &&
+                      arrival.device() == steps.device(),
+                  "fusedlr.adamw_update: workspace must be a contiguous int32 tensor of at least 1 element on ",
+                  steps.device(), " (zero before its first use)");
+    } else {
+      arrival = at::zeros({1}, steps.options().dtype(at::kInt));
+    }
+    outs.arrival = reinterpret_cast<unsigned int*>(arrival.data_ptr<int32_t>());
+  }
   const c10::cuda::CUDAGuard guard(steps.device());
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<std::vector<const at::Tensor*>> lists(kUpdatePtrs);
@@ -143,7 +167,9 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   }
   int64_t total_chunks = 0;
   const std::vector<int64_t> h = build_table(lists, kUpdatePtrs, n, &total_chunks);
-  if (total_chunks == 0) return;
+  const bool writes_outputs = advance || advance_k || norm_out.has_value() || found_inf_out.has_value() ||
+                              applied_lr.has_value();
+  if (total_chunks == 0 && !writes_outputs) return;
   at::Tensor keep;
   const int64_t* dtable = upload_table(h, table, table_host, steps.device(), keep);
 
@@ -155,14 +181,16 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   in.inv_scale = opt_ptr<float>(inv_scale);
   in.found_inf = opt_ptr<float>(found_inf);
   in.steps = steps.data_ptr<int64_t>();
-  set_lr_inputs(lr_tensor, applied_lr, steps.device(), in);
+  in.grad_scale = opt_ptr<float>(scale);
+  in.skip_nonfinite = skip_nonfinite;
+  set_lr_inputs(lr_tensor, applied_lr, lr_index, steps.device(), in);
   const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};
   int grid = 0;
   check_launch(adamw_update_grid(chk.dtype, chk.amsgrad, chk.low_precision, chk.state_dtype, total_chunks,
                                  steps.device().index(), &grid),
                "(sizing the grid of adamw_update)");
   check_launch(launch_adamw_update(chk.dtype, chk.amsgrad, dtable, n, total_chunks, hyper, in,
-                                   chk.low_precision ? &lp : nullptr, chk.state_dtype, grid,
+                                   chk.low_precision ? &lp : nullptr, chk.state_dtype, outs, grid,
                                    current_stream(steps.device())),
                "adamw_update");
 }

@@ -52,8 +52,9 @@ __device__ void block_sum(float& sum, unsigned int& count) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     grad_stats_kernel(const int64_t* __restrict__ table, int64_t n, int64_t total_chunks,
-                      const float* __restrict__ inv_scale, float* __restrict__ out, float* workspace) {
-  const float inv = inv_scale != nullptr ? *inv_scale : 1.0f;
+                      const float* __restrict__ inv_scale, const float* __restrict__ scale, bool reset,
+                      float* __restrict__ out, float* workspace) {
+  const float inv = unscale_factor(inv_scale, scale);
   float sum = 0.0f;
   unsigned int count = 0;
   detail::SpanWalk<kStatsPtrs> walk(table, n, detail::block_chunks(total_chunks, gridDim.x, blockIdx.x));
@@ -83,8 +84,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
   block_sum(sum, count);
   if (threadIdx.x == 0) {
-    out[0] += sum;
-    if (count > 0) out[1] += static_cast<float>(count);
+    if (reset) {
+      out[0] = sum;
+      out[1] = static_cast<float>(count);
+    } else {
+      out[0] += sum;
+      if (count > 0) out[1] += static_cast<float>(count);
+    }
     *arrived = 0u;
   }
 }
@@ -105,11 +111,13 @@ StatsKernel kernel_for(int dtype) {
 }  // namespace
 
 cudaError_t launch_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
-                              float* out, float* workspace, int grid, cudaStream_t stream) {
-  if (total_chunks <= 0 || grid <= 0) return cudaSuccess;
+                              const float* scale, bool reset, float* out, float* workspace, int grid,
+                              cudaStream_t stream) {
+  if (total_chunks <= 0) return reset ? cudaMemsetAsync(out, 0, 2 * sizeof(float), stream) : cudaSuccess;
+  if (grid <= 0) return cudaSuccess;
   const StatsKernel kernel = kernel_for(dtype);
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  kernel<<<grid, kThreads, 0, stream>>>(table, n, total_chunks, inv_scale, out, workspace);
+  kernel<<<grid, kThreads, 0, stream>>>(table, n, total_chunks, inv_scale, scale, reset, out, workspace);
   return cudaGetLastError();
 }
 

@@ -15,20 +15,25 @@ namespace cuda {
 
 // dtype codes: fusedlr::DType (0 float32, 1 float16, 2 bfloat16, 3 float64).
 
-// Pass 1: out[0] += sum((g * inv_scale)^2) (float32 accumulation), out[1] += non-finite count,
-// bitwise reproducible for a given grid. inv_scale may be null. grid: number of blocks
-// (<= total_chunks). workspace: float32 [2 * grid + 1], zero before the first launch (each
-// launch leaves it ready for the next).
+// Pass 1: out[0] += sum((g * f)^2) (float32 accumulation), out[1] += non-finite count, bitwise
+// reproducible for a given grid; f = unscale_factor(inv_scale, scale) (each may be null). reset: out =
+// instead of +=, also with no chunk (then a memset). grid: number of blocks (<= total_chunks).
+// workspace: float32 [2 * grid + 1], zero before the first launch (each launch leaves it ready for the next).
 cudaError_t launch_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
-                              float* out, float* workspace, int grid, cudaStream_t stream);
+                              const float* scale, bool reset, float* out, float* workspace, int grid,
+                              cudaStream_t stream);
 
 // Pass 2: the fused AdamW update of every tensor of the table. ``in`` holds device pointers
-// (k, steps required; others null when absent). Nothing is written when *found_inf > 0.
+// (k, steps required; others null when absent). Nothing is written when the step is skipped
+// (*found_inf > 0, or stats[1] > 0 with in.skip_nonfinite) but ``outs.norm``/``outs.found_inf``.
 // ``lp``: null for the default update, else the low-precision modes (moments of ``state_dtype``,
 // bfloat16 or float32; the table's masters or remainders per ``lp->master``; ``lp->pids`` on the device).
+// ``outs``: the step's counters and outputs (adamw_math.h; ``outs.arrival`` an unsigned int zero before
+// the first launch and left zero, needed with ``outs.steps`` or ``outs.k``). A launch with outputs to
+// write runs with no chunk too (give it grid 1).
 cudaError_t launch_adamw_update(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                                 const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp,
-                                int state_dtype, int grid, cudaStream_t stream);
+                                int state_dtype, const StepOutputs& outs, int grid, cudaStream_t stream);
 
 // The grid of launch_grad_stats / launch_adamw_update (same dtype and modes; ``low_precision``: lp not
 // null) over ``total_chunks`` chunks on ``device`` (the current device) into ``grid``: min(total_chunks,

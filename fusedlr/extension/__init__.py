@@ -72,7 +72,9 @@ def schedule_eval(table: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
 if _C is not None:
 
     @torch.library.register_fake("fusedlr::grad_stats")
-    def _grad_stats_fake(grads, inv_scale, out, table=None, table_host=None, workspace=None) -> None:
+    def _grad_stats_fake(
+        grads, inv_scale, out, table=None, table_host=None, workspace=None, scale=None, reset=False
+    ) -> None:
         return None
 
     @torch.library.register_fake("fusedlr::adamw_update")
@@ -104,6 +106,14 @@ if _C is not None:
         pids=None,
         seed=0,
         stochastic=False,
+        lr_index=0,
+        scale=None,
+        skip_nonfinite=False,
+        advance=False,
+        advance_k=False,
+        norm_out=None,
+        found_inf_out=None,
+        workspace=None,
     ) -> None:
         return None
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..bucket import Bucket
-from ..control import GroupHyper, StepControl
+from ..control import FoldedUpdate, GroupHyper, StepControl
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -69,6 +69,15 @@ def compiled_ok(bucket: Bucket, grads: list[Tensor], backend: str) -> bool:
     return not grads or grads[0].dtype == bucket.params[0].dtype
 
 
+def check_folds(bucket: Bucket, grads: list[Tensor], backend: str, fold: FoldedUpdate | None) -> bool:
+    """``compiled_ok``, refusing a folded update (``fold``) of a bucket the kernels do not run (callers ask
+    the backend's ``folds`` first)."""
+    ok = compiled_ok(bucket, grads, backend)
+    if fold is not None and not ok:
+        raise ValueError(f"fusedlr backend={backend!r}: a folded update of a bucket the kernels do not run")
+    return ok
+
+
 def kernel_grads(bucket: Bucket, grads: list[Tensor]) -> list[Tensor]:
     """``grads`` as the kernels read them: each laid out like its parameter (a copy made here otherwise,
     so that the kernels never allocate; gradients are only read)."""
@@ -125,13 +134,25 @@ def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: St
     )
 
 
-def update_kwargs(bucket: Bucket, hyper: GroupHyper, applied_lr: Tensor | None) -> dict[str, object]:
-    """Keyword arguments of ``torch.ops.fusedlr.adamw_update``: the tensor LR, the applied-LR output and
-    stochastic rounding's key of ``bucket.precision``."""
+def update_kwargs(
+    bucket: Bucket, hyper: GroupHyper, applied_lr: Tensor | None, fold: FoldedUpdate | None = None
+) -> dict[str, object]:
+    """Keyword arguments of ``torch.ops.fusedlr.adamw_update``: the tensor LR, the applied-LR output,
+    stochastic rounding's key of ``bucket.precision`` and the folded step's arguments (``fold``)."""
     kwargs: dict[str, object] = {
         "lr_tensor": hyper.lr if isinstance(hyper.lr, Tensor) else None,
         "applied_lr": applied_lr,
     }
+    if fold is not None:
+        kwargs.update(
+            lr_index=fold.group,
+            scale=fold.scale,
+            skip_nonfinite=fold.skip_nonfinite,
+            advance=True,
+            advance_k=fold.advance_k,
+            norm_out=fold.norm_out,
+            found_inf_out=fold.found_inf_out,
+        )
     prec = bucket.precision
     if prec is not None:
         kwargs.update(

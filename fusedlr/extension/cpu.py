@@ -2,6 +2,7 @@
 
 Same interface and math as ``fusedlr.reference``; a bucket whose parameters or states are not
 dense (or whose grads have another dtype than the params) is handed to the reference instead.
+It folds (``FOLDED``, see ``fusedlr.backends``): the ops take a step's small ops (``fusedlr.control.FoldedUpdate``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from torch import Tensor
 
 from .. import extension, reference
 from ..bucket import Bucket
-from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, kernel_grads, update_args, update_kwargs
+from ..control import FoldedUpdate, GroupHyper, StepControl
+from ._common import check_folds, compiled_ok, kernel_grads, update_args, update_kwargs
 
-__all__ = ["NAME", "adamw_update", "available", "grad_stats", "prepare_update"]
+__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "prepare_update"]
 
 NAME = "cpu"
+FOLDED = True
 
 
 def available(device: torch.device) -> str | None:
@@ -34,20 +36,39 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
-    """Pass 1 (see ``fusedlr.reference.grad_stats``)."""
-    torch.ops.fusedlr.grad_stats(grads, inv_scale, out)
+def folds(bucket: Bucket, grads: list[Tensor]) -> bool:
+    """Whether the kernels run this bucket, so that its update may take a ``FoldedUpdate``."""
+    return compiled_ok(bucket, grads, NAME)
+
+
+def grad_stats(
+    bucket: Bucket,
+    grads: list[Tensor],
+    inv_scale: Tensor | None,
+    out: Tensor,
+    scale: Tensor | None = None,
+    reset: bool = False,
+) -> None:
+    """Pass 1 (see ``fusedlr.reference.grad_stats``); folded: GradScaler's ``scale`` instead of ``inv_scale``,
+    and ``reset`` writes ``out`` instead of adding to it."""
+    torch.ops.fusedlr.grad_stats(grads, inv_scale, out, scale=scale, reset=reset)
 
 
 def prepare_update(
-    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+    bucket: Bucket,
+    grads: list[Tensor],
+    hyper: GroupHyper,
+    ctrl: StepControl,
+    applied_lr: Tensor | None = None,
+    fold: FoldedUpdate | None = None,
 ) -> Callable[[], None]:
-    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``): the checks, the fallback decision and
-    the gradients' layout copies happen here; the commit is the op, which then allocates nothing."""
-    if not compiled_ok(bucket, grads, NAME):
+    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``; ``fold``: ``FoldedUpdate``): the checks, the
+    fallback decision and the gradients' layout copies happen here; the commit is the op, which then
+    allocates nothing."""
+    if not check_folds(bucket, grads, NAME, fold):
         return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
     args = update_args(bucket, kernel_grads(bucket, grads), hyper, ctrl)
-    return partial(torch.ops.fusedlr.adamw_update, *args, **update_kwargs(bucket, hyper, applied_lr))
+    return partial(torch.ops.fusedlr.adamw_update, *args, **update_kwargs(bucket, hyper, applied_lr, fold))
 
 
 def adamw_update(

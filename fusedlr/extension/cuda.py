@@ -5,6 +5,7 @@ device table of pointers/numels its launches read and a host mirror of it: the t
 re-uploaded (async copy from pinned memory, no sync) only when a pointer changed, so steps are
 sync-free and CUDA-graph capturable once a first (warm-up) step has run. A bucket whose params or
 states are not dense (or whose grads have another dtype than the params) uses the reference.
+It folds (``FOLDED``, see ``fusedlr.backends``): the kernels take a step's small ops (``fusedlr.control.FoldedUpdate``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from torch import Tensor
 
 from .. import extension, reference
 from ..bucket import Bucket
-from ..control import GroupHyper, StepControl
-from ._common import compiled_ok, kernel_grads, update_args, update_kwargs
+from ..control import FoldedUpdate, GroupHyper, StepControl
+from ._common import check_folds, compiled_ok, kernel_grads, update_args, update_kwargs
 
-__all__ = ["NAME", "adamw_update", "available", "grad_stats", "prepare_update"]
+__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "prepare_update"]
 
 NAME = "cuda"
+FOLDED = True
 
 
 def available(device: torch.device) -> str | None:
@@ -85,25 +87,59 @@ def _workspace(bucket: Bucket, device: torch.device) -> Tensor:
     return ws
 
 
-def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
+@torch.compiler.disable
+def _arrival(bucket: Bucket, device: torch.device) -> Tensor:
+    """The zeroed int32 arrival counter of a folded update launch (cached; the kernel leaves it zero)."""
+    counter = bucket.cache.get("fusedlr_cuda_update_workspace")
+    if not isinstance(counter, Tensor) or counter.device != device:
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        bucket.cache["fusedlr_cuda_update_workspace"] = counter
+    return counter
+
+
+def folds(bucket: Bucket, grads: list[Tensor]) -> bool:
+    """Whether the kernels run this bucket, so that its update may take a ``FoldedUpdate``."""
+    return compiled_ok(bucket, grads, NAME)
+
+
+def grad_stats(
+    bucket: Bucket,
+    grads: list[Tensor],
+    inv_scale: Tensor | None,
+    out: Tensor,
+    scale: Tensor | None = None,
+    reset: bool = False,
+) -> None:
     """Pass 1 (see ``fusedlr.reference.grad_stats``): one launch, a fixed-order two-stage reduction into
-    ``out`` (bitwise reproducible, no floating-point atomics)."""
+    ``out`` (bitwise reproducible, no floating-point atomics); folded: GradScaler's ``scale`` instead of
+    ``inv_scale``, and ``reset`` writes ``out`` instead of adding to it (a memset when no chunk)."""
     table, host = _table(bucket, "fusedlr_cuda_stats_table", len(grads), extension._C.STATS_TABLE_PTRS, out.device)
-    torch.ops.fusedlr.grad_stats(grads, inv_scale, out, table, host, _workspace(bucket, out.device))
+    torch.ops.fusedlr.grad_stats(
+        grads, inv_scale, out, table, host, _workspace(bucket, out.device), scale=scale, reset=reset
+    )
 
 
 def prepare_update(
-    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+    bucket: Bucket,
+    grads: list[Tensor],
+    hyper: GroupHyper,
+    ctrl: StepControl,
+    applied_lr: Tensor | None = None,
+    fold: FoldedUpdate | None = None,
 ) -> Callable[[], None]:
-    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``): checks, fallback decision, table and
-    the gradients' layout copies here; the commit is one launch, nothing written when found_inf > 0."""
-    if not compiled_ok(bucket, grads, NAME):
+    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``; ``fold``: ``FoldedUpdate``): checks,
+    fallback decision, table and the gradients' layout copies here; the commit is one launch (also with
+    no chunk when it has outputs to write), nothing but ``fold``'s flags written when the step is skipped."""
+    if not check_folds(bucket, grads, NAME, fold):
         return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
     table, host = _table(
         bucket, "fusedlr_cuda_update_table", len(bucket.params), extension._C.UPDATE_TABLE_PTRS, bucket.device
     )
     args = update_args(bucket, kernel_grads(bucket, grads), hyper, ctrl)
-    return partial(torch.ops.fusedlr.adamw_update, *args, table, host, **update_kwargs(bucket, hyper, applied_lr))
+    kwargs = update_kwargs(bucket, hyper, applied_lr, fold)
+    if fold is not None:
+        kwargs["workspace"] = _arrival(bucket, bucket.device)
+    return partial(torch.ops.fusedlr.adamw_update, *args, table, host, **kwargs)
 
 
 def adamw_update(

@@ -20,8 +20,8 @@ int64_t fusedlr_emu_fill_table(const int64_t* ptrs, const int64_t* numels, int64
 
 // workspace: float32 [2 * grid + 1], zero before the first launch (see launch_grad_stats).
 int fusedlr_emu_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
-                           float* out, float* workspace, int grid) {
-  return launch_grad_stats(dtype, table, n, total_chunks, inv_scale, out, workspace, grid, nullptr);
+                           const float* scale, int reset, float* out, float* workspace, int grid) {
+  return launch_grad_stats(dtype, table, n, total_chunks, inv_scale, scale, reset != 0, out, workspace, grid, nullptr);
 }
 
 // The grid the CUDA binding launches pass 1 / pass 2 with (on the shim's device; -1 on an error).
@@ -39,13 +39,16 @@ int fusedlr_emu_adamw_update_grid(int dtype, int amsgrad, int low_precision, int
 // hyper6: lr, beta1, beta2, eps, weight_decay, max_norm (used when has_max_norm). lr_f32/lr_f64: a
 // tensor LR replacing hyper6[0] (or null); applied_lr receives lr_t when the update is applied (or null).
 // low_precision: 0 for the default update, else the modes master (MasterKind), stochastic, seed and
-// pids, with moments of state_dtype.
+// pids, with moments of state_dtype. scale, skip_nonfinite and the outputs: the folded step (StepOutputs;
+// advance: steps are advanced, advance_k: k; arrival: an unsigned int, zero between launches).
 int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
-                             const double* hyper6, int has_max_norm, int maximize, const int64_t* k,
+                             const double* hyper6, int has_max_norm, int maximize, int64_t* k,
                              const double* schedule, const float* stats, const float* inv_scale,
-                             const float* found_inf, const int64_t* steps, int grid, const float* lr_f32,
+                             const float* found_inf, int64_t* steps, int grid, const float* lr_f32,
                              const double* lr_f64, double* applied_lr, int low_precision, int state_dtype,
-                             int master, int stochastic, uint32_t seed, const int64_t* pids) {
+                             int master, int stochastic, uint32_t seed, const int64_t* pids, const float* scale,
+                             int skip_nonfinite, int advance, int advance_k, float* norm_out, float* found_inf_out,
+                             unsigned int* arrival) {
   const AdamWHyper h = make_hyper(hyper6[0], hyper6[1], hyper6[2], hyper6[3], hyper6[4],
                                   has_max_norm != 0 ? std::optional<double>(hyper6[5]) : std::nullopt,
                                   maximize != 0);
@@ -59,9 +62,17 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
   in.lr_f32 = lr_f32;
   in.lr_f64 = lr_f64;
   in.applied_lr = applied_lr;
+  in.grad_scale = scale;
+  in.skip_nonfinite = skip_nonfinite != 0;
+  StepOutputs outs{};
+  outs.steps = advance != 0 ? steps : nullptr;
+  outs.k = advance_k != 0 ? k : nullptr;
+  outs.norm = norm_out;
+  outs.found_inf = found_inf_out;
+  outs.arrival = arrival;
   const LowPrecision lp{master, stochastic != 0, seed, pids};
   return launch_adamw_update(dtype, amsgrad != 0, table, n, total_chunks, h, in, low_precision != 0 ? &lp : nullptr,
-                             state_dtype, grid, nullptr);
+                             state_dtype, outs, grid, nullptr);
 }
 
 }  // extern "C"
