@@ -1,0 +1,225 @@
+"""The folded step (``fusedlr.control.FoldedUpdate``): on a backend that folds (``cpu`` through its ops, ``cuda``),
+a steady-state step is one ``grad_stats`` and one ``adamw_update`` per bucket and nothing else (the eager fast
+path disabled, so that the ops run), and its results are torch's recipe's: ``torch.optim.AdamW`` +
+``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler`` (with skipped steps), with ``grad_norm``, ``applied_lr``,
+GradScaler's ``found_inf``, the schedule index and the state steps after each step. "emu" runs the same
+steps through the CUDA kernels themselves on the host (tests/cuda_on_host.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedlr
+from fusedlr import fast_step
+
+from cuda_on_host import EmulatedCudaBackend, fusedlr_kernels
+from test_extension import needs_cuda, needs_ext, needs_host_cuda
+
+pytestmark = [pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")]
+
+SCHED = fusedlr.get_schedule("cosine", num_warmup_steps=2, num_training_steps=12)
+LR = 1e-2
+
+
+class _Ops(TorchDispatchMode):
+    """The ops dispatched while active (``profiler.*`` records left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).startswith("profiler."):
+            self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _model(seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(device)
+
+
+def _groups(model: torch.nn.Module, n: int) -> list[dict]:
+    """One group, or two (weights decayed; biases not, with their own LR, betas and eps)."""
+    if n == 1:
+        return [{"params": list(model.parameters())}]
+    return [
+        {"params": [p for name, p in model.named_parameters() if name.endswith("weight")], "weight_decay": 0.1},
+        {"params": [p for name, p in model.named_parameters() if name.endswith("bias")], "weight_decay": 0.0,
+         "lr": LR * 3, "betas": (0.8, 0.99), "eps": 1e-6},
+    ]
+
+
+def _loss(model: torch.nn.Module, i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + i)
+    device = next(model.parameters()).device
+    x, y = torch.randn(32, 5, generator=g).to(device), torch.randn(32, 3, generator=g).to(device)
+    return ((model(x) - y) ** 2).mean() * 10.0
+
+
+# name: (param groups, GradScaler, max_grad_norm, ops of a steady step)
+CASES = {
+    "plain": (1, False, None, ["adamw_update"]),
+    "clip": (1, False, 0.5, ["grad_stats", "adamw_update"]),
+    "amp+clip": (1, True, 0.5, ["grad_stats", "adamw_update"]),
+    "amp": (1, True, None, ["grad_stats", "adamw_update"]),
+    "2groups+clip": (2, False, 0.5, ["grad_stats", "grad_stats", "adamw_update", "adamw_update"]),
+    "2groups+amp+clip": (2, True, 0.5, ["grad_stats", "grad_stats", "adamw_update", "adamw_update"]),
+}
+
+
+def _opt(model: torch.nn.Module, groups: int, clip: float | None, backend: str) -> fusedlr.AdamW:
+    kw = dict(lr=LR, schedule=SCHED, max_grad_norm=clip)
+    if backend != "emu":
+        return fusedlr.AdamW(_groups(model, groups), backend=backend, **kw)
+    opt = fusedlr.AdamW(_groups(model, groups), backend="torch", **kw)
+    shim = fusedlr_kernels()
+    shim.configure(0)
+    opt._step_cache.update(impl=EmulatedCudaBackend(shim, grid=3), impl_device=torch.device("cpu"))
+    return opt
+
+
+def _train_step(model: torch.nn.Module, opt: fusedlr.AdamW, scaler: torch.amp.GradScaler | None, i: int,
+                bad: bool = False, step: Callable[[Callable[[], None]], None] = lambda run: run()) -> None:
+    """One step (``step`` wraps the optimizer's); ``bad`` puts an inf in a gradient."""
+    opt.zero_grad()
+    loss = _loss(model, i)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if bad:
+        model[2].weight.grad[0, 0] = float("inf")
+    step(opt.step if scaler is None else lambda: scaler.step(opt))
+    if scaler is not None:
+        scaler.update()
+
+
+def _counted(ops: _Ops) -> Callable[[Callable[[], None]], None]:
+    """A ``step`` wrapper of ``_train_step`` recording the step's ops into ``ops``."""
+
+    def step(run: Callable[[], None]) -> None:
+        with ops:
+            run()
+
+    return step
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES)
+def test_a_steady_step_is_one_launch_per_bucket_and_pass(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    groups, amp, clip, want = CASES[case]
+    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    model = _model()
+    opt = _opt(model, groups, clip, "cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp else None
+    ops = _Ops()
+    for i in range(3):
+        ops.names.clear()
+        _train_step(model, opt, scaler, i, step=_counted(ops))
+    assert ops.names == [f"fusedlr.{name}.default" for name in want]
+
+
+@needs_ext
+def test_history_keeps_the_python_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``history=`` records a row from the step's values: that step is not folded (and still correct)."""
+    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    model = _model()
+    opt = fusedlr.AdamW(model.parameters(), lr=LR, max_grad_norm=0.5, backend="cpu", history=4)
+    ops = _Ops()
+    for i in range(2):
+        ops.names.clear()
+        _train_step(model, opt, None, i, step=_counted(ops))
+    assert ops.names.count("fusedlr.adamw_update.default") == 1 and len(ops.names) > 2
+    assert opt.read_history().schedule_index == [0, 1]
+
+
+BACKENDS = [pytest.param("cpu", marks=needs_ext), pytest.param("emu", marks=needs_host_cuda)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["clip", "amp+clip", "2groups+amp+clip", "plain"])
+def test_folded_steps_match_torch_recipe(backend: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps 3 and 7 have an inf gradient: with GradScaler they change nothing (params, moments, steps, k,
+    applied LR, which stays the last applied update's) and report found_inf = 1 and the (inf) norm, as torch's
+    recipe does."""
+    groups, amp, clip, _ = CASES[case]
+    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    ours, ref = _model(), _model()
+    opt = _opt(ours, groups, clip, backend)
+    topt = torch.optim.AdamW(_groups(ref, groups), lr=LR)
+    tsched = torch.optim.lr_scheduler.LambdaLR(topt, SCHED)
+    s1, s2 = (torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3) if amp else None for _ in range(2))
+    bad_steps = {3, 7} if amp else set()
+    applied = 0
+    seen: dict[str, torch.Tensor] = {}
+
+    def watch(run: Callable[[], None]) -> None:  # GradScaler's found_inf as the step leaves it for update()
+        run()
+        if s1 is not None:
+            seen["found_inf"] = s1._per_optimizer_states[id(opt)]["found_inf_per_device"][torch.device("cpu")].clone()
+
+    for i in range(10):
+        bad = i in bad_steps
+        _train_step(ours, opt, s1, i, bad, step=watch)
+        topt.zero_grad()
+        loss = _loss(ref, i)
+        (loss if s2 is None else s2.scale(loss)).backward()
+        if bad:
+            ref[2].weight.grad[0, 0] = float("inf")
+        if s2 is not None:
+            s2.unscale_(topt)
+        norm = None if clip is None else torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        if s2 is None:
+            topt.step()
+        else:
+            s2.step(topt)
+            s2.update()
+            assert s1.get_scale() == s2.get_scale()
+            assert float(seen["found_inf"]) == float(bad)
+        if not bad:
+            tsched.step()
+            applied += 1
+        for pa, pb in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+            if topt.state[pb]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    torch.testing.assert_close(opt.state[pa][key], topt.state[pb][key], rtol=1e-5, atol=1e-7)
+            assert int(opt.state[pa]["step"]) == applied
+        assert int(opt.schedule_index) == applied
+        if norm is not None:
+            torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=0, equal_nan=True)
+        for gi in range(groups):
+            peak = LR * (3 if gi == 1 else 1)
+            want = peak * SCHED(applied - 1) if applied else math.nan
+            torch.testing.assert_close(float(opt.applied_lr(gi)), want, rtol=1e-12, atol=0, equal_nan=True)
+        if bad:
+            assert math.isinf(float(opt.grad_norm))
+
+
+@needs_ext
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_amp_clip_step_is_two_kernel_launches() -> None:
+    """The torch profiler sees one grad_stats and one update kernel in a steady AMP + clipping step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _model(device="cuda")
+    opt = fusedlr.AdamW(model.parameters(), lr=LR, schedule=SCHED, max_grad_norm=0.5, backend="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**8)
+    for i in range(2):  # warm-up: states, pointer tables
+        _train_step(model, opt, scaler, i)
+    torch.cuda.synchronize()
+    opt.zero_grad()
+    scaler.scale(_loss(model, 2)).backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        scaler.step(opt)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert len(kernels) == 2, kernels
+    assert "grad_stats_kernel" in kernels[0] and "adamw_kernel" in kernels[1], kernels
