@@ -8,6 +8,15 @@
 * ``prepare_update(bucket, grads, hyper, ctrl, applied_lr=None)``: pass 2 in two phases: the call does every
   check, fallback decision and allocation and modifies nothing; the function it returns (the commit) runs the
   update and must not allocate or raise for any input the call accepted (``adamw_update`` calls both).
+
+A backend may also fold a step's small ops into its two passes (``FOLDED = True``: ``cpu``, ``cuda``):
+``folds(bucket, grads)`` says whether its kernels run the bucket; ``grad_stats`` then also takes ``scale``
+(GradScaler's, instead of ``inv_scale``) and ``reset`` (write ``out`` instead of adding), and
+``prepare_update`` a ``fold=fusedlr.control.FoldedUpdate`` (steps advanced by the update itself, the whole
+``applied_lr`` buffer, the last bucket advancing ``k`` and writing ``grad_norm`` and ``found_inf``).
+``fusedlr.AdamW`` folds a step when every bucket folds and there is no ``history=`` and no distributed
+reduction; otherwise it runs these small ops itself around the interface above (the reference and
+``triton`` never fold).
 """
 
 from __future__ import annotations

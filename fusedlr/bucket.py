@@ -20,7 +20,8 @@ class Bucket:
 
     ``steps`` is an int64 tensor ``[n]`` on the device; ``state['step']`` of parameter ``i`` is the
     view ``steps[i]`` so that one op advances every counter. Before the update pass it holds the
-    step number of this update (1 for a parameter's first update).
+    step number of this update (1 for a parameter's first update), except for a folded update
+    (``fusedlr.control.FoldedUpdate``), which reads the updates applied before and advances them itself.
     ``cache`` belongs to the backend (pointer tables and the like); it dies with the bucket, which
     is rebuilt whenever the set of parameters with gradients changes or state is loaded.
     ``precision`` holds the master weights and rounding of the low-precision modes (``fusedlr.precision``);

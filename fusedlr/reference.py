@@ -26,6 +26,12 @@ and nothing at all changes when ``found_inf > 0`` (the reference runs such a ste
 gradients, step size 0 and decays 1, which rewrites every finite value with itself). ``applied_lr``
 (when given) receives ``lr_t`` when the update is applied.
 
+Around these two passes a step (``fusedlr.AdamW``) runs small ops, which a folding backend's kernels do
+themselves (``fusedlr.control.FoldedUpdate``) with the same values: ``inv_scale`` is GradScaler's
+``float32(1 / float64(scale))``; with GradScaler, ``found_inf = float32(stats[1] > 0)``; ``steps`` are
+advanced by 1 before the update reads them and ``k`` by 1 after it, both only when it is applied; the
+optimizer's ``grad_norm`` receives ``sqrt(stats[0])`` (float32), also on a skipped step.
+
 Low-precision modes (``bucket.precision``; exact bit-level spec in ``fusedlr.precision``): ``p`` on
 the right-hand side is the fp32 master when there is one (``master_param``, or the param joined with
 its ``master_remainder``), and the master receives the new ``p`` exactly. Moments stored in bfloat16
