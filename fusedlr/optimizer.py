@@ -176,6 +176,8 @@ class AdamW(torch.optim.Optimizer):
             self._norm_buffer(device)
             self._applied_lr_buffer(device)
             self._history_buffer(device)
+            self._private_buffer("stats", (2,), device)
+            self._private_buffer("found_inf", (), device)
         elif history is not None:
             StepHistory(history, 1, torch.device("cpu"))  # validates the argument
 
