@@ -445,6 +445,7 @@ class AdamW(torch.optim.Optimizer):
         buffer (the first resets it) and one prepared update per bucket, the last of which also advances the
         schedule index and writes ``grad_norm`` and GradScaler's ``found_inf`` (``fusedlr.control.FoldedUpdate``).
         Nothing else runs on the device: a step is one launch per bucket and pass."""
+        hypers = [self._hyper(gi, device) for gi, _, _, _ in plan.buckets]
         scale, found_inf, check_inf = self._amp_scale(device, grad_scaler)
         if scale is not None:
             scale = scale.to(device, non_blocking=True)
@@ -466,7 +467,7 @@ class AdamW(torch.optim.Optimizer):
         applied_lr = self._applied_lr_buffer(device)
         last = len(plan.buckets) - 1
         updates: list[tuple[Tensor | None, Tensor | None, Callable[[], None]]] = []
-        for i, ((gi, b, _, _), gs) in enumerate(zip(plan.buckets, bucket_grads)):
+        for i, ((gi, b, _, _), gs, hyper) in enumerate(zip(plan.buckets, bucket_grads, hypers)):
             fold = FoldedUpdate(
                 scale=scale,
                 skip_nonfinite=check_inf,
@@ -475,7 +476,7 @@ class AdamW(torch.optim.Optimizer):
                 norm_out=self._norm_buffer(device) if i == last and stats is not None else None,
                 found_inf_out=found_inf_out if i == last else None,
             )
-            updates.append((None, None, impl.prepare_update(b, gs, self._hyper(gi, device), ctrl, applied_lr, fold)))
+            updates.append((None, None, impl.prepare_update(b, gs, hyper, ctrl, applied_lr, fold)))
         scaler_found_inf = None
         if check_inf:
             scaler_found_inf = grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]

@@ -620,6 +620,22 @@ def test_opcheck() -> None:
     )
     torch.library.opcheck(torch.ops.fusedlr.adamw_update.default, args)
     torch.library.opcheck(torch.ops.fusedlr.grad_stats.default, (grads, torch.tensor(0.5), torch.zeros(2)))
+    # the folded step (fusedlr.control.FoldedUpdate): GradScaler's scale, counters advanced, outputs written
+    folded = dict(
+        applied_lr=torch.zeros(3, dtype=torch.float64),
+        lr_index=2,
+        scale=torch.tensor(4.0),
+        skip_nonfinite=True,
+        advance=True,
+        advance_k=True,
+        norm_out=torch.zeros(()),
+        found_inf_out=torch.zeros(()),
+    )
+    folded_args = args[:10] + (None, None) + args[12:]
+    torch.library.opcheck(torch.ops.fusedlr.adamw_update.default, folded_args, folded)
+    torch.library.opcheck(
+        torch.ops.fusedlr.grad_stats.default, (grads, None, torch.full((2,), 7.0)), dict(scale=torch.tensor(4.0), reset=True)
+    )
     torch.library.opcheck(torch.ops.fusedlr.schedule_eval.default, (sched, torch.arange(20)))
 
 

@@ -86,13 +86,17 @@ def _opt(model: torch.nn.Module, groups: int, clip: float | None, backend: str) 
 
 
 def _train_step(model: torch.nn.Module, opt: fusedlr.AdamW, scaler: torch.amp.GradScaler | None, i: int,
-                bad: bool = False, step: Callable[[Callable[[], None]], None] = lambda run: run()) -> None:
-    """One step (``step`` wraps the optimizer's); ``bad`` puts an inf in a gradient."""
+                bad: bool = False, step: Callable[[Callable[[], None]], None] = lambda run: run(),
+                unscale: bool = False) -> None:
+    """One step (``step`` wraps the optimizer's); ``bad`` puts an inf in a gradient; ``unscale``: the user
+    calls ``scaler.unscale_(opt)`` first."""
     opt.zero_grad()
     loss = _loss(model, i)
     (loss if scaler is None else scaler.scale(loss)).backward()
     if bad:
         model[2].weight.grad[0, 0] = float("inf")
+    if unscale:
+        scaler.unscale_(opt)
     step(opt.step if scaler is None else lambda: scaler.step(opt))
     if scaler is not None:
         scaler.update()
@@ -141,12 +145,13 @@ BACKENDS = [pytest.param("cpu", marks=needs_ext), pytest.param("emu", marks=need
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["clip", "amp+clip", "2groups+amp+clip", "plain"])
+@pytest.mark.parametrize("case", ["clip", "amp+clip", "2groups+amp+clip", "plain", "amp+clip, unscale_ first"])
 def test_folded_steps_match_torch_recipe(backend: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps 3 and 7 have an inf gradient: with GradScaler they change nothing (params, moments, steps, k,
     applied LR, which stays the last applied update's) and report found_inf = 1 and the (inf) norm, as torch's
-    recipe does."""
-    groups, amp, clip, _ = CASES[case]
+    recipe does (also when the user unscales first: the step then honours the recorded found_inf)."""
+    unscale = case.endswith("unscale_ first")
+    groups, amp, clip, _ = CASES[case.split(",")[0]]
     monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     ours, ref = _model(), _model()
     opt = _opt(ours, groups, clip, backend)
@@ -164,7 +169,7 @@ def test_folded_steps_match_torch_recipe(backend: str, case: str, monkeypatch: p
 
     for i in range(10):
         bad = i in bad_steps
-        _train_step(ours, opt, s1, i, bad, step=watch)
+        _train_step(ours, opt, s1, i, bad, step=watch, unscale=unscale)
         topt.zero_grad()
         loss = _loss(ref, i)
         (loss if s2 is None else s2.scale(loss)).backward()
