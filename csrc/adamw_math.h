@@ -72,7 +72,7 @@ struct StepInputs {
   const float* lr_f32;       // float32 0-d tensor LR (replaces AdamWHyper::lr), or null
   const double* lr_f64;      // float64 0-d tensor LR (replaces AdamWHyper::lr), or null
   double* applied_lr;        // float64 0-d: receives lr_t when the update is applied, or null
-  const float* grad_scale;   // float32 0-d: GradScaler's scale, read when inv_scale is null (see unscale_factor), or null
+  const float* grad_scale;   // float32 0-d: GradScaler's scale, read when inv_scale is null (unscale_factor), or null
   bool skip_nonfinite;       // skip also when stats[1] > 0 (GradScaler's inf/NaN check from pass 1)
 };
 

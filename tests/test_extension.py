@@ -633,9 +633,8 @@ def test_opcheck() -> None:
     )
     folded_args = args[:10] + (None, None) + args[12:]
     torch.library.opcheck(torch.ops.fusedlr.adamw_update.default, folded_args, folded)
-    torch.library.opcheck(
-        torch.ops.fusedlr.grad_stats.default, (grads, None, torch.full((2,), 7.0)), dict(scale=torch.tensor(4.0), reset=True)
-    )
+    stats_args = (grads, None, torch.full((2,), 7.0))
+    torch.library.opcheck(torch.ops.fusedlr.grad_stats.default, stats_args, dict(scale=torch.tensor(4.0), reset=True))
     torch.library.opcheck(torch.ops.fusedlr.schedule_eval.default, (sched, torch.arange(20)))
 
 
