@@ -225,6 +225,9 @@ def test_cuda_amp_clip_step_is_two_kernel_launches() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         scaler.step(opt)
         torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    # kernels only: a pointer table is re-uploaded (a host-to-device copy) when a new gradient lies elsewhere
+    kernels = [
+        e.name for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
     assert len(kernels) == 2, kernels
     assert "grad_stats_kernel" in kernels[0] and "adamw_kernel" in kernels[1], kernels
