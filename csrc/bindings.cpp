@@ -63,6 +63,23 @@ TORCH_LIBRARY(fusedlr, m) {
       "int seed=0, bool stochastic=False, int lr_index=0, Tensor? scale=None, bool skip_nonfinite=False, "
       "bool advance=False, bool advance_k=False, Tensor(l!)? norm_out=None, Tensor(m!)? found_inf_out=None, "
       "Tensor(n!)? workspace=None) -> ()");
+  // A launch set (fusedlr/extension/_common.py): the buckets of several param groups in one op call, as the
+  // consecutive runs of ``sizes[s]`` tensors of its lists (segment s: one bucket). grad_stats_set: pass 1 of
+  // every segment into out, in order (GradScaler's scale; reset: write out instead of adding to it).
+  m.def("grad_stats_set(Tensor[] grads, int[] sizes, Tensor(a!) out, Tensor? scale=None, bool reset=False) -> ()");
+  // adamw_update_set: the folded adamw_update (advance=True, no inv_scale) of every segment, with segment s's
+  // hyperparameters lr[s] .. maximize[s] (maximize: 0/1), tensor LR lr_tensors[s] (None: lr[s]), steps[s]
+  // and applied_lr entry groups[s]; pids: one per segment when stochastic, else empty. The step-level outputs
+  // (advance_k, norm_out, found_inf_out) are written by the last segment. masters, remainders and
+  // max_exp_avg_sqs are empty or hold one tensor per param.
+  m.def(
+      "adamw_update_set(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] remainders, Tensor(j!)[] steps, "
+      "Tensor(k!) k, Tensor(i!) applied_lr, int[] sizes, int[] groups, float[] lr, float[] beta1, float[] beta2, "
+      "float[] eps, float[] weight_decay, int[] maximize, Tensor?[] lr_tensors, Tensor[] pids, Tensor? schedule, "
+      "Tensor? stats, float? max_norm, Tensor? found_inf, Tensor? scale=None, bool skip_nonfinite=False, "
+      "bool advance_k=False, Tensor(l!)? norm_out=None, Tensor(m!)? found_inf_out=None, int seed=0, "
+      "bool stochastic=False) -> ()");
   // The LR multiplier sched(k) for each k of ks (float64, shape of ks), as the kernels compute it.
   m.def("schedule_eval(Tensor table, Tensor ks) -> Tensor");
 }
@@ -97,6 +114,8 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 TORCH_LIBRARY_IMPL(fusedlr, ADInplaceOrView, m) {
   m.impl("grad_stats", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   m.impl("adamw_update", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("grad_stats_set", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("adamw_update_set", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
 namespace {

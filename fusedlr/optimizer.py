@@ -437,23 +437,47 @@ class AdamW(torch.optim.Optimizer):
             updates, ctrl.k, applied, norm, self._norm_buffer(device), record, applied_lr, scaler_found_inf, found_inf
         )
 
+    def _launch_sets(self, impl: Any, plan: Plan, bucket_grads: list[list[Tensor]]) -> list[list[int]]:
+        """The launch sets of a folded step: indices into ``plan.buckets`` of the buckets each update launch takes
+        (cached with the plan). A backend that updates several buckets in one launch (``impl.SETS``) takes every
+        bucket of one ``impl.launch_key`` (device, dtypes, amsgrad, precision mode) at once, whatever its param
+        group; any other backend one bucket per launch."""
+        cached = self._step_cache.get("launch_sets")
+        if cached is not None and cached[0] is plan and cached[1] is impl:
+            return cached[2]
+        if getattr(impl, "SETS", False):
+            by_key: dict[Any, list[int]] = {}
+            for i, ((_, b, _, _), gs) in enumerate(zip(plan.buckets, bucket_grads)):
+                by_key.setdefault(impl.launch_key(b, gs), []).append(i)
+            sets = list(by_key.values())
+        else:
+            sets = [[i] for i in range(len(plan.buckets))]
+        self._step_cache["launch_sets"] = (plan, impl, sets)
+        return sets
+
     def _prepare_folded(
         self, impl: Any, plan: Plan, bucket_grads: list[list[Tensor]], grad_scaler: Any, device: torch.device
     ) -> _PreparedStep:
         """``_prepare_step`` on a backend that folds the small ops of a step into its kernels (``impl.FOLDED``,
         every bucket run by its kernels, no history): pass 1 of every bucket into the cached private stats
-        buffer (the first resets it) and one prepared update per bucket, the last of which also advances the
-        schedule index and writes ``grad_norm`` and GradScaler's ``found_inf`` (``fusedlr.control.FoldedUpdate``).
-        Nothing else runs on the device: a step is one launch per bucket and pass."""
+        buffer (in one launch with ``impl.SETS``; else one per bucket, the first resetting it) and one prepared
+        update per launch set (``_launch_sets``), the last of which also advances the schedule index and writes
+        ``grad_norm`` and GradScaler's ``found_inf`` (``fusedlr.control.FoldedUpdate``). Nothing else runs on
+        the device: a step is one launch per launch set and pass (one per bucket without ``impl.SETS``)."""
         hypers = [self._hyper(gi, device) for gi, _, _, _ in plan.buckets]
+        buckets = [b for _, b, _, _ in plan.buckets]
+        sets = self._launch_sets(impl, plan, bucket_grads)
         scale, found_inf, check_inf = self._amp_scale(device, grad_scaler)
         if scale is not None:
             scale = scale.to(device, non_blocking=True)
         stats = None
         if self.max_grad_norm is not None or check_inf:
             stats = self._private_buffer("stats", (2,), device)
-            for i, ((_, b, _, _), gs) in enumerate(zip(plan.buckets, bucket_grads)):
-                impl.grad_stats(b, gs, None, stats, scale=scale, reset=i == 0)
+            if getattr(impl, "SETS", False):
+                impl.grad_stats_set(buckets, bucket_grads, stats, scale)
+            else:
+                for i, (b, gs) in enumerate(zip(buckets, bucket_grads)):
+                    impl.grad_stats(b, gs, None, stats, scale=scale, reset=i == 0)
         ctrl = StepControl(
             k=self._schedule_index(device),
             schedule=self.schedule,
@@ -465,18 +489,34 @@ class AdamW(torch.optim.Optimizer):
         )
         found_inf_out = self._private_buffer("found_inf", (), device) if check_inf else None
         applied_lr = self._applied_lr_buffer(device)
-        last = len(plan.buckets) - 1
-        updates: list[tuple[Tensor | None, Tensor | None, Callable[[], None]]] = []
-        for i, ((gi, b, _, _), gs, hyper) in enumerate(zip(plan.buckets, bucket_grads, hypers)):
-            fold = FoldedUpdate(
+        norm_out = self._norm_buffer(device) if stats is not None else None
+
+        def fold(i: int, final: bool) -> FoldedUpdate:  # ``final``: the step's last update writes its outputs
+            return FoldedUpdate(
                 scale=scale,
                 skip_nonfinite=check_inf,
-                group=gi,
-                advance_k=i == last,
-                norm_out=self._norm_buffer(device) if i == last and stats is not None else None,
-                found_inf_out=found_inf_out if i == last else None,
+                group=plan.buckets[i][0],
+                advance_k=final,
+                norm_out=norm_out if final else None,
+                found_inf_out=found_inf_out if final else None,
             )
-            updates.append((None, None, impl.prepare_update(b, gs, hyper, ctrl, applied_lr, fold)))
+
+        updates: list[tuple[Tensor | None, Tensor | None, Callable[[], None]]] = []
+        for si, members in enumerate(sets):
+            folds = [fold(i, si == len(sets) - 1 and i == members[-1]) for i in members]
+            if getattr(impl, "SETS", False):
+                commit = impl.prepare_update_set(
+                    [buckets[i] for i in members],
+                    [bucket_grads[i] for i in members],
+                    [hypers[i] for i in members],
+                    ctrl,
+                    applied_lr,
+                    folds,
+                )
+            else:
+                (i,) = members
+                commit = impl.prepare_update(buckets[i], bucket_grads[i], hypers[i], ctrl, applied_lr, folds[0])
+            updates.append((None, None, commit))
         scaler_found_inf = None
         if check_inf:
             scaler_found_inf = grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
@@ -658,7 +698,9 @@ class AdamW(torch.optim.Optimizer):
         watch["seen"] = lrs
         for i, group in enumerate(self.param_groups):
             before = group.get("initial_lr", group["lr"]) if seen is None or i >= len(seen) else seen[i]
-            if group["lr"] != before:
+            lr = group["lr"]
+            # a tensor LR is compared by identity: reading its value would be an op (a sync on CUDA) every step
+            if (lr is not before) if isinstance(lr, Tensor) or isinstance(before, Tensor) else lr != before:
                 watch["warned"] = True
                 warnings.warn(
                     f"fusedlr.AdamW(schedule=...) applies param_groups[i]['lr'] * schedule(k), but param_groups[{i}]"

@@ -1,9 +1,10 @@
 """The folded step (``fusedlr.control.FoldedUpdate``): on a backend that folds (``cpu`` through its ops, ``cuda``),
-a steady-state step is one ``grad_stats`` and one ``adamw_update`` per bucket and nothing else (the eager fast
-path disabled, so that the ops run), and its results are torch's recipe's: ``torch.optim.AdamW`` +
-``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler`` (with skipped steps), with ``grad_norm``, ``applied_lr``,
-GradScaler's ``found_inf``, the schedule index and the state steps after each step. "emu" runs the same
-steps through the CUDA kernels themselves on the host (tests/cuda_on_host.py).
+a steady-state step is one pass-1 and one update launch per launch set (``cpu``: the buckets of every param group
+sharing device, dtypes, amsgrad and precision mode, in one ``grad_stats_set`` and one ``adamw_update_set``; the
+CUDA kernels: one per bucket) and nothing else (the eager fast path disabled, so that the ops run), and its results
+are torch's recipe's: ``torch.optim.AdamW`` + ``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler`` (with skipped
+steps), with ``grad_norm``, ``applied_lr``, GradScaler's ``found_inf``, the schedule index and the state steps after
+each step. "emu" runs the same steps through the CUDA kernels themselves on the host (tests/cuda_on_host.py).
 """
 
 from __future__ import annotations
@@ -45,15 +46,27 @@ def _model(seed: int = 0, device: str = "cpu") -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(device)
 
 
-def _groups(model: torch.nn.Module, n: int) -> list[dict]:
-    """One group, or two (weights decayed; biases not, with their own LR, betas and eps)."""
-    if n == 1:
+def _groups(model: torch.nn.Module, spec: str) -> list[dict]:
+    """The param groups of ``spec`` (a key of ``PEAKS``): one; two (weights decayed; biases not, with their own
+    LR, betas and eps); three (each layer's weight its own group with its own LR, betas and weight decay, then
+    the biases), the second group's LR a float64 tensor with "lr tensor"."""
+    if spec == "1":
         return [{"params": list(model.parameters())}]
+    named = dict(model.named_parameters())
+    biases = {"params": [named["0.bias"], named["2.bias"]], "weight_decay": 0.0, "lr": LR * 3, "betas": (0.8, 0.99),
+              "eps": 1e-6}
+    if spec == "2":
+        return [{"params": [named["0.weight"], named["2.weight"]], "weight_decay": 0.1}, biases]
+    lr2 = torch.tensor(LR * 2, dtype=torch.float64) if spec.endswith("lr tensor") else LR * 2
     return [
-        {"params": [p for name, p in model.named_parameters() if name.endswith("weight")], "weight_decay": 0.1},
-        {"params": [p for name, p in model.named_parameters() if name.endswith("bias")], "weight_decay": 0.0,
-         "lr": LR * 3, "betas": (0.8, 0.99), "eps": 1e-6},
+        {"params": [named["0.weight"]], "weight_decay": 0.1},
+        {"params": [named["2.weight"]], "weight_decay": 0.05, "lr": lr2, "betas": (0.85, 0.995)},
+        biases,
     ]
+
+
+# each group's peak LR, as a multiple of LR, per ``_groups`` spec
+PEAKS = {"1": [1], "2": [1, 3], "3": [1, 2, 3], "3, lr tensor": [1, 2, 3]}
 
 
 def _loss(model: torch.nn.Module, i: int) -> torch.Tensor:
@@ -63,18 +76,20 @@ def _loss(model: torch.nn.Module, i: int) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean() * 10.0
 
 
-# name: (param groups, GradScaler, max_grad_norm, ops of a steady step)
+# name: (param groups (``_groups``), GradScaler, max_grad_norm, ops of a steady step)
 CASES = {
-    "plain": (1, False, None, ["adamw_update"]),
-    "clip": (1, False, 0.5, ["grad_stats", "adamw_update"]),
-    "amp+clip": (1, True, 0.5, ["grad_stats", "adamw_update"]),
-    "amp": (1, True, None, ["grad_stats", "adamw_update"]),
-    "2groups+clip": (2, False, 0.5, ["grad_stats", "grad_stats", "adamw_update", "adamw_update"]),
-    "2groups+amp+clip": (2, True, 0.5, ["grad_stats", "grad_stats", "adamw_update", "adamw_update"]),
+    "plain": ("1", False, None, ["adamw_update_set"]),
+    "clip": ("1", False, 0.5, ["grad_stats_set", "adamw_update_set"]),
+    "amp+clip": ("1", True, 0.5, ["grad_stats_set", "adamw_update_set"]),
+    "amp": ("1", True, None, ["grad_stats_set", "adamw_update_set"]),
+    "2groups+clip": ("2", False, 0.5, ["grad_stats_set", "adamw_update_set"]),
+    "2groups+amp+clip": ("2", True, 0.5, ["grad_stats_set", "adamw_update_set"]),
+    "3groups+amp+clip": ("3", True, 0.5, ["grad_stats_set", "adamw_update_set"]),
+    "3groups, lr tensor": ("3, lr tensor", False, 0.5, ["grad_stats_set", "adamw_update_set"]),
 }
 
 
-def _opt(model: torch.nn.Module, groups: int, clip: float | None, backend: str) -> fusedlr.AdamW:
+def _opt(model: torch.nn.Module, groups: str, clip: float | None, backend: str) -> fusedlr.AdamW:
     kw = dict(lr=LR, schedule=SCHED, max_grad_norm=clip)
     if backend != "emu":
         return fusedlr.AdamW(_groups(model, groups), backend=backend, **kw)
@@ -114,7 +129,7 @@ def _counted(ops: _Ops) -> Callable[[Callable[[], None]], None]:
 
 @needs_ext
 @pytest.mark.parametrize("case", CASES)
-def test_a_steady_step_is_one_launch_per_bucket_and_pass(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_steady_step_is_one_launch_per_launch_set_and_pass(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     groups, amp, clip, want = CASES[case]
     monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     model = _model()
@@ -145,13 +160,16 @@ BACKENDS = [pytest.param("cpu", marks=needs_ext), pytest.param("emu", marks=need
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["clip", "amp+clip", "2groups+amp+clip", "plain", "amp+clip, unscale_ first"])
+@pytest.mark.parametrize(
+    "case", ["clip", "amp+clip", "2groups+amp+clip", "3groups+amp+clip", "3groups, lr tensor", "plain",
+             "amp+clip, unscale_ first"]
+)
 def test_folded_steps_match_torch_recipe(backend: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps 3 and 7 have an inf gradient: with GradScaler they change nothing (params, moments, steps, k,
     applied LR, which stays the last applied update's) and report found_inf = 1 and the (inf) norm, as torch's
     recipe does (also when the user unscales first: the step then honours the recorded found_inf)."""
     unscale = case.endswith("unscale_ first")
-    groups, amp, clip, _ = CASES[case.split(",")[0]]
+    groups, amp, clip, _ = CASES[case.removesuffix(", unscale_ first")]
     monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     ours, ref = _model(), _model()
     opt = _opt(ours, groups, clip, backend)
@@ -197,12 +215,94 @@ def test_folded_steps_match_torch_recipe(backend: str, case: str, monkeypatch: p
         assert int(opt.schedule_index) == applied
         if norm is not None:
             torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-5, atol=0, equal_nan=True)
-        for gi in range(groups):
-            peak = LR * (3 if gi == 1 else 1)
+        for gi, mult in enumerate(PEAKS[groups]):
+            peak = LR * mult
             want = peak * SCHED(applied - 1) if applied else math.nan
             torch.testing.assert_close(float(opt.applied_lr(gi)), want, rtol=1e-12, atol=0, equal_nan=True)
         if bad:
             assert math.isinf(float(opt.grad_norm))
+
+
+def _mixed_params() -> list[torch.Tensor]:
+    torch.manual_seed(3)
+    shapes = [((4, 3), torch.float32), ((5,), torch.float64), ((7,), torch.float32), ((2, 2), torch.float64)]
+    return [torch.randn(shape, dtype=dtype, requires_grad=True) for shape, dtype in shapes]
+
+
+def _mixed_groups(params: list[torch.Tensor]) -> list[dict]:
+    """Three groups of their own LR, betas and weight decay; float32 params in groups 0 and 2, float64 ones in
+    groups 1 and 2."""
+    return [
+        {"params": [params[0]], "weight_decay": 0.1},
+        {"params": [params[1]], "lr": LR * 2, "betas": (0.85, 0.995), "weight_decay": 0.05},
+        {"params": [params[2], params[3]], "lr": LR * 3, "betas": (0.8, 0.99), "weight_decay": 0.0, "eps": 1e-6},
+    ]
+
+
+@needs_ext
+def test_one_update_launch_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups mixing float32 and float64 params: one pass 1 for the whole step and one update per dtype (the
+    float32 buckets of groups 0 and 2 together, the float64 ones of groups 1 and 2), equal to torch's recipe
+    (AdamW + clip_grad_norm_ + LambdaLR)."""
+    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    ours, ref = _mixed_params(), _mixed_params()
+    opt = fusedlr.AdamW(_mixed_groups(ours), lr=LR, schedule=SCHED, max_grad_norm=0.5, backend="cpu")
+    topt = torch.optim.AdamW(_mixed_groups(ref), lr=LR)
+    tsched = torch.optim.lr_scheduler.LambdaLR(topt, SCHED)
+    ops = _Ops()
+    for i in range(6):
+        gen = torch.Generator().manual_seed(100 + i)
+        for pa, pb in zip(ours, ref):
+            pa.grad = torch.randn(pa.shape, generator=gen, dtype=torch.float64).to(pa.dtype)
+            pb.grad = pa.grad.clone()
+        ops.names.clear()
+        with ops:
+            opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        topt.step()
+        tsched.step()
+        if i > 0:  # the first step also creates the states
+            assert ops.names == ["fusedlr.grad_stats_set.default"] + ["fusedlr.adamw_update_set.default"] * 2
+        torch.testing.assert_close(opt.grad_norm, norm.float(), rtol=1e-5, atol=0)
+        for pa, pb in zip(ours, ref):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+            assert int(opt.state[pa]["step"]) == i + 1
+        for gi, mult in enumerate([1, 2, 3]):
+            torch.testing.assert_close(float(opt.applied_lr(gi)), LR * mult * SCHED(i), rtol=1e-12, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ["3groups+amp+clip", "3groups, lr tensor"])
+def test_launch_sets_equal_one_launch_per_bucket(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merging the buckets of several groups into one op changes no bit, nor any version counter, of a step
+    with one ``grad_stats`` and ``adamw_update`` per bucket (the cpu backend without ``SETS``)."""
+    from fusedlr.extension import cpu
+
+    groups, amp, clip, _ = CASES[case]
+    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    runs = []
+    for sets in (True, False):
+        monkeypatch.setattr(cpu, "SETS", sets)
+        model = _model()
+        opt = _opt(model, groups, clip, "cpu")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if amp else None
+        ops = _Ops()
+        for i in range(5):
+            ops.names.clear()
+            _train_step(model, opt, scaler, i, bad=amp and i == 2, step=_counted(ops))
+        assert len(ops.names) == (2 if sets else 6)
+        snap = [opt.grad_norm.clone(), opt.schedule_index.clone()]
+        for p in model.parameters():
+            snap += [p.detach().clone(), p._version]
+            snap += [opt.state[p][key] for key in ("exp_avg", "exp_avg_sq", "step")]
+            snap += [opt.state[p][key]._version for key in ("exp_avg", "exp_avg_sq", "step")]
+        snap += [opt.applied_lr(gi) for gi in range(3)]
+        runs.append(snap)
+    for a, b in zip(*runs):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert a == b
 
 
 @needs_ext

@@ -409,6 +409,85 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   adamw_update_kernel(chk.dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);
 }
 
+// Segment s of a launch set's list (csrc/bindings.cpp, adamw_update_set): its tensors [start, start + len), or
+// the empty list when ``list`` is (an unused per-param list).
+at::TensorList segment(at::TensorList list, int64_t start, int64_t len) {
+  return list.empty() ? list : list.slice(static_cast<size_t>(start), static_cast<size_t>(len));
+}
+
+// The segment sizes of a launch set over ``n`` tensors, checked (each a bucket: at least one tensor).
+void check_sizes(at::IntArrayRef sizes, size_t n, const char* op) {
+  TORCH_CHECK(!sizes.empty(), "fusedlr.", op, ": a launch set needs at least one segment");
+  int64_t total = 0;
+  for (const int64_t len : sizes) {
+    TORCH_CHECK(len > 0, "fusedlr.", op, ": every segment size must be positive, got ", sizes);
+    total += len;
+  }
+  TORCH_CHECK(static_cast<size_t>(total) == n, "fusedlr.", op, ": the segment sizes ", sizes, " sum to ", total,
+              ", not to the ", n, " tensors");
+}
+
+void check_per_param(at::TensorList list, size_t n, const char* what) {
+  TORCH_CHECK(list.empty() || list.size() == n, "fusedlr.adamw_update_set: ", what, " must be empty or hold ", n,
+              " tensors, got ", list.size());
+}
+
+// One op, the buckets of a launch set in turn, each as grad_stats would reduce it (the float32 sums in the
+// order of one grad_stats call per bucket, as the eager fast path adds them).
+void grad_stats_set_cpu(at::TensorList grads, at::IntArrayRef sizes, const at::Tensor& out,
+                        const std::optional<at::Tensor>& scale, bool reset) {
+  check_sizes(sizes, grads.size(), "grad_stats_set");
+  int64_t start = 0;
+  for (size_t s = 0; s < sizes.size(); ++s) {
+    grad_stats_cpu(grads.slice(start, sizes[s]), std::nullopt, out, std::nullopt, std::nullopt, std::nullopt, scale,
+                   reset && s == 0);
+    start += sizes[s];
+  }
+}
+
+// One op, the folded update of each bucket of a launch set in turn (the kernels of adamw_update_cpu with the
+// segment's hyperparameters); the step-level outputs come from the last segment, as from the last of the
+// per-bucket calls it replaces.
+void adamw_update_set_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masters,
+                          at::TensorList remainders, at::TensorList steps, const at::Tensor& k,
+                          const at::Tensor& applied_lr, at::IntArrayRef sizes, at::IntArrayRef groups,
+                          at::ArrayRef<double> lr, at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+                          at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay, at::IntArrayRef maximize,
+                          const c10::List<std::optional<at::Tensor>>& lr_tensors, at::TensorList pids,
+                          const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& stats,
+                          std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
+                          const std::optional<at::Tensor>& scale, bool skip_nonfinite, bool advance_k,
+                          const std::optional<at::Tensor>& norm_out, const std::optional<at::Tensor>& found_inf_out,
+                          int64_t seed, bool stochastic) {
+  const size_t n = params.size(), m = sizes.size();
+  check_sizes(sizes, n, "adamw_update_set");
+  TORCH_CHECK(groups.size() == m && lr.size() == m && beta1.size() == m && beta2.size() == m && eps.size() == m &&
+                  weight_decay.size() == m && maximize.size() == m && lr_tensors.size() == m && steps.size() == m &&
+                  (pids.empty() || pids.size() == m),
+              "fusedlr.adamw_update_set: groups, the hyperparameters, lr_tensors, steps (and pids when given) "
+              "must hold one entry per segment (", m, ")");
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+              "fusedlr.adamw_update_set: grads and moments must hold one tensor per param");
+  check_per_param(max_exp_avg_sqs, n, "max_exp_avg_sqs");
+  check_per_param(masters, n, "masters");
+  check_per_param(remainders, n, "remainders");
+  int64_t start = 0;
+  for (size_t s = 0; s < m; ++s) {
+    const bool last = s + 1 == m;
+    const int64_t len = sizes[s];
+    adamw_update_cpu(segment(params, start, len), segment(grads, start, len), segment(exp_avgs, start, len),
+                     segment(exp_avg_sqs, start, len), segment(max_exp_avg_sqs, start, len), steps[s], k, schedule,
+                     stats, max_norm, std::nullopt, found_inf, lr[s], beta1[s], beta2[s], eps[s], weight_decay[s],
+                     maximize[s] != 0, segment(masters, start, len), segment(remainders, start, len), std::nullopt,
+                     std::nullopt, lr_tensors.get(s), applied_lr,
+                     pids.empty() ? std::nullopt : std::optional<at::Tensor>(pids[s]), seed, stochastic, groups[s],
+                     scale, skip_nonfinite, true, last && advance_k, last ? norm_out : std::nullopt,
+                     last ? found_inf_out : std::nullopt, std::nullopt);
+    start += len;
+  }
+}
+
 at::Tensor schedule_eval_cpu(const at::Tensor& table, const at::Tensor& ks) {
   check_schedule_eval(table, ks);
   check_cpu(table, "table");
@@ -431,4 +510,6 @@ TORCH_LIBRARY_IMPL(fusedlr, CPU, m) {
   m.impl("grad_stats", &fusedlr::cpu::grad_stats_cpu);
   m.impl("adamw_update", &fusedlr::cpu::adamw_update_cpu);
   m.impl("schedule_eval", &fusedlr::cpu::schedule_eval_cpu);
+  m.impl("grad_stats_set", &fusedlr::cpu::grad_stats_set_cpu);
+  m.impl("adamw_update_set", &fusedlr::cpu::adamw_update_set_cpu);
 }

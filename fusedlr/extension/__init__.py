@@ -117,6 +117,46 @@ if _C is not None:
     ) -> None:
         return None
 
+    @torch.library.register_fake("fusedlr::grad_stats_set")
+    def _grad_stats_set_fake(grads, sizes, out, scale=None, reset=False) -> None:
+        return None
+
+    @torch.library.register_fake("fusedlr::adamw_update_set")
+    def _adamw_update_set_fake(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        masters,
+        remainders,
+        steps,
+        k,
+        applied_lr,
+        sizes,
+        groups,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        maximize,
+        lr_tensors,
+        pids,
+        schedule,
+        stats,
+        max_norm,
+        found_inf,
+        scale=None,
+        skip_nonfinite=False,
+        advance_k=False,
+        norm_out=None,
+        found_inf_out=None,
+        seed=0,
+        stochastic=False,
+    ) -> None:
+        return None
+
     @torch.library.register_fake("fusedlr::schedule_eval")
     def _schedule_eval_fake(table, ks):
         return torch.empty_like(ks, dtype=torch.float64, memory_format=torch.contiguous_format)

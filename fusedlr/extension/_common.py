@@ -1,8 +1,10 @@
-"""What the compiled backends (``cpu``, ``cuda``) share: the per-bucket layout check and the op arguments."""
+"""What the compiled backends (``cpu``, ``cuda``) share: the per-bucket layout check, the op arguments and
+the launch sets (the buckets one op call updates)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -161,3 +163,71 @@ def update_kwargs(
             stochastic=prec.stochastic,
         )
     return kwargs
+
+
+def launch_key(bucket: Bucket, grads: list[Tensor]) -> Hashable:
+    """What the buckets of one launch set share (see ``update_set_args``): device, param, grad and moment dtypes,
+    amsgrad and the low-precision mode (master kind, stochastic rounding, seed)."""
+    prec = bucket.precision
+    mode = None if prec is None else (prec.master is not None, prec.remainder is not None, prec.stochastic, prec.seed)
+    grad_dtype = grads[0].dtype if grads else None
+    amsgrad = bucket.max_exp_avg_sqs is not None
+    return (bucket.device, bucket.params[0].dtype, grad_dtype, bucket.exp_avgs[0].dtype, amsgrad, mode)
+
+
+def update_set_args(
+    buckets: Sequence[Bucket],
+    grads: Sequence[list[Tensor]],
+    hypers: Sequence[GroupHyper],
+    ctrl: StepControl,
+    applied_lr: Tensor,
+    folds: Sequence[FoldedUpdate],
+) -> dict[str, object]:
+    """Arguments of ``torch.ops.fusedlr.adamw_update_set`` (schema: csrc/bindings.cpp) for the folded update of
+    ``buckets`` (one launch set, ``launch_key``; ``grads`` as the kernels read them) in one op call: their lists
+    concatenated, one segment per bucket with its hyperparameters, steps and ``applied_lr`` entry
+    (``folds[i].group``); the step-level outputs are those of the last fold (the others have none)."""
+    if any(f.advance_k or f.norm_out is not None or f.found_inf_out is not None for f in folds[:-1]):
+        raise ValueError("fusedlr: only the last update of a launch set writes the step-level outputs")
+    last = folds[-1]
+    found_inf = ctrl.found_inf
+    if found_inf is not None and found_inf.dtype != torch.float32:
+        found_inf = found_inf.to(torch.float32)
+    precs = [b.precision for b in buckets]
+
+    def per_param(get) -> list[Tensor]:
+        return [t for b in buckets for t in (get(b) or [])]
+
+    return dict(
+        params=per_param(lambda b: b.params),
+        grads=[g for gs in grads for g in gs],
+        exp_avgs=per_param(lambda b: b.exp_avgs),
+        exp_avg_sqs=per_param(lambda b: b.exp_avg_sqs),
+        max_exp_avg_sqs=per_param(lambda b: b.max_exp_avg_sqs),
+        masters=per_param(lambda b: b.precision and b.precision.master),
+        remainders=per_param(lambda b: b.precision and b.precision.remainder),
+        steps=[b.steps for b in buckets],
+        k=ctrl.k,
+        applied_lr=applied_lr,
+        sizes=[len(b.params) for b in buckets],
+        groups=[f.group for f in folds],
+        lr=[0.0 if isinstance(h.lr, Tensor) else h.lr for h in hypers],
+        beta1=[h.beta1 for h in hypers],
+        beta2=[h.beta2 for h in hypers],
+        eps=[h.eps for h in hypers],
+        weight_decay=[h.weight_decay for h in hypers],
+        maximize=[int(h.maximize) for h in hypers],
+        lr_tensors=[h.lr if isinstance(h.lr, Tensor) else None for h in hypers],
+        pids=[p.pids for p in precs if p is not None and p.stochastic],
+        schedule=schedule_table(buckets[0], ctrl),
+        stats=ctrl.stats,
+        max_norm=ctrl.max_norm,
+        found_inf=found_inf,
+        scale=last.scale,
+        skip_nonfinite=last.skip_nonfinite,
+        advance_k=last.advance_k,
+        norm_out=last.norm_out,
+        found_inf_out=last.found_inf_out,
+        seed=precs[0].seed if precs[0] is not None else 0,
+        stochastic=precs[0] is not None and precs[0].stochastic,
+    )

@@ -2,12 +2,13 @@
 
 Same interface and math as ``fusedlr.reference``; a bucket whose parameters or states are not
 dense (or whose grads have another dtype than the params) is handed to the reference instead.
-It folds (``FOLDED``, see ``fusedlr.backends``): the ops take a step's small ops (``fusedlr.control.FoldedUpdate``).
+It folds (``FOLDED``, see ``fusedlr.backends``): the ops take a step's small ops (``fusedlr.control.FoldedUpdate``),
+and updates several buckets in one op (``SETS``): the whole pass 1 of a step, and the updates of each launch set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -16,12 +17,25 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
-from ._common import check_folds, compiled_ok, kernel_grads, update_args, update_kwargs
+from ._common import check_folds, compiled_ok, kernel_grads, launch_key, update_args, update_kwargs, update_set_args
 
-__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "prepare_update"]
+__all__ = [
+    "FOLDED",
+    "NAME",
+    "SETS",
+    "adamw_update",
+    "available",
+    "folds",
+    "grad_stats",
+    "grad_stats_set",
+    "launch_key",
+    "prepare_update",
+    "prepare_update_set",
+]
 
 NAME = "cpu"
 FOLDED = True
+SETS = True
 
 
 def available(device: torch.device) -> str | None:
@@ -54,6 +68,13 @@ def grad_stats(
     torch.ops.fusedlr.grad_stats(grads, inv_scale, out, scale=scale, reset=reset)
 
 
+def grad_stats_set(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], out: Tensor, scale: Tensor | None) -> None:
+    """Pass 1 of several folding buckets (any dtypes) in one op: ``out`` written (not added to) with their stats,
+    the float32 sums added bucket by bucket in their order, as one ``grad_stats`` call per bucket would."""
+    flat = [g for gs in grads for g in gs]
+    torch.ops.fusedlr.grad_stats_set(flat, [len(gs) for gs in grads], out, scale=scale, reset=True)
+
+
 def prepare_update(
     bucket: Bucket,
     grads: list[Tensor],
@@ -69,6 +90,24 @@ def prepare_update(
         return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
     args = update_args(bucket, kernel_grads(bucket, grads), hyper, ctrl)
     return partial(torch.ops.fusedlr.adamw_update, *args, **update_kwargs(bucket, hyper, applied_lr, fold))
+
+
+def prepare_update_set(
+    buckets: Sequence[Bucket],
+    grads: Sequence[list[Tensor]],
+    hypers: Sequence[GroupHyper],
+    ctrl: StepControl,
+    applied_lr: Tensor,
+    folds: Sequence[FoldedUpdate],
+) -> Callable[[], None]:
+    """The folded updates (``folds``) of the buckets of one launch set (one ``launch_key``, every bucket folding),
+    prepared as ``prepare_update``; the commit is one op."""
+    if len({launch_key(b, gs) for b, gs in zip(buckets, grads)}) != 1:
+        raise ValueError("fusedlr backend='cpu': the buckets of a launch set must share their launch_key")
+    for b, gs, fold in zip(buckets, grads, folds):
+        check_folds(b, gs, NAME, fold)
+    kernel = [kernel_grads(b, gs) for b, gs in zip(buckets, grads)]
+    return partial(torch.ops.fusedlr.adamw_update_set, **update_set_args(buckets, kernel, hypers, ctrl, applied_lr, folds))
 
 
 def adamw_update(
