@@ -636,6 +636,89 @@ def test_opcheck() -> None:
     stats_args = (grads, None, torch.full((2,), 7.0))
     torch.library.opcheck(torch.ops.fusedlr.grad_stats.default, stats_args, dict(scale=torch.tensor(4.0), reset=True))
     torch.library.opcheck(torch.ops.fusedlr.schedule_eval.default, (sched, torch.arange(20)))
+    # a launch set: two buckets (segments) of their own hyperparameters, steps and applied-LR entry, the first
+    # with a tensor LR; bf16 params with fp32 masters and stochastic rounding (pids, one tensor per segment)
+    bf = [torch.randn(4, generator=g).bfloat16(), torch.randn(3, generator=g).bfloat16(), torch.randn(2, generator=g).bfloat16()]
+    set_args = dict(
+        params=bf,
+        grads=[torch.randn_like(p) for p in bf],
+        exp_avgs=[torch.zeros_like(p, dtype=torch.float32) for p in bf],
+        exp_avg_sqs=[torch.zeros_like(p, dtype=torch.float32) for p in bf],
+        max_exp_avg_sqs=[],
+        masters=[p.float() for p in bf],
+        remainders=[],
+        steps=[torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)],
+        k=torch.zeros((), dtype=torch.int64),
+        applied_lr=torch.zeros(3, dtype=torch.float64),
+        sizes=[2, 1],
+        groups=[2, 0],
+        lr=[0.0, 1e-2],
+        beta1=[0.9, 0.8],
+        beta2=[0.999, 0.99],
+        eps=[1e-8, 1e-6],
+        weight_decay=[0.01, 0.0],
+        maximize=[0, 1],
+        lr_tensors=[torch.tensor(2e-2, dtype=torch.float64), None],
+        pids=[torch.tensor([0, 1]), torch.tensor([2])],
+        schedule=sched,
+        stats=torch.tensor([4.0, 0.0]),
+        max_norm=1.0,
+        found_inf=None,
+        scale=torch.tensor(4.0),
+        skip_nonfinite=True,
+        advance_k=True,
+        norm_out=torch.zeros(()),
+        found_inf_out=torch.zeros(()),
+        seed=7,
+        stochastic=True,
+    )
+    torch.library.opcheck(torch.ops.fusedlr.adamw_update_set.default, (), set_args)
+    stats_set = (grads + bf, [2, 3], torch.full((2,), 7.0))
+    torch.library.opcheck(torch.ops.fusedlr.grad_stats_set.default, stats_set, dict(scale=torch.tensor(4.0), reset=True))
+
+
+@needs_ext
+def test_torch_compile_traces_one_update_op_for_several_groups() -> None:
+    """Three param groups (one with a tensor LR) on cpu: the traced step holds one grad_stats_set and one
+    adamw_update_set (a launch set, fusedlr/extension/_common.py), and equals the reference backend."""
+    torch._dynamo.reset()
+
+    def groups(params: list[torch.Tensor]) -> list[dict]:
+        return [
+            {"params": params[:1]},
+            {"params": params[1:2], "lr": torch.tensor(3e-2, dtype=torch.float64), "betas": (0.8, 0.99)},
+            {"params": params[2:], "weight_decay": 0.0, "eps": 1e-6},
+        ]
+
+    ref_params = make_params([7, 33, 5, (4, 3)], torch.float32, "cpu")
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    kw = dict(lr=1e-2, max_grad_norm=1.0, schedule=fusedlr.get_schedule("linear", 1, 10))
+    ref_opt = fusedlr.AdamW(groups(ref_params), backend="torch", **kw)
+    opt = fusedlr.AdamW(groups(params), backend="cpu", **kw)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    @torch.compile(backend=counting_backend)
+    def train_step():
+        opt.step()
+
+    for step in range(3):
+        set_grads(ref_params, step)
+        set_grads(params, step)
+        ref_opt.step()
+        train_step()
+        assert_same_state(ref_opt, opt, ref_params, params, what=f"step {step}:")
+    calls = [
+        [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("fusedlr.")]
+        for gm in graphs
+    ]
+    # a graph may hold one pass of the step (a graph break lies between them), never one op per group
+    want = {"fusedlr.grad_stats_set", "fusedlr.adamw_update_set"}
+    assert set(sum(calls, [])) == want, calls
+    assert all(len(c) == len(set(c)) for c in calls), calls
 
 
 @pytest.mark.parametrize("device", DEVICES)
