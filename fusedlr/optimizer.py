@@ -460,10 +460,10 @@ class AdamW(torch.optim.Optimizer):
     ) -> _PreparedStep:
         """``_prepare_step`` on a backend that folds the small ops of a step into its kernels (``impl.FOLDED``,
         every bucket run by its kernels, no history): pass 1 of every bucket into the cached private stats
-        buffer (in one launch with ``impl.SETS``; else one per bucket, the first resetting it) and one prepared
-        update per launch set (``_launch_sets``), the last of which also advances the schedule index and writes
+        buffer (``impl.grad_stats_set``: cpu one op, cuda one launch per gradient dtype) and one prepared update
+        per launch set (``_launch_sets``), the last of which also advances the schedule index and writes
         ``grad_norm`` and GradScaler's ``found_inf`` (``fusedlr.control.FoldedUpdate``). Nothing else runs on
-        the device: a step is one launch per launch set and pass (one per bucket without ``impl.SETS``)."""
+        the device."""
         hypers = [self._hyper(gi, device) for gi, _, _, _ in plan.buckets]
         buckets = [b for _, b, _, _ in plan.buckets]
         sets = self._launch_sets(impl, plan, bucket_grads)
@@ -473,11 +473,7 @@ class AdamW(torch.optim.Optimizer):
         stats = None
         if self.max_grad_norm is not None or check_inf:
             stats = self._private_buffer("stats", (2,), device)
-            if getattr(impl, "SETS", False):
-                impl.grad_stats_set(buckets, bucket_grads, stats, scale)
-            else:
-                for i, (b, gs) in enumerate(zip(buckets, bucket_grads)):
-                    impl.grad_stats(b, gs, None, stats, scale=scale, reset=i == 0)
+            impl.grad_stats_set(buckets, bucket_grads, stats, scale)
         ctrl = StepControl(
             k=self._schedule_index(device),
             schedule=self.schedule,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fusedlr.extension._common import same_layout
+from fusedlr.extension._common import dtype_runs, same_layout
 
 __all__ = [
     "EmulatedCudaBackend",
@@ -234,6 +234,11 @@ class EmulatedCudaBackend:
             grid,
         )
         self.shim.check(rc)
+
+    def grad_stats_set(self, buckets, grads, out, scale) -> None:
+        """As the CUDA backend's: one launch per gradient dtype, the first writing ``out``."""
+        for i, (b, gs) in enumerate(dtype_runs(buckets, grads)):
+            self.grad_stats(b, gs, None, out, scale=scale, reset=i == 0)
 
     def prepare_update(self, bucket, grads, hyper, ctrl, applied_lr=None, fold=None):
         """The backend interface's two-phase update; the emulated launch has nothing to prepare."""

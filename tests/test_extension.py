@@ -638,7 +638,7 @@ def test_opcheck() -> None:
     torch.library.opcheck(torch.ops.fusedlr.schedule_eval.default, (sched, torch.arange(20)))
     # a launch set: two buckets (segments) of their own hyperparameters, steps and applied-LR entry, the first
     # with a tensor LR; bf16 params with fp32 masters and stochastic rounding (pids, one tensor per segment)
-    bf = [torch.randn(4, generator=g).bfloat16(), torch.randn(3, generator=g).bfloat16(), torch.randn(2, generator=g).bfloat16()]
+    bf = [torch.randn(n, generator=g).bfloat16() for n in (4, 3, 2)]
     set_args = dict(
         params=bf,
         grads=[torch.randn_like(p) for p in bf],
@@ -674,7 +674,8 @@ def test_opcheck() -> None:
     )
     torch.library.opcheck(torch.ops.fusedlr.adamw_update_set.default, (), set_args)
     stats_set = (grads + bf, [2, 3], torch.full((2,), 7.0))
-    torch.library.opcheck(torch.ops.fusedlr.grad_stats_set.default, stats_set, dict(scale=torch.tensor(4.0), reset=True))
+    set_kwargs = dict(scale=torch.tensor(4.0), reset=True)
+    torch.library.opcheck(torch.ops.fusedlr.grad_stats_set.default, stats_set, set_kwargs)
 
 
 @needs_ext

@@ -223,6 +223,16 @@ def test_folded_steps_match_torch_recipe(backend: str, case: str, monkeypatch: p
             assert math.isinf(float(opt.grad_norm))
 
 
+def _recording(method: Callable, name: str, launches: list[str]) -> Callable:
+    """``method``, appending ``name`` to ``launches`` at each call."""
+
+    def run(*args, **kwargs):
+        launches.append(name)
+        return method(*args, **kwargs)
+
+    return run
+
+
 def _mixed_params() -> list[torch.Tensor]:
     torch.manual_seed(3)
     shapes = [((4, 3), torch.float32), ((5,), torch.float64), ((7,), torch.float32), ((2, 2), torch.float64)]
@@ -239,14 +249,24 @@ def _mixed_groups(params: list[torch.Tensor]) -> list[dict]:
     ]
 
 
-@needs_ext
-def test_one_update_launch_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Groups mixing float32 and float64 params: one pass 1 for the whole step and one update per dtype (the
-    float32 buckets of groups 0 and 2 together, the float64 ones of groups 1 and 2), equal to torch's recipe
-    (AdamW + clip_grad_norm_ + LambdaLR)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_update_launch_per_dtype(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups mixing float32 and float64 params, equal to torch's recipe (AdamW + clip_grad_norm_ + LambdaLR).
+    cpu: one pass-1 op for the whole step and one update op per dtype (the float32 buckets of groups 0 and 2
+    together, the float64 ones of groups 1 and 2); the CUDA kernels ("emu"): one pass-1 launch per dtype and one
+    update launch per bucket."""
     monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     ours, ref = _mixed_params(), _mixed_params()
-    opt = fusedlr.AdamW(_mixed_groups(ours), lr=LR, schedule=SCHED, max_grad_norm=0.5, backend="cpu")
+    kw = dict(lr=LR, schedule=SCHED, max_grad_norm=0.5)
+    opt = fusedlr.AdamW(_mixed_groups(ours), backend="cpu" if backend == "cpu" else "torch", **kw)
+    launches: list[str] = []
+    if backend == "emu":
+        shim = fusedlr_kernels()
+        shim.configure(0)
+        emu = EmulatedCudaBackend(shim, grid=3)
+        for name in ("grad_stats", "adamw_update"):
+            monkeypatch.setattr(emu, name, _recording(getattr(emu, name), name, launches))
+        opt._step_cache.update(impl=emu, impl_device=torch.device("cpu"))
     topt = torch.optim.AdamW(_mixed_groups(ref), lr=LR)
     tsched = torch.optim.lr_scheduler.LambdaLR(topt, SCHED)
     ops = _Ops()
@@ -256,13 +276,16 @@ def test_one_update_launch_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
             pa.grad = torch.randn(pa.shape, generator=gen, dtype=torch.float64).to(pa.dtype)
             pb.grad = pa.grad.clone()
         ops.names.clear()
+        launches.clear()
         with ops:
             opt.step()
         norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
         topt.step()
         tsched.step()
-        if i > 0:  # the first step also creates the states
+        if i > 0 and backend == "cpu":  # the first step also creates the states
             assert ops.names == ["fusedlr.grad_stats_set.default"] + ["fusedlr.adamw_update_set.default"] * 2
+        if backend == "emu":
+            assert launches == ["grad_stats"] * 2 + ["adamw_update"] * 4
         torch.testing.assert_close(opt.grad_norm, norm.float(), rtol=1e-5, atol=0)
         for pa, pb in zip(ours, ref):
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
@@ -275,7 +298,7 @@ def test_one_update_launch_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("case", ["3groups+amp+clip", "3groups, lr tensor"])
 def test_launch_sets_equal_one_launch_per_bucket(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Merging the buckets of several groups into one op changes no bit, nor any version counter, of a step
-    with one ``grad_stats`` and ``adamw_update`` per bucket (the cpu backend without ``SETS``)."""
+    with one ``adamw_update`` per bucket (the cpu backend without ``SETS``)."""
     from fusedlr.extension import cpu
 
     groups, amp, clip, _ = CASES[case]
@@ -290,7 +313,7 @@ def test_launch_sets_equal_one_launch_per_bucket(case: str, monkeypatch: pytest.
         for i in range(5):
             ops.names.clear()
             _train_step(model, opt, scaler, i, bad=amp and i == 2, step=_counted(ops))
-        assert len(ops.names) == (2 if sets else 6)
+        assert len(ops.names) == (2 if sets else 4)  # grad_stats_set, then one adamw_update_set or 3 adamw_update
         snap = [opt.grad_norm.clone(), opt.schedule_index.clone()]
         for p in model.parameters():
             snap += [p.detach().clone(), p._version]
@@ -331,3 +354,27 @@ def test_cuda_amp_clip_step_is_two_kernel_launches() -> None:
     ]
     assert len(kernels) == 2, kernels
     assert "grad_stats_kernel" in kernels[0] and "adamw_kernel" in kernels[1], kernels
+
+
+@needs_ext
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_two_groups_amp_clip_step_is_three_kernel_launches() -> None:
+    """Two param groups of one dtype: pass 1 is one launch for both (``grad_stats_set``), pass 2 one per bucket."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _model(device="cuda")
+    opt = fusedlr.AdamW(_groups(model, "2"), lr=LR, schedule=SCHED, max_grad_norm=0.5, backend="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**8)
+    for i in range(2):
+        _train_step(model, opt, scaler, i)
+    opt.zero_grad()
+    scaler.scale(_loss(model, 2)).backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        scaler.step(opt)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith("Mem")]
+    assert len(kernels) == 3 and "grad_stats_kernel" in kernels[0], kernels
+    assert all("adamw_kernel" in name for name in kernels[1:]), kernels

@@ -165,6 +165,17 @@ def update_kwargs(
     return kwargs
 
 
+def dtype_runs(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]]) -> list[tuple[Bucket, list[Tensor]]]:
+    """The gradients of several buckets by dtype (in the order of each dtype's first bucket, the buckets' order
+    within it), each with the first bucket of its dtype (which caches that launch's table): what one pass-1
+    launch per dtype reads."""
+    runs: dict[torch.dtype, tuple[Bucket, list[Tensor]]] = {}
+    for b, gs in zip(buckets, grads):
+        if gs:
+            runs.setdefault(gs[0].dtype, (b, []))[1].extend(gs)
+    return list(runs.values())
+
+
 def launch_key(bucket: Bucket, grads: list[Tensor]) -> Hashable:
     """What the buckets of one launch set share (see ``update_set_args``): device, param, grad and moment dtypes,
     amsgrad and the low-precision mode (master kind, stochastic rounding, seed)."""

@@ -107,7 +107,8 @@ def prepare_update_set(
     for b, gs, fold in zip(buckets, grads, folds):
         check_folds(b, gs, NAME, fold)
     kernel = [kernel_grads(b, gs) for b, gs in zip(buckets, grads)]
-    return partial(torch.ops.fusedlr.adamw_update_set, **update_set_args(buckets, kernel, hypers, ctrl, applied_lr, folds))
+    args = update_set_args(buckets, kernel, hypers, ctrl, applied_lr, folds)
+    return partial(torch.ops.fusedlr.adamw_update_set, **args)
 
 
 def adamw_update(

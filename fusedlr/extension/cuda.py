@@ -5,12 +5,13 @@ device table of pointers/numels its launches read and a host mirror of it: the t
 re-uploaded (async copy from pinned memory, no sync) only when a pointer changed, so steps are
 sync-free and CUDA-graph capturable once a first (warm-up) step has run. A bucket whose params or
 states are not dense (or whose grads have another dtype than the params) uses the reference.
-It folds (``FOLDED``, see ``fusedlr.backends``): the kernels take a step's small ops (``fusedlr.control.FoldedUpdate``).
+It folds (``FOLDED``, see ``fusedlr.backends``): the kernels take a step's small ops (``fusedlr.control.FoldedUpdate``);
+pass 1 of a folded step is one launch per gradient dtype (``grad_stats_set``), pass 2 one launch per bucket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -19,9 +20,9 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
-from ._common import check_folds, compiled_ok, kernel_grads, update_args, update_kwargs
+from ._common import check_folds, compiled_ok, dtype_runs, kernel_grads, update_args, update_kwargs
 
-__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "prepare_update"]
+__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "grad_stats_set", "prepare_update"]
 
 NAME = "cuda"
 FOLDED = True
@@ -117,6 +118,15 @@ def grad_stats(
     torch.ops.fusedlr.grad_stats(
         grads, inv_scale, out, table, host, _workspace(bucket, out.device), scale=scale, reset=reset
     )
+
+
+def grad_stats_set(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], out: Tensor, scale: Tensor | None) -> None:
+    """Pass 1 of several folding buckets: one launch per gradient dtype (``dtype_runs``; the first writes ``out``,
+    the others add to it), whatever the number of buckets and param groups."""
+    runs = dtype_runs(buckets, grads)
+    for i, (b, gs) in enumerate(runs):
+        table, host = _table(b, "fusedlr_cuda_stats_set_table", len(gs), extension._C.STATS_TABLE_PTRS, out.device)
+        torch.ops.fusedlr.grad_stats(gs, None, out, table, host, _workspace(b, out.device), scale=scale, reset=i == 0)
 
 
 def prepare_update(
