@@ -67,6 +67,8 @@ struct StepPlan {
   std::vector<PlanBucket> buckets;
   int64_t n_groups = 0;
   int64_t numel = 0;  // elements of the params in buckets
+  // The ``stats`` of the last step with a norm and its element 0 (a view, made once: the norm's sqrt input).
+  at::Tensor stats, stats_head;
 };
 
 // One group's hyperparameters for this step, and its tensor LR (may be undefined).
@@ -577,7 +579,13 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
       Py_END_ALLOW_THREADS
     }
     clear_scratch(plan);
-    if (error.empty() && !stale && a.norm.defined()) at::sqrt_out(a.norm, a.stats.select(0, 0));
+    if (error.empty() && !stale && a.norm.defined()) {
+      if (!plan.stats.is_same(a.stats)) {
+        plan.stats = a.stats;
+        plan.stats_head = a.stats.select(0, 0);
+      }
+      at::sqrt_out(a.norm, plan.stats_head);
+    }
     if (!error.empty()) {
       PyErr_SetString(PyExc_RuntimeError, error.c_str());
       return nullptr;
