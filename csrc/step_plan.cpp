@@ -568,7 +568,7 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
     stale = stale || !collect_grads(plan, a.stats.defined());
     std::string error;
     if (!stale && plan.numel < cpu::kParallelMin) {
-      run_step(plan, a);  // a few microseconds: the GIL is kept (exceptions go to the handler below)
+      run_step(plan, a);  // too short to hand the GIL over (exceptions go to the handler below)
     } else if (!stale) {
       Py_BEGIN_ALLOW_THREADS
       try {
