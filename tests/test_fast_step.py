@@ -224,7 +224,6 @@ def test_steps_differing_within_a_bucket_match_the_op_path() -> None:
             params[3].grad = None
 
     _check(_options(max_grad_norm=1.0, schedule=SCHED), mutate, min_fast=STEPS - 6)
-    steps = []
     params, opt = _options()()
     for i in range(STEPS):
         _grads(params, i)
