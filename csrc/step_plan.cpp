@@ -10,6 +10,11 @@
 // ``stats`` (clipping, AMP), the step counters, pass 2 of each bucket, the norm and the schedule
 // index, with the kernels of csrc/cpu/kernels.h called directly, and bumps the version counters of
 // the tensors each op writes (as csrc/bindings.cpp's bump_written_versions does).
+//
+// Host cost (the step of many tiny tensors): one walk over the parameters reads each gradient and
+// checks it, mostly by comparing it with what the plan recorded of its parameter (unchanged), keeping
+// raw pointers for the kernels in scratch vectors that keep their capacity (no handle copies, no
+// allocation per step); the GIL is held throughout for launches below cpu::kParallelMin elements.
 #include "step_plan.h"
 
 #include <ATen/ATen.h>
@@ -44,16 +49,26 @@ struct PlanBucket {
   LowPrecision lp{kNoMaster, false, 0u, nullptr};
   at::ScalarType state_type = at::kFloat;  // of the moments
   bool low_precision = false;
-  // Per-step scratch, emptied before the call returns (gradients are not kept between steps).
-  std::vector<at::Tensor> grads, update_grads, stats_grads;
+  caffe2::TypeMeta param_type;  // of the params and of their gradients
+  // Per-step scratch, emptied before the call returns (gradients are not kept between steps); the vectors
+  // keep their capacity. One entry per param: its gradient as pass 1 reads it, its tensors as pass 2 writes
+  // them; ``grad_copies`` holds the copies of gradients the kernels cannot read as they are.
+  std::vector<cpu::GradRef> stats_grads;
+  std::vector<cpu::UpdateSlot> slots;
+  std::vector<at::Tensor> grad_copies;
 };
 
 struct StepPlan {
   std::vector<at::Tensor> params;  // every param of the plan (plan.flat)
   std::vector<int64_t> signature;  // kSigWords per param
   std::vector<int64_t> bucket_of;  // bucket of each param (-1: none)
+  std::vector<int64_t> layout_of;  // offset in ``layouts`` of each param in a bucket (-1: none)
+  std::vector<int64_t> layouts;    // (dim, sizes, strides) of those params when the plan was built
   std::vector<PlanBucket> buckets;
   int64_t n_groups = 0;
+  int64_t numel = 0;  // elements of the params in buckets
+  // The ``stats`` of the last step with a norm and its element 0 (a view, made once: the norm's sqrt input).
+  at::Tensor stats, stats_head;
 };
 
 // One group's hyperparameters for this step, and its tensor LR (may be undefined).
@@ -68,12 +83,9 @@ struct StepPlanObject {
   StepPlan* plan;
 };
 
+// torch::autograd::impl::bump_version, inline (the step bumps a few counters per param).
 void bump(const at::Tensor& t) {
-  if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
-}
-
-void bump_all(const std::vector<at::Tensor>& ts) {
-  for (const at::Tensor& t : ts) bump(t);
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
 // ``o`` as a tensor (None: undefined); false when it is neither.
@@ -113,6 +125,28 @@ bool cpu_scalar_ok(const at::Tensor& t, at::ScalarType dtype, int64_t numel, boo
          (exact ? t.numel() == numel : t.numel() >= numel);
 }
 
+// Why param ``j`` of ``b`` and its states cannot go to the CPU kernels as they are (nullptr: they can).
+const char* param_reason(const PlanBucket& b, size_t j) {
+  const at::Tensor& p = b.params[j];
+  if (!p.device().is_cpu()) return "a parameter is not on the CPU";
+  if (dtype_code(p.scalar_type()) != b.dtype) return "the parameters of a bucket differ in dtype";
+  if (p.layout() != at::kStrided || !linear(p)) return "a parameter is not dense";
+  std::pair<const at::Tensor*, at::ScalarType> states[5] = {{&b.exp_avgs[j], b.state_type},
+                                                           {&b.exp_avg_sqs[j], b.state_type}};
+  int n = 2;
+  if (b.amsgrad) states[n++] = {&b.max_exp_avg_sqs[j], b.state_type};
+  if (!b.masters.empty()) states[n++] = {&b.masters[j], at::kFloat};
+  if (!b.remainders.empty()) states[n++] = {&b.remainders[j], at::kShort};
+  for (int k = 0; k < n; ++k) {
+    const auto& [s, type] = states[k];
+    if (s->scalar_type() != type || !s->device().is_cpu() || s->layout() != at::kStrided || !linear(*s) ||
+        !same_layout(*s, p)) {
+      return "a state is not laid out like its parameter";
+    }
+  }
+  return nullptr;
+}
+
 // Why the plan's tensors cannot go to the CPU kernels without a check per step (nullptr: they can).
 const char* bucket_reason(const PlanBucket& b) {
   if (!b.steps.device().is_cpu() || b.steps.scalar_type() != at::kLong || b.steps.dim() != 1 ||
@@ -130,19 +164,7 @@ const char* bucket_reason(const PlanBucket& b) {
     return "stochastic rounding needs pids, a contiguous int64 CPU tensor [n]";
   }
   for (size_t j = 0; j < n; ++j) {
-    const at::Tensor& p = b.params[j];
-    if (!p.device().is_cpu()) return "a parameter is not on the CPU";
-    if (dtype_code(p.scalar_type()) != b.dtype) return "the parameters of a bucket differ in dtype";
-    std::vector<std::pair<const at::Tensor*, at::ScalarType>> states = {{&b.exp_avgs[j], b.state_type},
-                                                                        {&b.exp_avg_sqs[j], b.state_type}};
-    if (b.amsgrad) states.emplace_back(&b.max_exp_avg_sqs[j], b.state_type);
-    if (!b.masters.empty()) states.emplace_back(&b.masters[j], at::kFloat);
-    if (!b.remainders.empty()) states.emplace_back(&b.remainders[j], at::kShort);
-    for (const auto& [s, type] : states) {
-      if (s->scalar_type() != type || !s->device().is_cpu() || !linear(*s) || !same_layout(*s, p)) {
-        return "a state is not laid out like its parameter";
-      }
-    }
+    if (const char* reason = param_reason(b, j)) return reason;
   }
   return nullptr;
 }
@@ -259,15 +281,25 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
         return -1;
       }
       b.lp.pids = b.lp.stochastic ? b.pids.data_ptr<int64_t>() : nullptr;  // checked by bucket_reason
-      b.grads.reserve(m);
+      b.param_type = b.params[0].dtype();
+      b.stats_grads.reserve(m);
+      b.slots.reserve(m);
       plan->buckets.push_back(std::move(b));
     }
     Py_DECREF(seq);
+    plan->layout_of.assign(n, -1);
     for (size_t i = 0; i < n; ++i) {
       if (plan->bucket_of[i] < 0 && signature_has_grad(plan->signature[i * kSigWords + 2])) {
         PyErr_SetString(PyExc_ValueError, "fusedlr._C.StepPlan: a parameter with a gradient is in no bucket");
         return -1;
       }
+      if (plan->bucket_of[i] < 0) continue;
+      const at::Tensor& p = plan->params[i];
+      plan->layout_of[i] = static_cast<int64_t>(plan->layouts.size());
+      plan->layouts.push_back(p.dim());
+      plan->layouts.insert(plan->layouts.end(), p.sizes().begin(), p.sizes().end());
+      plan->layouts.insert(plan->layouts.end(), p.strides().begin(), p.strides().end());
+      plan->numel += p.numel();
     }
     delete self->plan;
     self->plan = plan.release();
@@ -328,46 +360,100 @@ bool parse_groups(const StepPlan& plan, PyObject* hypers, StepArgs& a, bool& sta
   return true;
 }
 
-// Reads every gradient and checks it against the plan (nothing is written). False: stale.
+// Whether ``t`` has the sizes and strides at ``layout`` (dim, sizes, strides; ``t`` strided).
+bool has_layout(const c10::TensorImpl& t, const int64_t* layout) {
+  const int64_t d = layout[0];
+  if (t.dim() != d) return false;
+  const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
+  for (int64_t k = 0; k < d; ++k) {
+    if (sizes[k] != layout[1 + k] || strides[k] != layout[1 + d + k]) return false;
+  }
+  return true;
+}
+
+bool state_unchanged(const at::Tensor& s, caffe2::TypeMeta type, const int64_t* layout) {
+  const c10::TensorImpl& t = *s.unsafeGetTensorImpl();
+  return t.dtype() == type && t.device().is_cpu() && t.layout() == at::kStrided && has_layout(t, layout);
+}
+
+// The common case of a step, decided without param_signature: param ``j`` of ``b`` is still the tensor the plan
+// was built for (data ``expected[0]``, dtype, CPU, sizes and strides ``layout``), its states keep their dtype and
+// its layout, and ``g`` is a dense gradient of its dtype, device, sizes and strides. Then the full check
+// (param_signature, param_reason) passes and the kernels read ``g`` as it is; when false, the full check decides.
+bool unchanged(const PlanBucket& b, size_t j, const c10::TensorImpl& p, const c10::TensorImpl& g,
+               const int64_t* layout, const int64_t* expected) {
+  if (p.dtype() != b.param_type || !p.device().is_cpu() || p.layout() != at::kStrided || !has_layout(p, layout) ||
+      !p.has_storage() || reinterpret_cast<int64_t>(p.data()) != expected[0]) {
+    return false;
+  }
+  if (g.dtype() != b.param_type || !g.device().is_cpu() || g.layout() != at::kStrided || !has_layout(g, layout)) {
+    return false;
+  }
+  const caffe2::TypeMeta state = caffe2::TypeMeta::fromScalarType(b.state_type);
+  return state_unchanged(b.exp_avgs[j], state, layout) && state_unchanged(b.exp_avg_sqs[j], state, layout) &&
+         (!b.amsgrad || state_unchanged(b.max_exp_avg_sqs[j], state, layout)) &&
+         (b.masters.empty() || state_unchanged(b.masters[j], caffe2::TypeMeta::Make<float>(), layout)) &&
+         (b.remainders.empty() || state_unchanged(b.remainders[j], caffe2::TypeMeta::Make<int16_t>(), layout));
+}
+
+void* data_of(const std::vector<at::Tensor>& ts, size_t j) {
+  return ts.empty() ? nullptr : ts[j].unsafeGetTensorImpl()->mutable_data();
+}
+
+// Reads every gradient and checks it against the plan (nothing is written), filling each bucket's scratch
+// (``stats_grads`` only ``with_stats``). False: stale.
 bool collect_grads(StepPlan& plan, bool with_stats) {
   const size_t n = plan.params.size();
   int64_t words[kSigWords];
-  std::vector<char> copy_update(plan.buckets.size(), 0), copy_stats(plan.buckets.size(), 0);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = plan.params[i];
-    const at::Tensor& g = p.grad();
+    const at::Tensor& param = plan.params[i];
+    c10::TensorImpl& p = *param.unsafeGetTensorImpl();
+    const at::Tensor& g = p.grad();  // not at::Tensor::grad(), which asks the dispatcher whether p is a leaf
     const int64_t* expected = &plan.signature[i * kSigWords];
-    if (!param_signature(p, g, words) || words[0] != expected[0] || words[1] != expected[1] ||
-        words[2] != expected[2]) {
-      return false;
-    }
-    if (!g.defined()) continue;
     const int64_t bi = plan.bucket_of[i];
-    PlanBucket& b = plan.buckets[bi];
-    const size_t j = b.grads.size();
-    if (!linear(p) || !same_layout(b.exp_avgs[j], p)) return false;  // p.data = a tensor of another layout
-    const bool lin = linear(g);
-    copy_update[bi] |= !lin || !same_layout(g, p);
-    copy_stats[bi] |= !lin;
-    b.grads.push_back(g);
-  }
-  for (size_t bi = 0; bi < plan.buckets.size(); ++bi) {
-    PlanBucket& b = plan.buckets[bi];
-    if (copy_update[bi]) {
-      for (size_t j = 0; j < b.grads.size(); ++j) b.update_grads.push_back(kernel_grad(b.grads[j], &b.params[j]));
+    if (bi < 0 || !g.defined()) {  // no gradient expected (a bucket's param without one fails the check)
+      if (!param_signature(param, g, words) || words[0] != expected[0] || words[1] != expected[1] ||
+          words[2] != expected[2]) {
+        return false;
+      }
+      continue;
     }
-    if (copy_stats[bi] && with_stats) {
-      for (const at::Tensor& g : b.grads) b.stats_grads.push_back(kernel_grad(g, nullptr));
+    PlanBucket& b = plan.buckets[bi];
+    const size_t j = b.slots.size();
+    const void* update_grad = nullptr;
+    const void* stats_grad = nullptr;
+    if (unchanged(b, j, p, *g.unsafeGetTensorImpl(), &plan.layouts[plan.layout_of[i]], expected)) {
+      update_grad = stats_grad = g.unsafeGetTensorImpl()->data();
+    } else {
+      if (!param_signature(param, g, words) || words[0] != expected[0] || words[1] != expected[1] ||
+          words[2] != expected[2] || param_reason(b, j) != nullptr) {
+        return false;  // e.g. p.data = a tensor of another layout
+      }
+      const bool lin = linear(g);
+      update_grad = stats_grad = g.const_data_ptr();
+      if (!lin || !same_layout(g, param)) {
+        b.grad_copies.push_back(kernel_grad(g, &param));
+        update_grad = b.grad_copies.back().const_data_ptr();
+      }
+      if (!lin && with_stats) {
+        b.grad_copies.push_back(kernel_grad(g, nullptr));
+        stats_grad = b.grad_copies.back().const_data_ptr();
+      }
     }
+    const int64_t numel = p.numel();
+    if (with_stats) b.stats_grads.push_back({stats_grad, numel});
+    b.slots.push_back({p.mutable_data(), update_grad, data_of(b.exp_avgs, j), data_of(b.exp_avg_sqs, j),
+                       b.amsgrad ? data_of(b.max_exp_avg_sqs, j) : nullptr, static_cast<float*>(data_of(b.masters, j)),
+                       static_cast<uint16_t*>(data_of(b.remainders, j)), numel});
   }
   return true;
 }
 
 void clear_scratch(StepPlan& plan) {
   for (PlanBucket& b : plan.buckets) {
-    b.grads.clear();
-    b.update_grads.clear();
     b.stats_grads.clear();
+    b.slots.clear();
+    b.grad_copies.clear();
   }
 }
 
@@ -379,7 +465,7 @@ void run_step(StepPlan& plan, const StepArgs& a) {
     stats[1] = 0.0f;
     const float inv = a.inv_scale.defined() ? *a.inv_scale.data_ptr<float>() : 1.0f;
     for (PlanBucket& b : plan.buckets) {
-      cpu::grad_stats_kernel(b.dtype, b.stats_grads.empty() ? b.grads : b.stats_grads, inv, stats);
+      cpu::grad_stats_kernel(b.dtype, b.stats_grads.data(), b.stats_grads.size(), inv, stats);
       bump(a.stats);
     }
   }
@@ -393,7 +479,8 @@ void run_step(StepPlan& plan, const StepArgs& a) {
   double* applied_lr = a.applied_lr.data_ptr<double>();
   for (PlanBucket& b : plan.buckets) {
     int64_t* steps = b.steps.data_ptr<int64_t>();
-    for (size_t j = 0; j < b.params.size(); ++j) steps[j] += applied;
+    const size_t n = b.params.size();
+    for (size_t j = 0; j < n; ++j) steps[j] += applied;
     bump(b.steps);
     const GroupInput& g = a.groups[b.group];
     StepInputs in{};
@@ -413,22 +500,21 @@ void run_step(StepPlan& plan, const StepArgs& a) {
     const StepScalars s = step_scalars(g.hyper, in);
     if (!s.skip) {
       applied_lr[b.group] = s.lr;
-      const std::vector<at::Tensor>& grads = b.update_grads.empty() ? b.grads : b.update_grads;
       if (b.low_precision) {
-        cpu::adamw_update_lp_kernel(b.dtype, dtype_code(b.state_type), b.amsgrad, b.params, grads, b.exp_avgs,
-                                    b.exp_avg_sqs, b.max_exp_avg_sqs, b.masters, b.remainders, steps, g.hyper, s,
-                                    b.lp);
+        cpu::adamw_update_lp_kernel(b.dtype, dtype_code(b.state_type), b.amsgrad, b.slots.data(), n, steps, g.hyper,
+                                    s, b.lp);
       } else {
-        cpu::adamw_update_kernel(b.dtype, b.amsgrad, b.params, grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
-                                 steps, g.hyper, s);
+        cpu::adamw_update_kernel(b.dtype, b.amsgrad, b.slots.data(), n, steps, g.hyper, s);
       }
     }
-    bump_all(b.params);
-    bump_all(b.exp_avgs);
-    bump_all(b.exp_avg_sqs);
-    bump_all(b.max_exp_avg_sqs);
-    bump_all(b.masters);
-    bump_all(b.remainders);
+    for (size_t j = 0; j < n; ++j) {
+      bump(b.params[j]);
+      bump(b.exp_avgs[j]);
+      bump(b.exp_avg_sqs[j]);
+      if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
+      if (!b.masters.empty()) bump(b.masters[j]);
+      if (!b.remainders.empty()) bump(b.remainders[j]);
+    }
     bump(a.applied_lr);
   }
   if (a.advance_k) {
@@ -481,7 +567,9 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
     if (!stale && !parse_groups(plan, hypers, a, stale)) return nullptr;
     stale = stale || !collect_grads(plan, a.stats.defined());
     std::string error;
-    if (!stale) {
+    if (!stale && plan.numel < cpu::kParallelMin) {
+      run_step(plan, a);  // too short to hand the GIL over (exceptions go to the handler below)
+    } else if (!stale) {
       Py_BEGIN_ALLOW_THREADS
       try {
         run_step(plan, a);
@@ -491,7 +579,13 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
       Py_END_ALLOW_THREADS
     }
     clear_scratch(plan);
-    if (error.empty() && !stale && a.norm.defined()) at::sqrt_out(a.norm, a.stats.select(0, 0));
+    if (error.empty() && !stale && a.norm.defined()) {
+      if (!plan.stats.is_same(a.stats)) {
+        plan.stats = a.stats;
+        plan.stats_head = a.stats.select(0, 0);
+      }
+      at::sqrt_out(a.norm, plan.stats_head);
+    }
     if (!error.empty()) {
       PyErr_SetString(PyExc_RuntimeError, error.c_str());
       return nullptr;

@@ -21,6 +21,7 @@ from .plan import STATE_KEYS, Plan, plan_for_step, state_dtype
 from .reference import clip_coefficient
 from .reference import scheduled_lr as reference_scheduled_lr
 from .schedules import Schedule
+from .step_hooks import hooked_step
 
 __all__ = ["AdamW"]
 
@@ -356,6 +357,7 @@ class AdamW(torch.optim.Optimizer):
             stats += out
         return stats
 
+    @hooked_step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, grad_scaler: Any = None) -> float | None:  # type: ignore[override]
         """One fused update of every parameter that has a gradient.

@@ -212,6 +212,69 @@ def test_noncontiguous_grads_match_the_op_path() -> None:
     _check(_mixed, mutate)
 
 
+def test_steps_differing_within_a_bucket_match_the_op_path() -> None:
+    """A param that missed steps rejoins its bucket with a smaller step number, between and beside params of
+    another: each tensor's bias corrections follow its own step (the kernels compute them once per run of equal
+    steps)."""
+
+    def mutate(i: int, params: list[torch.Tensor], opt: fusedlr.AdamW) -> None:
+        if i in (1, 2):
+            params[1].grad = None
+        if i == 3:
+            params[3].grad = None
+
+    _check(_options(max_grad_norm=1.0, schedule=SCHED), mutate, min_fast=STEPS - 6)
+    params, opt = _options()()
+    for i in range(STEPS):
+        _grads(params, i)
+        mutate(i, params, opt)
+        opt.step()
+    steps = [int(opt.state[p]["step"]) for p in params]
+    assert steps == [STEPS, STEPS - 2, STEPS, STEPS - 1]
+
+
+def test_gradients_of_another_layout_or_dtype_after_fast_steps_match_the_op_path() -> None:
+    """After fast steps, gradients the plan's record of their param does not describe: a broadcast one (stride
+    0, read through a copy), one laid out unlike its param (copied for pass 2 only), one of another dtype (the
+    plan changes) and, the step after, the usual ones again."""
+
+    def mutate(i: int, params: list[torch.Tensor], opt: fusedlr.AdamW) -> None:
+        if i == 3:
+            params[0].grad = torch.randn(1, 3).expand(5, 3)
+            params[3].grad = torch.randn(4, 4).t()
+        if i == 5:
+            params[2].grad.data = params[2].grad.double()  # (assigning .grad must keep the dtype)
+
+    _check(_mixed, mutate, min_fast=STEPS - 4)
+
+
+def test_a_sparse_gradient_after_fast_steps_is_refused_as_the_op_path_refuses_it() -> None:
+    for fast in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not fast:
+                mp.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+            params, opt = _mixed()
+            for i in range(3):
+                _grads(params, i)
+                opt.step()
+            _grads(params, 3)
+            params[2].grad = params[2].grad.to_sparse()
+            before = _snapshot(params, opt)
+            with pytest.raises(RuntimeError, match="sparse gradients.*parameter 2; nothing was updated"):
+                opt.step()
+            _assert_same(before, _snapshot(params, opt))
+
+
+def test_a_bucket_large_enough_for_threads_matches_the_op_path() -> None:
+    """Above cpu::kParallelMin elements the kernels split the work over threads (the step releases the GIL)."""
+
+    def build() -> World:
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (40_000, 3, 20_000)]
+        return params, fusedlr.AdamW(params, lr=1e-2, schedule=SCHED, max_grad_norm=1.0, backend="cpu")
+
+    _check(build)
+
+
 def test_p_data_replaced_state_cleared_and_group_added_match_the_op_path() -> None:
     def mutate(i: int, params: list[torch.Tensor], opt: fusedlr.AdamW) -> None:
         if i == 2:

@@ -26,8 +26,7 @@ namespace fusedlr {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 16384;         // elements per work item
-constexpr int64_t kParallelMin = 32768;   // below this many elements, run on the calling thread
+constexpr int64_t kChunk = 16384;  // elements per work item
 
 template <typename T>
 struct Math {
@@ -66,18 +65,28 @@ struct Item {
   int64_t len;
 };
 
-std::vector<Item> make_items(const std::vector<int64_t>& numels, int64_t* total) {
-  std::vector<Item> items;
-  items.reserve(numels.size());
-  *total = 0;
-  for (size_t i = 0; i < numels.size(); ++i) {
-    for (int64_t s = 0; s < numels[i]; s += kChunk) items.push_back({static_cast<int64_t>(i), s, std::min(kChunk, numels[i] - s)});
-    *total += numels[i];
+// Calls ``body(item)`` for every (tensor, chunk) item of ``n`` tensors of ``numel(i)`` elements, in order.
+template <typename N, typename F>
+void items_in_order(size_t n, const N& numel, const F& body) {
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t len = numel(i);
+    for (int64_t s = 0; s < len; s += kChunk) body(Item{static_cast<int64_t>(i), s, std::min(kChunk, len - s)});
   }
+}
+
+template <typename N>
+std::vector<Item> make_items(size_t n, const N& numel) {
+  std::vector<Item> items;
+  items.reserve(n);
+  items_in_order(n, numel, [&](const Item& w) { items.push_back(w); });
   return items;
 }
 
-int num_threads(int64_t total) {
+// Threads for a launch of ``n`` tensors of ``numel(i)`` elements: 1 below kParallelMin elements.
+template <typename N>
+int num_threads(size_t n, const N& numel) {
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += numel(i);
 #ifdef _OPENMP
   if (total < kParallelMin || omp_in_parallel()) return 1;
   return std::max(1, at::get_num_threads());
@@ -87,77 +96,127 @@ int num_threads(int64_t total) {
 #endif
 }
 
-// Runs ``body(item)`` for every (tensor, chunk) item of tensors of ``numels`` elements, in parallel
-// when there is enough work.
-template <typename F>
-void for_each_item(const std::vector<int64_t>& numels, const F& body) {
-  int64_t total = 0;
-  const std::vector<Item> items = make_items(numels, &total);
+// Runs ``body(item, prep)`` for every item of ``n`` tensors of ``numel(i)`` elements, ``prep`` being
+// ``prepare(i)`` of the item's tensor (a ``P``), called in tensor order: on the calling thread item by item,
+// or, when the launch is large enough, for every tensor first and then the items in parallel.
+template <typename P, typename N, typename Prep, typename F>
+void for_each_item(size_t n, const N& numel, Prep&& prepare, const F& body) {
+  const int nt = num_threads(n, numel);
+  if (nt <= 1) {
+    P prep{};
+    int64_t prepared = -1;
+    items_in_order(n, numel, [&](const Item& w) {
+      if (w.tensor != prepared) {
+        prep = prepare(w.tensor);
+        prepared = w.tensor;
+      }
+      body(w, prep);
+    });
+    return;
+  }
+  std::vector<P> preps;
+  preps.reserve(n);
+  for (size_t i = 0; i < n; ++i) preps.push_back(prepare(static_cast<int64_t>(i)));
+  const std::vector<Item> items = make_items(n, numel);
   const int64_t m = static_cast<int64_t>(items.size());
-  [[maybe_unused]] const int nt = num_threads(total);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t it = 0; it < m; ++it) body(items[it]);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t it = 0; it < m; ++it) body(items[it], preps[items[it].tensor]);
 }
 
 // ---------------------------------------------------------------- pass 1
+// Sums in a fixed order: the tail from 0.0, then each of the 16 lanes added to it. A gradient shorter than the
+// lanes skips them (adding their zeros would not change the bits): the steps of many tiny tensors.
 template <typename T>
 void stats_item(const T* __restrict__ g, int64_t len, float inv, double* sum_out, int64_t* count_out) {
   constexpr int kLanes = 16;
-  double acc[kLanes] = {};
-  int64_t cnt[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float x = static_cast<float>(g[j + l]) * inv;
-      acc[l] += static_cast<double>(x * x);
-      cnt[l] += nonfinite(g[j + l]) ? 1 : 0;
-    }
-  }
+  const int64_t body = len - len % kLanes;
   double s = 0.0;
   int64_t c = 0;
-  for (; j < len; ++j) {
+  for (int64_t j = body; j < len; ++j) {
     const float x = static_cast<float>(g[j]) * inv;
     s += static_cast<double>(x * x);
     c += nonfinite(g[j]) ? 1 : 0;
   }
-  for (int l = 0; l < kLanes; ++l) {
-    s += acc[l];
-    c += cnt[l];
+  if (body > 0) {
+    double acc[kLanes] = {};
+    int64_t cnt[kLanes] = {};
+    for (int64_t j = 0; j < body; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float x = static_cast<float>(g[j + l]) * inv;
+        acc[l] += static_cast<double>(x * x);
+        cnt[l] += nonfinite(g[j + l]) ? 1 : 0;
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      s += acc[l];
+      c += cnt[l];
+    }
   }
   *sum_out = s;
   *count_out = c;
 }
 
+// The items' sums are added in item order, on one thread as on many: the result does not depend on the
+// thread count.
 template <typename T>
-void grad_stats_impl(const std::vector<at::Tensor>& grads, float inv, float* out) {
-  std::vector<const T*> ptrs;
-  std::vector<int64_t> numels;
-  for (const auto& g : grads) {
-    ptrs.push_back(static_cast<const T*>(g.data_ptr()));
-    numels.push_back(g.numel());
-  }
-  int64_t total = 0;
-  const std::vector<Item> items = make_items(numels, &total);
-  const int64_t m = static_cast<int64_t>(items.size());
-  std::vector<double> sums(m);
-  std::vector<int64_t> counts(m);
-  [[maybe_unused]] const int nt = num_threads(total);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t it = 0; it < m; ++it) {
-    const Item& w = items[it];
-    stats_item<T>(ptrs[w.tensor] + w.start, w.len, inv, &sums[it], &counts[it]);
-  }
+void grad_stats_impl(const GradRef* grads, size_t n, float inv, float* out) {
+  const auto numel = [grads](size_t i) { return grads[i].numel; };
+  const auto item_stats = [&](const Item& w, double* sum, int64_t* count) {
+    stats_item<T>(static_cast<const T*>(grads[w.tensor].data) + w.start, w.len, inv, sum, count);
+  };
   double s = 0.0;
   int64_t c = 0;
-  for (int64_t it = 0; it < m; ++it) {
-    s += sums[it];
-    c += counts[it];
+  const int nt = num_threads(n, numel);
+  if (nt <= 1) {
+    items_in_order(n, numel, [&](const Item& w) {
+      double si;
+      int64_t ci;
+      item_stats(w, &si, &ci);
+      s += si;
+      c += ci;
+    });
+  } else {
+    const std::vector<Item> items = make_items(n, numel);
+    const int64_t m = static_cast<int64_t>(items.size());
+    std::vector<double> sums(m);
+    std::vector<int64_t> counts(m);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t it = 0; it < m; ++it) item_stats(items[it], &sums[it], &counts[it]);
+    for (int64_t it = 0; it < m; ++it) {
+      s += sums[it];
+      c += counts[it];
+    }
   }
   out[0] += static_cast<float>(s);
   out[1] += static_cast<float>(c);
 }
 
 // ---------------------------------------------------------------- pass 2
+// tensor_coeffs of tensor after tensor, recomputed only when the step number changes (the tensors of a
+// bucket mostly share theirs).
+template <typename S>
+class CoeffCache {
+ public:
+  CoeffCache(const AdamWHyper& h, const StepScalars& s, const int64_t* steps) : h_(h), s_(s), steps_(steps) {}
+
+  const AdamWCoeffs<S>& operator()(int64_t i) {
+    if (!valid_ || steps_[i] != step_) {
+      coeffs_ = tensor_coeffs<S>(h_, s_, steps_[i]);
+      step_ = steps_[i];
+      valid_ = true;
+    }
+    return coeffs_;
+  }
+
+ private:
+  const AdamWHyper& h_;
+  const StepScalars& s_;
+  const int64_t* steps_;
+  AdamWCoeffs<S> coeffs_{};
+  int64_t step_ = 0;
+  bool valid_ = false;
+};
+
 template <typename T, bool AMSGRAD>
 void update_item(T* __restrict__ p, const T* __restrict__ g, typename Math<T>::type* __restrict__ m,
                  typename Math<T>::type* __restrict__ v, typename Math<T>::type* __restrict__ vmax, int64_t len,
@@ -178,42 +237,30 @@ void update_item(T* __restrict__ p, const T* __restrict__ g, typename Math<T>::t
 }
 
 template <typename T, bool AMSGRAD>
-void adamw_impl(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList exp_avgs,
-                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const int64_t* steps,
-                const AdamWHyper& h, const StepScalars& s) {
+void adamw_impl(const UpdateSlot* slots, size_t n, const int64_t* steps, const AdamWHyper& h, const StepScalars& s) {
   using S = typename Math<T>::type;
-  const size_t n = params.size();
-  std::vector<int64_t> numels(n);
-  std::vector<AdamWCoeffs<S>> coeffs(n);
-  for (size_t i = 0; i < n; ++i) {
-    numels[i] = params[i].numel();
-    // Tensors of a bucket mostly share their step: their coefficients are computed once.
-    coeffs[i] = i > 0 && steps[i] == steps[i - 1] ? coeffs[i - 1] : tensor_coeffs<S>(h, s, steps[i]);
-  }
-  for_each_item(numels, [&](const Item& w) {
-    const int64_t i = w.tensor, o = w.start;
-    S* vmax = AMSGRAD ? static_cast<S*>(max_exp_avg_sqs[i].data_ptr()) + o : nullptr;
-    update_item<T, AMSGRAD>(static_cast<T*>(params[i].data_ptr()) + o, static_cast<const T*>(grads[i].data_ptr()) + o,
-                            static_cast<S*>(exp_avgs[i].data_ptr()) + o, static_cast<S*>(exp_avg_sqs[i].data_ptr()) + o,
-                            vmax, w.len, coeffs[i]);
-  });
+  CoeffCache<S> coeffs(h, s, steps);
+  for_each_item<AdamWCoeffs<S>>(
+      n, [slots](size_t i) { return slots[i].numel; }, coeffs,
+      [slots](const Item& w, const AdamWCoeffs<S>& c) {
+        const UpdateSlot& t = slots[w.tensor];
+        const int64_t o = w.start;
+        S* vmax = AMSGRAD ? static_cast<S*>(t.vmax) + o : nullptr;
+        update_item<T, AMSGRAD>(static_cast<T*>(t.p) + o, static_cast<const T*>(t.g) + o, static_cast<S*>(t.m) + o,
+                                static_cast<S*>(t.v) + o, vmax, w.len, c);
+      });
 }
 
-// The tensors of one parameter in a low-precision launch (null where its mode has none).
-struct LpTensor {
-  void* p;
-  const void* g;
-  void* m;
-  void* v;
-  void* vmax;
-  float* master;
-  uint16_t* remainder;
+// What a low-precision update needs per tensor besides its slot.
+template <typename S>
+struct LpPrep {
+  AdamWCoeffs<S> coeffs;
   RngKeys keys;
 };
 
 // Elements [start, start + len) of one tensor: param/grad T, moments M (see adamw_element_lp).
 template <typename T, typename M, bool AMSGRAD>
-void update_item_lp(const LpTensor& t, int64_t start, int64_t len, const AdamWCoeffs<typename Math<T>::type>& c,
+void update_item_lp(const UpdateSlot& t, int64_t start, int64_t len, const LpPrep<typename Math<T>::type>& prep,
                     const LowPrecision& lp) {
   T* p = static_cast<T*>(t.p) + start;
   const T* g = static_cast<const T*>(t.g) + start;
@@ -226,7 +273,8 @@ void update_item_lp(const LpTensor& t, int64_t start, int64_t len, const AdamWCo
     M w = AMSGRAD ? vmax[j] : M(0);
     float mj = master != nullptr ? master[j] : 0.0f;
     uint16_t rj = remainder != nullptr ? remainder[j] : 0;
-    adamw_element_lp<Elem<T>, Elem<M>, AMSGRAD>(p[j], g[j], m[j], v[j], w, mj, rj, c, lp, t.keys, start + j);
+    adamw_element_lp<Elem<T>, Elem<M>, AMSGRAD>(p[j], g[j], m[j], v[j], w, mj, rj, prep.coeffs, lp, prep.keys,
+                                                start + j);
     if (AMSGRAD) vmax[j] = w;
     if (master != nullptr) master[j] = mj;
     if (remainder != nullptr) remainder[j] = rj;
@@ -234,99 +282,66 @@ void update_item_lp(const LpTensor& t, int64_t start, int64_t len, const AdamWCo
 }
 
 template <typename T, typename M, bool AMSGRAD>
-void adamw_impl_lp(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masters,
-                   at::TensorList remainders, const int64_t* steps, const AdamWHyper& h, const StepScalars& s,
+void adamw_impl_lp(const UpdateSlot* slots, size_t n, const int64_t* steps, const AdamWHyper& h, const StepScalars& s,
                    const LowPrecision& lp) {
   using S = typename Math<T>::type;
-  const size_t n = params.size();
-  std::vector<int64_t> numels(n);
-  std::vector<AdamWCoeffs<S>> coeffs(n);
-  std::vector<LpTensor> tensors(n);
-  for (size_t i = 0; i < n; ++i) {
-    numels[i] = params[i].numel();
-    coeffs[i] = tensor_coeffs<S>(h, s, steps[i]);
-    LpTensor& t = tensors[i];
-    t.p = params[i].data_ptr();
-    t.g = grads[i].data_ptr();
-    t.m = exp_avgs[i].data_ptr();
-    t.v = exp_avg_sqs[i].data_ptr();
-    t.vmax = AMSGRAD ? max_exp_avg_sqs[i].data_ptr() : nullptr;
-    t.master = masters.empty() ? nullptr : masters[i].data_ptr<float>();
-    t.remainder = remainders.empty() ? nullptr : static_cast<uint16_t*>(remainders[i].data_ptr());
-    t.keys = lp.stochastic ? rng_keys(lp.seed, lp.pids[i], steps[i]) : RngKeys{};
-  }
-  for_each_item(numels, [&](const Item& w) {
-    update_item_lp<T, M, AMSGRAD>(tensors[w.tensor], w.start, w.len, coeffs[w.tensor], lp);
-  });
+  CoeffCache<S> coeffs(h, s, steps);
+  for_each_item<LpPrep<S>>(
+      n, [slots](size_t i) { return slots[i].numel; },
+      [&](int64_t i) {
+        return LpPrep<S>{coeffs(i), lp.stochastic ? rng_keys(lp.seed, lp.pids[i], steps[i]) : RngKeys{}};
+      },
+      [slots, &lp](const Item& w, const LpPrep<S>& prep) {
+        update_item_lp<T, M, AMSGRAD>(slots[w.tensor], w.start, w.len, prep, lp);
+      });
 }
 
 template <typename T, typename M>
-void adamw_dispatch_lp(bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
-                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                       at::TensorList masters, at::TensorList remainders, const int64_t* steps, const AdamWHyper& h,
+void adamw_dispatch_lp(bool amsgrad, const UpdateSlot* slots, size_t n, const int64_t* steps, const AdamWHyper& h,
                        const StepScalars& s, const LowPrecision& lp) {
   if (amsgrad) {
-    adamw_impl_lp<T, M, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, steps, h, s,
-                              lp);
+    adamw_impl_lp<T, M, true>(slots, n, steps, h, s, lp);
   } else {
-    adamw_impl_lp<T, M, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders, steps, h,
-                               s, lp);
+    adamw_impl_lp<T, M, false>(slots, n, steps, h, s, lp);
   }
 }
 
 // The low-precision update, on the param dtype and the moments': bfloat16, or float32 for 16-bit and
 // float64 params (float32 params are low-precision only with bfloat16 moments, see check_adamw_update).
 template <typename T>
-void adamw_dispatch_states(int state_dtype, bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
-                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                           at::TensorList masters, at::TensorList remainders, const int64_t* steps,
+void adamw_dispatch_states(int state_dtype, bool amsgrad, const UpdateSlot* slots, size_t n, const int64_t* steps,
                            const AdamWHyper& h, const StepScalars& s, const LowPrecision& lp) {
   if (state_dtype == kBF16) {
-    adamw_dispatch_lp<T, c10::BFloat16>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
-                                        remainders, steps, h, s, lp);
+    adamw_dispatch_lp<T, c10::BFloat16>(amsgrad, slots, n, steps, h, s, lp);
     return;
   }
   if constexpr (!std::is_same_v<T, float>) {
-    adamw_dispatch_lp<T, float>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders,
-                                steps, h, s, lp);
-  }
-}
-
-template <typename T>
-void adamw_dispatch_ams(bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
-                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                        const int64_t* steps, const AdamWHyper& h, const StepScalars& s) {
-  if (amsgrad) {
-    adamw_impl<T, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
-  } else {
-    adamw_impl<T, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, s);
+    adamw_dispatch_lp<T, float>(amsgrad, slots, n, steps, h, s, lp);
   }
 }
 
 }  // namespace
 
-void grad_stats_kernel(int dtype, const std::vector<at::Tensor>& grads, float inv, float* out) {
-  dispatch_dtype(dtype, [&](auto tag) { grad_stats_impl<typename decltype(tag)::type>(grads, inv, out); });
+void grad_stats_kernel(int dtype, const GradRef* grads, size_t n, float inv, float* out) {
+  dispatch_dtype(dtype, [&](auto tag) { grad_stats_impl<typename decltype(tag)::type>(grads, n, inv, out); });
 }
 
-void adamw_update_kernel(int dtype, bool amsgrad, at::TensorList params, const std::vector<at::Tensor>& grads,
-                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                         const int64_t* steps, const AdamWHyper& h, const StepScalars& s) {
-  if (params.empty()) return;
+void adamw_update_kernel(int dtype, bool amsgrad, const UpdateSlot* slots, size_t n, const int64_t* steps,
+                         const AdamWHyper& h, const StepScalars& s) {
   dispatch_dtype(dtype, [&](auto tag) {
-    adamw_dispatch_ams<typename decltype(tag)::type>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                                     steps, h, s);
+    using T = typename decltype(tag)::type;
+    if (amsgrad) {
+      adamw_impl<T, true>(slots, n, steps, h, s);
+    } else {
+      adamw_impl<T, false>(slots, n, steps, h, s);
+    }
   });
 }
 
-void adamw_update_lp_kernel(int dtype, int state_dtype, bool amsgrad, at::TensorList params,
-                            const std::vector<at::Tensor>& grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                            at::TensorList max_exp_avg_sqs, at::TensorList masters, at::TensorList remainders,
+void adamw_update_lp_kernel(int dtype, int state_dtype, bool amsgrad, const UpdateSlot* slots, size_t n,
                             const int64_t* steps, const AdamWHyper& h, const StepScalars& s, const LowPrecision& lp) {
   dispatch_dtype(dtype, [&](auto tag) {
-    adamw_dispatch_states<typename decltype(tag)::type>(state_dtype, amsgrad, params, grads, exp_avgs, exp_avg_sqs,
-                                                        max_exp_avg_sqs, masters, remainders, steps, h, s, lp);
+    adamw_dispatch_states<typename decltype(tag)::type>(state_dtype, amsgrad, slots, n, steps, h, s, lp);
   });
 }
 
@@ -334,6 +349,25 @@ namespace {
 
 void check_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "fusedlr (CPU kernel): ", what, " must be on the CPU, got ", t.device());
+}
+
+// The slots of a checked launch (``vmaxs``, ``masters``, ``remainders``: empty when it has none).
+std::vector<UpdateSlot> update_slots(at::TensorList params, const std::vector<at::Tensor>& grads, at::TensorList exp_avgs,
+                                     at::TensorList exp_avg_sqs, at::TensorList vmaxs, at::TensorList masters,
+                                     at::TensorList remainders) {
+  std::vector<UpdateSlot> slots(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    UpdateSlot& t = slots[i];
+    t.p = params[i].data_ptr();
+    t.g = grads[i].const_data_ptr();
+    t.m = exp_avgs[i].data_ptr();
+    t.v = exp_avg_sqs[i].data_ptr();
+    t.vmax = vmaxs.empty() ? nullptr : vmaxs[i].data_ptr();
+    t.master = masters.empty() ? nullptr : masters[i].data_ptr<float>();
+    t.remainder = remainders.empty() ? nullptr : static_cast<uint16_t*>(remainders[i].data_ptr());
+    t.numel = params[i].numel();
+  }
+  return slots;
 }
 
 // ---------------------------------------------------------------- ops
@@ -348,15 +382,20 @@ void grad_stats_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_s
   const int code = check_grad_stats(grads, inv_scale, out);
   check_scale(scale, inv_scale, out.device());
   std::vector<at::Tensor> gs;
+  std::vector<GradRef> refs;
   gs.reserve(grads.size());
-  for (const auto& g : grads) gs.push_back(kernel_grad(g, nullptr));
+  refs.reserve(grads.size());
+  for (const auto& g : grads) {
+    gs.push_back(kernel_grad(g, nullptr));
+    refs.push_back({gs.back().const_data_ptr(), gs.back().numel()});
+  }
   const float inv = unscale_factor(opt_ptr<float>(inv_scale), opt_ptr<float>(scale));
   float* o = out.data_ptr<float>();
   if (reset) {
     o[0] = 0.0f;
     o[1] = 0.0f;
   }
-  grad_stats_kernel(code, gs, inv, o);
+  grad_stats_kernel(code, refs.data(), refs.size(), inv, o);
 }
 
 void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -400,13 +439,14 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   }
   if (out.k != nullptr) *out.k += 1;  // read only by step_scalars
   if (params.empty()) return;
+  const std::vector<UpdateSlot> slots =
+      update_slots(params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders);
   if (chk.low_precision) {
     const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), opt_ptr<int64_t>(pids)};
-    adamw_update_lp_kernel(chk.dtype, chk.state_dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs,
-                           max_exp_avg_sqs, masters, remainders, in.steps, h, s, lp);
+    adamw_update_lp_kernel(chk.dtype, chk.state_dtype, chk.amsgrad, slots.data(), slots.size(), in.steps, h, s, lp);
     return;
   }
-  adamw_update_kernel(chk.dtype, chk.amsgrad, params, chk.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, in.steps, h, s);
+  adamw_update_kernel(chk.dtype, chk.amsgrad, slots.data(), slots.size(), in.steps, h, s);
 }
 
 // Segment s of a launch set's list (csrc/bindings.cpp, adamw_update_set): its tensors [start, start + len), or
