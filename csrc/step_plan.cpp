@@ -67,8 +67,6 @@ struct StepPlan {
   std::vector<PlanBucket> buckets;
   int64_t n_groups = 0;
   int64_t numel = 0;  // elements of the params in buckets
-  // The ``stats`` of the last step with a norm and its element 0 (a view, made once: the norm's sqrt input).
-  at::Tensor stats, stats_head;
 };
 
 // One group's hyperparameters for this step, and its tensor LR (may be undefined).
@@ -526,8 +524,8 @@ void run_step(StepPlan& plan, const StepArgs& a) {
 // step(hypers, k, schedule, max_norm, inv_scale, found_inf, stats, found_inf_out, applied_lr, norm, advance_k)
 // -> bool. ``stats`` (float32 [2], zeroed here): run pass 1 into it. ``found_inf_out`` (float32 0-d):
 // receive GradScaler's found_inf from pass 1 and skip on it. ``norm`` (float32 0-d): receives
-// sqrt(stats[0]) from torch's sqrt, as the general path computes it (std::sqrt rounds differently from
-// torch's float32 sqrt on the CPU). ``advance_k``: add the number of applied updates to ``k``. False:
+// sqrtf(stats[0]), as the op's folded update writes it (torch's float32 sqrt on the CPU may round 1 ulp
+// lower, so the unfolded path can differ by that). ``advance_k``: add the number of applied updates to ``k``. False:
 // stale, nothing was written.
 PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
   auto* self = reinterpret_cast<StepPlanObject*>(self_obj);
@@ -579,12 +577,9 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
       Py_END_ALLOW_THREADS
     }
     clear_scratch(plan);
-    if (error.empty() && !stale && a.norm.defined()) {
-      if (!plan.stats.is_same(a.stats)) {
-        plan.stats = a.stats;
-        plan.stats_head = a.stats.select(0, 0);
-      }
-      at::sqrt_out(a.norm, plan.stats_head);
+    if (error.empty() && !stale && a.norm.defined()) {  // as the op's write_step_flags (adamw_math.h)
+      *a.norm.data_ptr<float>() = ::sqrtf(*a.stats.data_ptr<float>());
+      bump(a.norm);
     }
     if (!error.empty()) {
       PyErr_SetString(PyExc_RuntimeError, error.c_str());
