@@ -792,13 +792,14 @@ _COMPILE_SCRIPT = textwrap.dedent(
     rows = dict(ROW_=T.ROW, F_NUMEL=T.FIELD_NUMEL, F_FIRST=T.FIELD_FIRST, BLOCK_=T.BLOCK, ITERS_=T.ITERS)
     ptx = build(S, {"rows_ptr": "*i64", "blocks_ptr": "*i64", "grads_ptr": "*i64", "inv_scale_ptr": "*fp32",
                     "out_ptr": "*fp32", "partials_ptr": "*fp32", "arrived_ptr": "*i32"},
-                dict(HAS_INV_SCALE=True, G_DTYPE=tl.bfloat16, ALIGN_=T.ALIGN, **rows))
+                dict(HAS_INV_SCALE=True, FROM_SCALE=True, RESET=True, G_DTYPE=tl.bfloat16, ALIGN_=T.ALIGN, **rows))
     assert "ld.global.v4" in ptx, "grad_stats: no vector loads"
     assert "atom.global" in ptx and "red.global.add.f32" not in ptx and "atom.global.add.f32" not in ptx, (
         "grad_stats: the reduction must use an integer arrival counter, never float atomics")
     sig = {n: "*i64" for n in ["rows_ptr", "blocks_ptr", "order_ptr", "grads_ptr", "steps_ptr", "pids_ptr", "k_ptr"]}
     sig.update({"sched_ptr": "*fp64", "stats_ptr": "*fp32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-                "lr_ptr": "*fp32", "applied_lr_ptr": "*fp64"})
+                "lr_ptr": "*fp32", "applied_lr_ptr": "*fp64", "arrived_ptr": "*i32", "norm_out_ptr": "*fp32",
+                "found_inf_out_ptr": "*fp32", "lr_index": "i32", "n_steps": "i32"})
     sig.update({n: "fp64" for n in ["lr", "lerp_weight", "beta2", "one_minus_beta2", "log_beta1", "log_beta2",
                                     "eps", "weight_decay", "max_norm"]})
     sig["seed"] = "i64"
@@ -814,7 +815,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
         (3, 0, tl.float16, tl.float32, tl.float32, (True, False, False), False),  # fp32 master
     ]:
         flags = dict(HAS_CLIP=on, HAS_INV_SCALE=on, HAS_FOUND_INF=on, AMSGRAD=on, MAXIMIZE=on, HAS_LR_TENSOR=on,
-                     HAS_APPLIED_LR=on, MASTER=modes[0], REMAINDER=modes[1], STOCHASTIC=modes[2])
+                     HAS_APPLIED_LR=on, MASTER=modes[0], REMAINDER=modes[1], STOCHASTIC=modes[2],
+                     FOLDED=on, FROM_SCALE=on, SKIP_NONFINITE=on, HAS_NORM_OUT=on, HAS_FOUND_INF_OUT=on, EPILOGUE=on,
+                     ADVANCE_K=on)
         ptx = build(A, sig, dict(SCHED_KIND=kind, SCHED_N=n, P_DTYPE=pd, G_DTYPE=pd, S_DTYPE=sd, M_DTYPE=md,
                                  CLIP_EPS_=1e-6, ALIGNED=True, **flags, **fields))
         assert "st.global.v" in ptx, f"adamw {kind} {pd}: no vector stores"

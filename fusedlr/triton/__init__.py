@@ -10,6 +10,10 @@ Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTE
 for tests). The low-precision modes (``fusedlr.precision``: master weights, remainders, stochastic
 rounding, bfloat16 moments) run in the kernel too. Buckets whose params or states are not dense in
 one shared layout (see ``tables.py``) are updated by the reference backend instead.
+
+It folds (``FOLDED``, see ``fusedlr.backends``): with ``fusedlr.control.FoldedUpdate`` the kernels also do a
+step's small ops (GradScaler's inverse scale, the inf check, resetting the norm buffer, the step counters,
+``k``, ``grad_norm`` and ``found_inf``), so that a steady step enqueues nothing but its kernel launches.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor
 
 from .. import reference
 from ..bucket import Bucket
-from ..control import GroupHyper, StepControl
+from ..control import FoldedUpdate, GroupHyper, StepControl
 
 # The kernel modules import triton (which reads TRITON_INTERPRET when the kernels are defined).
 # Imported before the functions below are defined: ``grad_stats`` names both a submodule and a
@@ -46,9 +50,10 @@ except ImportError as _err:  # triton missing or broken: available() says so
     _IMPORT_ERROR = _err
     _INTERPRETED = False
 
-__all__ = ["NAME", "adamw_update", "available", "grad_stats", "prepare_update"]
+__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "prepare_update"]
 
 NAME = "triton"
+FOLDED = True
 
 
 def _interpreting() -> bool:
@@ -91,16 +96,36 @@ def available(device: torch.device) -> str | None:
     return f"triton backend runs on CUDA devices, not {device.type}: use backend='torch'"
 
 
-def grad_stats(bucket: Bucket, grads: list[Tensor], inv_scale: Tensor | None, out: Tensor) -> None:
-    """Pass 1: ``out[0] += sum((g * inv_scale)^2)`` (float32), ``out[1] += non-finite count``; one launch."""
+def folds(bucket: Bucket, grads: list[Tensor]) -> bool:
+    """Whether the kernels run this bucket, so that its update may take a ``FoldedUpdate``: not for a bucket
+    the reference updates, nor for one of zero-size tensors only (no program to do the folded work)."""
+    tables = _tables.bucket_tables(bucket)
+    return tables is not None and tables.n_blocks > 0
+
+
+def grad_stats(
+    bucket: Bucket,
+    grads: list[Tensor],
+    inv_scale: Tensor | None,
+    out: Tensor,
+    scale: Tensor | None = None,
+    reset: bool = False,
+) -> None:
+    """Pass 1: ``out[0] += sum((g * inv_scale)^2)`` (float32), ``out[1] += non-finite count``; one launch.
+    Folded: GradScaler's ``scale`` instead of ``inv_scale`` (inverted in the kernel), and ``reset`` writes
+    ``out`` instead of adding to it."""
     tables = _tables.bucket_tables(bucket)
     if tables is None:
+        if scale is not None or reset:
+            raise ValueError("fusedlr backend='triton': a folded pass 1 of a bucket the kernels do not run")
         reference.grad_stats(bucket, grads, inv_scale, out)
         return
-    if tables.n_blocks == 0:
+    if tables.n_blocks == 0:  # no program (such a bucket does not fold): a torch op resets ``out``
+        if reset:
+            out.zero_()
         return
     gtab, used = _tables.grad_table(tables, bucket, grads)
-    _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, inv_scale, out)
+    _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, inv_scale, out, scale, reset)
 
 
 def _launch(launch: Callable[[], None], keep: list[Tensor]) -> None:
@@ -109,14 +134,21 @@ def _launch(launch: Callable[[], None], keep: list[Tensor]) -> None:
 
 
 def prepare_update(
-    bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl, applied_lr: Tensor | None = None
+    bucket: Bucket,
+    grads: list[Tensor],
+    hyper: GroupHyper,
+    ctrl: StepControl,
+    applied_lr: Tensor | None = None,
+    fold: FoldedUpdate | None = None,
 ) -> Callable[[], None]:
-    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``): the fallback decision, the launch
-    tables, the gradients' layout copies and the launch's checks happen here; the commit is one launch,
-    or two for mixed alignment (``fusedlr.reference``'s math)."""
-    tables = _tables.bucket_tables(bucket)
-    if tables is None or tables.n_blocks == 0:  # nothing to launch, or not addressable in storage order
+    """Pass 2, prepared (see ``fusedlr.reference.prepare_update``; ``fold``: ``FoldedUpdate``, for buckets that
+    ``folds``): the fallback decision, the launch tables, the gradients' layout copies and the launch's checks
+    happen here; the commit is one launch, or two for mixed alignment (``fusedlr.reference``'s math)."""
+    if not folds(bucket, grads):  # nothing to launch, or not addressable in storage order
+        if fold is not None:
+            raise ValueError("fusedlr backend='triton': a folded update of a bucket the kernels do not run")
         return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
+    tables = _tables.bucket_tables(bucket)
     gtab, used = _tables.grad_table(tables, bucket, grads)
     return partial(
         _launch,
@@ -132,6 +164,7 @@ def prepare_update(
             ctrl,
             bucket.precision,
             applied_lr,
+            fold,
         ),
         used,
     )

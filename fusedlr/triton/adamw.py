@@ -9,6 +9,14 @@ square root and torch's fused multiply-adds in ``lerp`` and ``addcmul`` (float32
 reference's bit for bit where torch's square root is correctly rounded, as on CUDA). When
 ``found_inf > 0`` every load and store is masked off: nothing is written.
 
+Folded step (``FOLDED``, ``fusedlr.control.FoldedUpdate``): the scale is GradScaler's (``FROM_SCALE``, inverted
+in the kernel), the update is skipped also when ``stats[1] > 0`` (``SKIP_NONFINITE``), ``steps`` hold the
+updates applied before (the kernel uses ``steps + 1``), program 0 writes ``applied_lr[lr_index]`` and the
+step's ``grad_norm`` (``HAS_NORM_OUT``) and GradScaler's ``found_inf`` (``HAS_FOUND_INF_OUT``), and, in the
+bucket's last launch (``EPILOGUE``), the last program to arrive (an integer arrival counter, left zero, as in
+pass 1) advances every step counter of the bucket and ``k`` (``ADVANCE_K``) when the update is applied: every
+program of the bucket has read them by then (its earlier launch, when split, ran before on the stream).
+
 Low-precision modes (constexpr flags, so the default mode's code is unchanged): ``MASTER`` reads and
 writes the fp32 master and writes the param rounded to nearest from it, ``REMAINDER`` joins the param
 and its int16 remainder into the exact fp32 master and splits the result again, moments stored in
@@ -27,9 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..control import CLIP_EPS, GroupHyper, StepControl
+from ..control import CLIP_EPS, FoldedUpdate, GroupHyper, StepControl
 from ..precision import BucketPrecision, Streams
-from .grad_stats import TL_DTYPES
+from .grad_stats import TL_DTYPES, unscale_factor
 from .precision import join_master, round_nearest, split_master, store_value, tensor_key
 from .schedule import schedule_constexprs, schedule_multiplier
 from .tables import (
@@ -109,6 +117,33 @@ def _store(ptrs, x, offs, numel, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF: tl.constexpr, SKIP_NONFINITE: tl.constexpr):
+    """Whether the step is skipped: ``found_inf > 0``, or (``SKIP_NONFINITE``) ``stats[1] > 0``."""
+    skip = tl.full((), 0, tl.int1)
+    if HAS_FOUND_INF:
+        skip = skip | (tl.load(found_inf_ptr) > 0.0)
+    if SKIP_NONFINITE:
+        skip = skip | (tl.load(stats_ptr + 1) > 0.0)
+    return skip
+
+
+@triton.jit
+def _advance_counters(arrived_ptr, steps_ptr, n_steps, k_ptr, applied, ADVANCE_K: tl.constexpr,
+                      BLOCK_: tl.constexpr):
+    """A folded launch's epilogue: the last program to arrive advances the ``n_steps`` step counters (and
+    ``k``) when the update is ``applied``, and leaves the arrival counter zero."""
+    tl.debug_barrier()  # every thread of this program has read its step and k
+    if tl.atomic_add(arrived_ptr, 1) == tl.num_programs(0) - 1:  # acq_rel: every program has read them
+        for lo in range(0, n_steps, BLOCK_):
+            idx = lo + tl.arange(0, BLOCK_)
+            mask = (idx < n_steps) & applied
+            tl.store(steps_ptr + idx, tl.load(steps_ptr + idx, mask=mask, other=0) + 1, mask=mask)
+        if ADVANCE_K:
+            tl.store(k_ptr, tl.load(k_ptr) + 1, mask=applied)
+        tl.store(arrived_ptr, 0)  # ready for the next launch (and CUDA-graph replay)
+
+
+@triton.jit
 def _adamw_block(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key,
     scale, decay, step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s,
@@ -181,6 +216,11 @@ def _adamw_kernel(
     found_inf_ptr,
     lr_ptr,
     applied_lr_ptr,
+    arrived_ptr,
+    norm_out_ptr,
+    found_inf_out_ptr,
+    lr_index,
+    n_steps,
     lr: tl.float64,
     lerp_weight: tl.float64,
     beta2: tl.float64,
@@ -199,6 +239,13 @@ def _adamw_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr,
     HAS_APPLIED_LR: tl.constexpr,
+    FOLDED: tl.constexpr,
+    FROM_SCALE: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_NORM_OUT: tl.constexpr,
+    HAS_FOUND_INF_OUT: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ADVANCE_K: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     P_DTYPE: tl.constexpr,
@@ -246,6 +293,8 @@ def _adamw_kernel(
     g_ptr = tl.load(grads_ptr + row).to(tl.pointer_type(G_DTYPE))
     index = tl.load(base + F_STEP)  # the tensor's index in the bucket
     step = tl.load(steps_ptr + index)
+    if FOLDED:
+        step = step + 1  # steps hold the updates applied before this one
     t = step.to(tl.float64)
 
     # Step scalars, float64.
@@ -262,20 +311,26 @@ def _adamw_kernel(
         coef = max_norm / (tl.sqrt(tl.load(stats_ptr).to(tl.float64)) + CLIP_EPS_)
         scale = tl.where(coef >= 1.0, 1.0, coef)  # NaN stays NaN
         if HAS_INV_SCALE:
-            scale = scale * tl.load(inv_scale_ptr).to(tl.float64)
+            scale = scale * unscale_factor(inv_scale_ptr, FROM_SCALE).to(tl.float64)
         scale = scale.to(S_DTYPE)
     elif HAS_INV_SCALE:
-        scale = tl.load(inv_scale_ptr).to(S_DTYPE)
+        scale = unscale_factor(inv_scale_ptr, FROM_SCALE).to(S_DTYPE)
     else:
         scale = tl.full((), 1.0, S_DTYPE)  # unused
     if HAS_APPLIED_LR:
-        if HAS_FOUND_INF:
-            tl.store(applied_lr_ptr, lr_t, mask=(pid == 0) & (tl.load(found_inf_ptr) <= 0.0))
+        if HAS_FOUND_INF or SKIP_NONFINITE:
+            skip = _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)
+            tl.store(applied_lr_ptr + lr_index, lr_t, mask=(pid == 0) & ~skip)
         else:
-            tl.store(applied_lr_ptr, lr_t, mask=pid == 0)
-    if HAS_FOUND_INF:
+            tl.store(applied_lr_ptr + lr_index, lr_t, mask=pid == 0)
+    if HAS_NORM_OUT:
+        tl.store(norm_out_ptr, tl.sqrt_rn(tl.load(stats_ptr)), mask=pid == 0)
+    if HAS_FOUND_INF_OUT:
+        skip = _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)
+        tl.store(found_inf_out_ptr, tl.where(skip, 1.0, 0.0).to(tl.float32), mask=pid == 0)
+    if HAS_FOUND_INF or SKIP_NONFINITE:
         # Skipped step: no element in range, so every load and store is masked off.
-        numel = tl.where(tl.load(found_inf_ptr) > 0.0, 0, numel)
+        numel = tl.where(_skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE), 0, numel)
 
     # Elementwise constants in the state dtype (rounded once, as the reference does).
     w = lerp_weight.to(S_DTYPE)
@@ -318,6 +373,9 @@ def _adamw_kernel(
                          step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
                          MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
                          True, False, BLOCK_)
+    if EPILOGUE:
+        applied = ~_skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)  # reloaded: nothing kept live
+        _advance_counters(arrived_ptr, steps_ptr, n_steps, k_ptr, applied, ADVANCE_K, BLOCK_)
 
 
 def _log(beta: float) -> float:
@@ -336,31 +394,48 @@ def prepare_launch(
     ctrl: StepControl,
     prec: BucketPrecision | None = None,
     applied_lr: Tensor | None = None,
+    fold: FoldedUpdate | None = None,
 ) -> Callable[[], None]:
     """The launch of the AdamW update of every tensor of a bucket (see the module docstring), checked and
-    bound, to enqueue by calling it; program 0 writes ``lr_t`` into ``applied_lr`` (0-d float64) unless
-    the step is skipped. ``prec``: the bucket's low-precision modes (``tables`` then hold the master or
-    remainder addresses). Call it only with ``tables.n_blocks > 0``."""
+    bound, to enqueue by calling it; program 0 writes ``lr_t`` into ``applied_lr`` (0-d float64; folded:
+    entry ``fold.group`` of the ``[groups]`` buffer) unless the step is skipped. ``prec``: the bucket's
+    low-precision modes (``tables`` then hold the master or remainder addresses). ``fold``: a folded step's
+    update (``steps`` then hold the updates applied before; see the module docstring). Call it only with
+    ``tables.n_blocks > 0``."""
     kind, n = schedule_constexprs(ctrl.schedule)
     has_clip = ctrl.max_norm is not None
     if has_clip and ctrl.stats is None:
         raise ValueError("clipping needs the reduction pass (ctrl.stats)")
+    if fold is not None and (fold.skip_nonfinite or fold.norm_out is not None) and ctrl.stats is None:
+        raise ValueError("a folded update's skip_nonfinite and norm_out need the reduction pass (ctrl.stats)")
+    if fold is not None and fold.scale is not None and ctrl.inv_scale is not None:
+        raise ValueError("pass ctrl.inv_scale or fold.scale, not both")
     sched = ctrl.schedule_table if ctrl.schedule is not None else None
     if ctrl.schedule is not None and sched is None:
         raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
     dummy = ctrl.k
     lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
+    scale = fold.scale if fold is not None and fold.scale is not None else ctrl.inv_scale
+    norm_out = fold.norm_out if fold is not None else None
+    found_inf_out = fold.found_inf_out if fold is not None else None
+    skip_nonfinite = fold is not None and fold.skip_nonfinite
+    reads_stats = has_clip or skip_nonfinite or norm_out is not None
     args = (
         grads_table,
         steps,
         prec.pids if prec is not None else dummy,
         ctrl.k,
         sched if sched is not None else dummy,
-        ctrl.stats if has_clip else dummy,
-        ctrl.inv_scale if ctrl.inv_scale is not None else dummy,
+        ctrl.stats if reads_stats else dummy,
+        scale if scale is not None else dummy,
         ctrl.found_inf if ctrl.found_inf is not None else dummy,
         lr_tensor if lr_tensor is not None else dummy,
         applied_lr if applied_lr is not None else dummy,
+        tables.update_arrived,
+        norm_out if norm_out is not None else dummy,
+        found_inf_out if found_inf_out is not None else dummy,
+        fold.group if fold is not None else 0,
+        steps.numel(),
         0.0 if lr_tensor is not None else float(hyper.lr),
         1.0 - float(hyper.beta1),
         float(hyper.beta2),
@@ -377,10 +452,16 @@ def prepare_launch(
         SCHED_KIND=kind,
         SCHED_N=n,
         HAS_CLIP=has_clip,
-        HAS_INV_SCALE=ctrl.inv_scale is not None,
+        HAS_INV_SCALE=scale is not None,
         HAS_FOUND_INF=ctrl.found_inf is not None,
         HAS_LR_TENSOR=lr_tensor is not None,
         HAS_APPLIED_LR=applied_lr is not None,
+        FOLDED=fold is not None,
+        FROM_SCALE=fold is not None and fold.scale is not None,
+        SKIP_NONFINITE=skip_nonfinite,
+        HAS_NORM_OUT=norm_out is not None,
+        HAS_FOUND_INF_OUT=found_inf_out is not None,
+        ADVANCE_K=fold is not None and fold.advance_k,
         AMSGRAD=amsgrad,
         MAXIMIZE=bool(hyper.maximize),
         P_DTYPE=TL_DTYPES[param_dtype],
@@ -404,15 +485,16 @@ def prepare_launch(
         num_warps=4,
         enable_fp_fusion=False,
     )
-    order, n_vector = tables.order, tables.n_vector
     # The programs of aligned tensors (vectorized specialization) and the others' (scalar): one launch
-    # each, two only when the bucket has both.
-    parts = [(piece, aligned) for piece, aligned in ((order[:n_vector], True), (order[n_vector:], False))
-             if piece.numel() > 0]
-    return partial(_launch_parts, tables, parts, args, constexprs)
+    # each, two only when the bucket has both (``tables.parts``); a folded update's last one has the epilogue.
+    return partial(_launch_parts, tables, tables.parts, args, constexprs, fold is not None)
 
 
-def _launch_parts(tables: LaunchTables, parts: list[tuple[Tensor, bool]], args: tuple, constexprs: dict) -> None:
-    """Enqueue one launch per ``(slice of tables.order, ALIGNED)``, of ``len(slice)`` programs."""
-    for piece, aligned in parts:
-        _adamw_kernel[(piece.numel(),)](tables.rows, tables.blocks, piece, *args, **constexprs, ALIGNED=aligned)
+def _launch_parts(
+    tables: LaunchTables, parts: list[tuple[Tensor, bool]], args: tuple, constexprs: dict, folded: bool
+) -> None:
+    """Enqueue one launch per ``(slice of tables.order, ALIGNED)``, of ``len(slice)`` programs (folded: the last
+    with the ``EPILOGUE``)."""
+    for i, (piece, aligned) in enumerate(parts):
+        _adamw_kernel[(piece.numel(),)](tables.rows, tables.blocks, piece, *args, **constexprs, ALIGNED=aligned,
+                                        EPILOGUE=folded and i == len(parts) - 1)

@@ -4,7 +4,9 @@ One launch per bucket; every program reduces one ``CHUNK`` of one gradient in fl
 the gradient dtype) and stores its partial results in the bucket's ``partials`` buffer; the last
 program to finish (an integer arrival counter decides) sums the partials in program order and
 adds them to ``out``: ``out[0] += sum((g.float() * inv_scale)^2)``, ``out[1] += number of
-non-finite elements``. No floating-point atomics, so the result is bitwise reproducible.
+non-finite elements`` (``RESET``: writes them instead of adding, for a folded step's first bucket).
+``inv_scale`` is read from the device, or computed there from GradScaler's scale (``FROM_SCALE``,
+``unscale_factor``). No floating-point atomics, so the result is bitwise reproducible.
 """
 
 import torch
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from .tables import ALIGN, BLOCK, FIELD_FIRST, FIELD_NUMEL, ITERS, ROW, LaunchTables
 
-__all__ = ["TL_DTYPES", "launch_grad_stats"]
+__all__ = ["TL_DTYPES", "launch_grad_stats", "unscale_factor"]
 
 #: torch dtype -> triton dtype of the tensors the kernels address.
 TL_DTYPES = {
@@ -29,6 +31,16 @@ _INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
+def unscale_factor(ptr, FROM_SCALE: tl.constexpr):
+    """The float32 factor the gradients are multiplied by: ``*ptr`` (an inverse scale), or with ``FROM_SCALE``
+    the inverse of GradScaler's scale ``*ptr`` as GradScaler computes it, ``float32(1 / float64(scale))``."""
+    if FROM_SCALE:
+        return (1.0 / tl.load(ptr).to(tl.float64)).to(tl.float32)
+    else:
+        return tl.load(ptr).to(tl.float32)
+
+
+@triton.jit
 def _grad_stats_kernel(
     rows_ptr,
     blocks_ptr,
@@ -38,6 +50,8 @@ def _grad_stats_kernel(
     partials_ptr,
     arrived_ptr,
     HAS_INV_SCALE: tl.constexpr,
+    FROM_SCALE: tl.constexpr,
+    RESET: tl.constexpr,
     G_DTYPE: tl.constexpr,
     ROW_: tl.constexpr,
     F_NUMEL: tl.constexpr,
@@ -54,7 +68,7 @@ def _grad_stats_kernel(
     vector = (g_addr % ALIGN_) == 0  # this gradient's full blocks take the vectorized path
     g_ptr = g_addr.to(tl.pointer_type(G_DTYPE))
     if HAS_INV_SCALE:
-        inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
+        inv_scale = unscale_factor(inv_scale_ptr, FROM_SCALE)
     acc = tl.zeros([BLOCK_], dtype=tl.float32)
     bad = tl.zeros([BLOCK_], dtype=tl.int32)
     for it in range(ITERS_):
@@ -84,26 +98,43 @@ def _grad_stats_kernel(
             idx = lo + tl.arange(0, BLOCK_)
             total += tl.load(partials_ptr + 2 * idx, mask=idx < n_programs, other=0.0, volatile=True)
             count += tl.load(partials_ptr + 2 * idx + 1, mask=idx < n_programs, other=0.0, volatile=True)
-        tl.store(out_ptr, tl.load(out_ptr) + tl.sum(total, axis=0))
-        tl.store(out_ptr + 1, tl.load(out_ptr + 1) + tl.sum(count, axis=0))
+        if RESET:
+            tl.store(out_ptr, tl.sum(total, axis=0))
+            tl.store(out_ptr + 1, tl.sum(count, axis=0))
+        else:
+            tl.store(out_ptr, tl.load(out_ptr) + tl.sum(total, axis=0))
+            tl.store(out_ptr + 1, tl.load(out_ptr + 1) + tl.sum(count, axis=0))
         tl.store(arrived_ptr, 0)  # ready for the next launch (and CUDA-graph replay)
 
 
 def launch_grad_stats(
-    tables: LaunchTables, grads_table: Tensor, grad_dtype: torch.dtype, inv_scale: Tensor | None, out: Tensor
+    tables: LaunchTables,
+    grads_table: Tensor,
+    grad_dtype: torch.dtype,
+    inv_scale: Tensor | None,
+    out: Tensor,
+    scale: Tensor | None = None,
+    reset: bool = False,
 ) -> None:
-    """Enqueue the reduction over every gradient of a bucket into ``out`` (float32 ``[2]``)."""
+    """Enqueue the reduction over every gradient of a bucket into ``out`` (float32 ``[2]``), unscaled by
+    ``inv_scale`` or by GradScaler's ``scale`` (float32 0-d, inverted in the kernel; not both); ``reset``:
+    write ``out`` instead of adding to it. Nothing is enqueued for a bucket without programs."""
+    if inv_scale is not None and scale is not None:
+        raise ValueError("pass inv_scale or scale, not both")
     if tables.n_blocks == 0:
         return
+    factor = inv_scale if inv_scale is not None else scale
     _grad_stats_kernel[(tables.n_blocks,)](
         tables.rows,
         tables.blocks,
         grads_table,
-        inv_scale if inv_scale is not None else out,
+        factor if factor is not None else out,
         out,
         tables.partials,
         tables.arrived,
-        HAS_INV_SCALE=inv_scale is not None,
+        HAS_INV_SCALE=factor is not None,
+        FROM_SCALE=scale is not None,
+        RESET=reset,
         G_DTYPE=TL_DTYPES[grad_dtype],
         ROW_=ROW,
         F_NUMEL=FIELD_NUMEL,

@@ -85,12 +85,14 @@ class LaunchTables:
     n_blocks: int
     partials: Tensor  # float32 [2 * n_blocks]: per-program (sum of squares, non-finite count) of pass 1
     arrived: Tensor  # int32 [1]: pass-1 programs done (zero between launches)
+    update_arrived: Tensor  # int32 [1]: programs of a folded update launch done (zero between launches)
     rows_aligned: Tensor  # bool [n_rows] (host): every param, state and master address of the row is ALIGN-aligned
     block_rows: Tensor  # int64 [n_blocks] (host): what ``blocks`` holds
     grads: Tensor | None = None  # int64 [n_rows] gradient addresses
     order: Tensor | None = None  # int64 [n_blocks]: program ids, those of vector tensors first (``grad_table``)
     order_host: Tensor | None = None  # host copy of what ``order`` holds
     n_vector: int = 0  # programs at the head of ``order`` whose tensor (gradient included) is ALIGN-aligned
+    parts: list[tuple[Tensor, bool]] = field(default_factory=list)  # the update's launches: (slice of order, ALIGNED)
     grad_ptrs: tuple[int, ...] = ()  # host copy of what ``grads`` holds
     grad_refs: list[weakref.ref[Tensor]] = field(default_factory=list)  # the gradients ``grads`` points to
 
@@ -209,21 +211,25 @@ def _build(bucket: Bucket) -> LaunchTables:
         n_blocks=len(blocks),
         partials=torch.zeros(2 * len(blocks), dtype=torch.float32, device=device),
         arrived=torch.zeros(1, dtype=torch.int32, device=device),
+        update_arrived=torch.zeros(1, dtype=torch.int32, device=device),
         rows_aligned=(host_rows[:, addresses] % ALIGN == 0).all(dim=1),
         block_rows=host_blocks,
     )
 
 
 def _order(tables: LaunchTables, device: torch.device) -> None:
-    """Refresh ``order``/``n_vector`` (the update's split into a vectorized and a scalar launch) for the
-    gradient addresses in ``grad_ptrs`` (called when they changed); uploads only when the order changed."""
+    """Refresh ``order``/``n_vector``/``parts`` (the update's split into a vectorized and a scalar launch) for the
+    gradient addresses in ``grad_ptrs`` (called when they changed); uploads only when the order changed. The
+    slices of ``parts`` are made here, so that a steady step dispatches no torch op (views included)."""
     vector = tables.rows_aligned & (torch.tensor(tables.grad_ptrs, dtype=torch.int64) % ALIGN == 0)
     per_block = vector[tables.block_rows]
     order = torch.cat([per_block.nonzero().flatten(), (~per_block).nonzero().flatten()])
     if tables.order_host is None or not torch.equal(order, tables.order_host):
         tables.order = _upload(order, device, tables.order)
         tables.order_host = order
-    tables.n_vector = int(per_block.sum())
+    n_vector = tables.n_vector = int(per_block.sum())
+    tables.parts = [(piece, aligned) for piece, aligned in ((tables.order[:n_vector], True),
+                                                            (tables.order[n_vector:], False)) if piece.numel() > 0]
 
 
 def grad_table(tables: LaunchTables, bucket: Bucket, grads: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
