@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CUDA = torch.cuda.is_available()
 _saved_env = os.environ.get("TRITON_INTERPRET")
@@ -39,7 +40,7 @@ import triton.language as tl
 import fusedlr
 from fusedlr import reference
 from fusedlr.bucket import Bucket
-from fusedlr.control import GroupHyper, StepControl
+from fusedlr.control import FoldedUpdate, GroupHyper, StepControl
 from fusedlr.schedules import Kind
 from schedule_cases import torch_kind_schedules
 
@@ -673,6 +674,7 @@ def test_precision_modes_match_the_reference_bitwise(
     ref, tri = param_sets(precision_groups(dtype), **kwargs)
     upd = _LaunchCounter(K_ADAMW._adamw_kernel)
     monkeypatch.setattr(K_ADAMW, "_adamw_kernel", upd)
+    folded = _count_folded_steps(monkeypatch)
     scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**4, growth_interval=100) for _ in range(2)]
     for step in range(4):
         for opt, scaler in zip((ref, tri), scalers):
@@ -686,6 +688,7 @@ def test_precision_modes_match_the_reference_bitwise(
     assert int(tri.schedule_index) == 3
     # every bucket's update ran in the kernel: group 2 (an aligned and a misaligned tensor) in two launches
     assert len(upd.grids) == 3 * 4, upd.grids
+    assert folded == [tri] * 4  # the triton steps folded their small ops into the kernels
 
 
 @pytest.mark.usefixtures("correctly_rounded_sqrt")
@@ -770,6 +773,284 @@ def test_tensor_key_follows_the_spec() -> None:
         out = torch.empty(4, dtype=torch.int64, device=DEVICE)
         probe[(4,)](out, pids, steps, seed)
         assert torch.equal(out, precision.tensor_keys(seed, pids, steps)), seed
+
+
+# ---------------------------------------------------------------- folded step (fusedlr.control.FoldedUpdate)
+def _count_folded_steps(monkeypatch: pytest.MonkeyPatch) -> list[fusedlr.AdamW]:
+    """The optimizers whose steps take the folded path from now on (one entry per step)."""
+    calls: list[fusedlr.AdamW] = []
+    real = fusedlr.AdamW._prepare_folded
+
+    def spy(self: fusedlr.AdamW, *args: object, **kwargs: object) -> object:
+        calls.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(fusedlr.AdamW, "_prepare_folded", spy)
+    return calls
+
+
+def _gradscaler_inverse(scale: torch.Tensor) -> torch.Tensor:
+    """``1 / scale`` as GradScaler computes it (float64, rounded to float32)."""
+    return scale.double().reciprocal().float()
+
+
+def test_folded_grad_stats_inverts_the_scale_and_resets() -> None:
+    """``scale=``: the kernel's inverse is GradScaler's (same bits as the unfolded pass given that inverse);
+    ``reset=True`` overwrites what ``out`` held, ``reset=False`` adds to it."""
+    gen = torch.Generator().manual_seed(5)
+    grads = [rand(gen, n) * 300 for n in (5, 0, 4097, 1)]
+    grads[2][9] = float("inf")
+    bucket = _bucket([torch.zeros_like(g) for g in grads], [1] * len(grads))
+    scale = torch.tensor(3.0 * 2**10, device=DEVICE)  # 1/scale is not a power of two
+    want = torch.zeros(2, device=DEVICE)
+    ftriton.grad_stats(bucket, grads, _gradscaler_inverse(scale), want)
+    assert want[1].item() == 1
+    out = torch.full((2,), 123.0, device=DEVICE)
+    ftriton.grad_stats(bucket, grads, None, out, scale=scale, reset=True)
+    assert torch.equal(out, want)
+    grads[2][9] = 1.0
+    ftriton.grad_stats(bucket, grads, None, out, scale=scale)
+    finite = torch.zeros(2, device=DEVICE)
+    ftriton.grad_stats(bucket, grads, _gradscaler_inverse(scale), finite)
+    assert torch.equal(out, want + finite)
+    with pytest.raises(ValueError, match="not both"):
+        ftriton.grad_stats(bucket, grads, _gradscaler_inverse(scale), out, scale=scale)
+
+
+def test_folded_update_does_the_small_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One folded update of a bucket with a zero-size and a misaligned tensor (two launches): the reference's
+    values with steps + 1 and GradScaler's inverse, then every step counter (the zero-size one's included)
+    advanced once, k advanced, grad_norm, found_inf and applied_lr[group] written, the arrival counter left
+    zero; a step with a non-finite gradient count in stats changes nothing but grad_norm and found_inf."""
+    gen = torch.Generator().manual_seed(13)
+    params = [rand(gen, K_TABLES.CHUNK + 3), rand(gen, 0), rand(gen, 37), rand(gen, 5)]
+    grads = [rand(gen, p.numel()) * 512 for p in params]
+    hyper = GroupHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=True, maximize=False)
+    tri_b = _bucket(params, [0, 4, 1, 7], amsgrad=True)
+    tri_b.params[2] = _misaligned(tri_b.params[2])
+    ref_b = _clone(tri_b)
+    ref_b.steps += 1  # the reference reads this update's step numbers
+    scale = torch.tensor(512.0, device=DEVICE)
+    stats = torch.tensor([2.5, 0.0], device=DEVICE)
+
+    def ctrl(k: torch.Tensor, inv_scale: torch.Tensor | None) -> StepControl:
+        return StepControl(k=k, schedule=SCHED, schedule_table=SCHED.as_tensor(DEVICE), stats=stats, max_norm=1.0,
+                           inv_scale=inv_scale, found_inf=None)
+
+    k = torch.tensor(3, device=DEVICE)
+    norm, found_inf = torch.full((), -1.0, device=DEVICE), torch.full((), -1.0, device=DEVICE)
+    applied_lr = torch.full((3,), math.nan, dtype=torch.float64, device=DEVICE)
+    fold = FoldedUpdate(scale=scale, skip_nonfinite=True, group=1, advance_k=True, norm_out=norm,
+                        found_inf_out=found_inf)
+    rec = _UpdateRecorder(K_ADAMW._adamw_kernel)
+    monkeypatch.setattr(K_ADAMW, "_adamw_kernel", rec)
+    assert ftriton.folds(tri_b, grads)
+    commit = ftriton.prepare_update(tri_b, grads, hyper, ctrl(k, None), applied_lr, fold)
+    assert torch.equal(tri_b.steps, torch.tensor([0, 4, 1, 7], device=DEVICE)) and int(k) == 3  # prepare: nothing
+    commit()
+    ref_lr = torch.full((), math.nan, dtype=torch.float64, device=DEVICE)
+    reference.adamw_update(ref_b, grads, hyper, ctrl(torch.tensor(3, device=DEVICE), _gradscaler_inverse(scale)),
+                           ref_lr)
+    assert [aligned for aligned, _ in rec.launches] == [True, False]
+    _assert_same_bucket(ref_b, tri_b)
+    assert torch.equal(tri_b.steps, torch.tensor([1, 5, 2, 8], device=DEVICE)) and int(k) == 4
+    assert torch.equal(norm, stats[0].double().sqrt().float()) and float(found_inf) == 0.0
+    assert float(applied_lr[1]) == float(ref_lr) == 1e-2 * SCHED(3)
+    assert applied_lr[[0, 2]].isnan().all()
+    assert int(K_TABLES.bucket_tables(tri_b).update_arrived) == 0
+    # Skipped (stats[1] > 0): nothing but the step's flags.
+    stats[1] = 2.0
+    before = _clone(tri_b)
+    ftriton.prepare_update(tri_b, grads, hyper, ctrl(k, None), applied_lr, fold)()
+    _assert_same_bucket(before, tri_b)
+    assert torch.equal(tri_b.steps, before.steps) and int(k) == 4
+    assert float(found_inf) == 1.0 and torch.equal(norm, stats[0].double().sqrt().float())
+    assert float(applied_lr[1]) == float(ref_lr)
+
+
+def test_zero_size_only_bucket_does_not_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No program to do a folded update's work: the bucket is left to the unfolded step (steps still advance)."""
+    bucket = _bucket([rand(torch.Generator(), 0)], [0])
+    assert not ftriton.folds(bucket, [torch.zeros(0, device=DEVICE)])
+    fold = FoldedUpdate(scale=None, skip_nonfinite=False, group=0, advance_k=True, norm_out=None, found_inf_out=None)
+    ctrl = StepControl(k=torch.tensor(0, device=DEVICE), schedule=None, schedule_table=None, stats=None,
+                       max_norm=None, inv_scale=None, found_inf=None)
+    hyper = GroupHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
+    with pytest.raises(ValueError, match="folded update"):
+        ftriton.prepare_update(bucket, [torch.zeros(0, device=DEVICE)], hyper, ctrl, None, fold)
+    folded = _count_folded_steps(monkeypatch)
+    p, q = leaf(torch.zeros(0, device=DEVICE)), leaf(torch.ones(3, device=DEVICE))
+    opt = fusedlr.AdamW([{"params": [p]}, {"params": [q]}], backend="triton", max_grad_norm=1.0)
+    for _ in range(2):
+        p.grad, q.grad = torch.zeros(0, device=DEVICE), torch.ones(3, device=DEVICE)
+        opt.step()
+    assert folded == [] and int(opt.state[p]["step"]) == int(opt.state[q]["step"]) == 2
+    assert int(opt.schedule_index) == 2
+
+
+class _StepOps(TorchDispatchMode):
+    """What a step enqueues: each kernel launch (``_Kernel``) and every torch op dispatched outside of them
+    (the interpreter's own tensor handling inside a launch is not the step's); profiler records left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.launching = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.launching and not str(func).startswith("profiler."):
+            self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Kernel:
+    """Stands in for a jitted kernel: records each launch's kernel name into ``ops``, then runs it."""
+
+    def __init__(self, kernel: object, name: str, ops: _StepOps) -> None:
+        self.kernel, self.name, self.ops = kernel, name, ops
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., object]:
+        def launch(*args: object, **kwargs: object) -> object:
+            self.ops.names.append(self.name)
+            self.ops.launching = True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                self.ops.launching = False
+
+        return launch
+
+
+# name: (param groups, GradScaler, max_grad_norm, a misaligned tensor, launches of a steady step)
+FOLDED_CASES = {
+    "plain": (1, False, None, False, ["update"]),
+    "clip": (1, False, 0.5, False, ["stats", "update"]),
+    "amp": (1, True, None, False, ["stats", "update"]),
+    "amp+clip": (1, True, 0.5, False, ["stats", "update"]),
+    "2buckets+amp+clip": (2, True, 0.5, False, ["stats", "stats", "update", "update"]),
+    "mixed-alignment+amp+clip": (1, True, 0.5, True, ["stats", "update", "update"]),
+}
+
+
+def _folded_groups(groups: int, misaligned: bool) -> Callable[[torch.Generator], list[dict]]:
+    """Sizes 7, 0, 4097 and 1 (and a 33-element view 1 element into a tensor), in one group or, with a
+    3x5 and a transposed matrix, two (different hyperparameters)."""
+
+    def build(gen: torch.Generator) -> list[dict]:
+        first = [leaf(rand(gen, n)) for n in (7, 0, 4097, 1)] + ([leaf(rand(gen, 34)[1:])] if misaligned else [])
+        out = [{"params": first, "weight_decay": 0.1}]
+        if groups == 2:
+            out.append({"params": [leaf(rand(gen, 3, 5)), leaf(rand(gen, 8, 6).t())], "weight_decay": 0.0,
+                        "lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-6})
+        return out
+
+    return build
+
+
+@pytest.mark.parametrize("case", FOLDED_CASES)
+def test_a_steady_folded_step_is_only_its_kernel_launches(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted: kernel launches (wrapped jitted kernels) and torch ops dispatched outside of them, in a step
+    with the same gradient tensors as the step before (so no pointer-table refresh: a refresh builds host
+    tensors and enqueues one copy to the device, when gradient addresses change)."""
+    groups, amp, clip, misaligned, want = FOLDED_CASES[case]
+    ops = _StepOps()
+    monkeypatch.setattr(K_STATS, "_grad_stats_kernel", _Kernel(K_STATS._grad_stats_kernel, "stats", ops))
+    monkeypatch.setattr(K_ADAMW, "_adamw_kernel", _Kernel(K_ADAMW._adamw_kernel, "update", ops))
+    opt = fusedlr.AdamW(_folded_groups(groups, misaligned)(torch.Generator().manual_seed(0)), lr=1e-2,
+                        backend="triton", schedule=SCHED, max_grad_norm=clip)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8) if amp else None
+    set_grads(opt, 0)
+    for step in range(3):
+        if step:
+            for group in opt.param_groups:  # new values, same tensors
+                for p in group["params"]:
+                    p.grad.mul_(-0.5)
+        if scaler is not None:
+            scaler.scale(torch.zeros((), device=DEVICE))
+        ops.names.clear()
+        with ops:
+            opt.step() if scaler is None else scaler.step(opt)
+        if scaler is not None:
+            scaler.update()
+    assert ops.names == want
+    assert int(opt.schedule_index) == 3
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_folded_steps_match_torch_recipe(amsgrad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.optim.AdamW`` + ``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler``: two buckets, one with a
+    zero-size and a misaligned tensor (two update launches); steps 3 and 6 have an inf gradient and change
+    nothing (params, moments, steps, k, applied LR) but report found_inf = 1 and the norm."""
+    folded = _count_folded_steps(monkeypatch)
+    build = _folded_groups(2, True)
+    ours = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), lr=1e-2, amsgrad=amsgrad, backend="triton",
+                         schedule=SCHED, max_grad_norm=0.5)
+    ref = torch.optim.AdamW(build(torch.Generator().manual_seed(0)), lr=1e-2, amsgrad=amsgrad)
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(ref, SCHED)
+    s1, s2 = (torch.amp.GradScaler(DEVICE.type, init_scale=2.0**12, growth_interval=3) for _ in range(2))
+    applied = 0
+    for step in range(8):
+        bad = step in (3, 6)
+        for opt, scaler in ((ours, s1), (ref, s2)):
+            scaler.scale(torch.zeros((), device=DEVICE))
+            set_grads(opt, step, scale=scaler.get_scale())
+            if bad:
+                opt.param_groups[0]["params"][2].grad[100] = float("inf")
+        s1.step(ours)
+        found_inf = s1._per_optimizer_states[id(ours)]["found_inf_per_device"][DEVICE].clone()
+        s1.update()
+        s2.unscale_(ref)
+        params = [p for g in ref.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.5)
+        s2.step(ref)
+        s2.update()
+        if not bad:
+            lambda_lr.step()
+            applied += 1
+        assert s1.get_scale() == s2.get_scale() and float(found_inf) == float(bad)
+        for gr, go in zip(ref.param_groups, ours.param_groups):
+            for i, (pr, po) in enumerate(zip(gr["params"], go["params"])):
+                torch.testing.assert_close(po, pr, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"step {step} {i}: {m}")
+                for key, value in ref.state[pr].items():
+                    if key == "step":
+                        assert int(ours.state[po]["step"]) == int(value) == applied, (step, i)
+                    else:
+                        torch.testing.assert_close(ours.state[po][key], value, rtol=1e-5, atol=1e-7)
+        assert int(ours.schedule_index) == applied
+        torch.testing.assert_close(ours.grad_norm, norm, rtol=1e-5, atol=0, equal_nan=True)
+        if bad:
+            assert math.isinf(float(ours.grad_norm))
+        for gi, peak in enumerate((1e-2, 3e-2)):
+            assert float(ours.applied_lr(gi)) == pytest.approx(peak * SCHED(applied - 1), rel=1e-12)
+    assert folded == [ours] * 8
+
+
+def test_folded_step_equals_the_unfolded_step_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same kernels with and without the folded small ops (``FOLDED`` off: the optimizer's torch ops):
+    the same bits everywhere, with clipping, amsgrad, a misaligned tensor and GradScaler's skipped steps."""
+    build = _folded_groups(2, True)
+    kwargs = dict(lr=1e-2, amsgrad=True, backend="triton", schedule=SCHED, max_grad_norm=0.5)
+    folded_opt = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), **kwargs)
+    plain_opt = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), **kwargs)
+    folded = _count_folded_steps(monkeypatch)
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**12, growth_interval=2) for _ in range(2)]
+    for step in range(5):
+        for opt, scaler in zip((folded_opt, plain_opt), scalers):
+            scaler.scale(torch.zeros((), device=DEVICE))
+            set_grads(opt, step, scale=scaler.get_scale())
+            if step == 2:
+                opt.param_groups[1]["params"][0].grad[1, 1] = float("nan")
+            with monkeypatch.context() as patch:
+                patch.setattr(ftriton, "FOLDED", opt is folded_opt)
+                scaler.step(opt)
+            scaler.update()
+        assert_bitwise_state(plain_opt, folded_opt, f"step {step}")
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        torch.testing.assert_close(folded_opt.grad_norm, plain_opt.grad_norm, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(folded_opt.schedule_index, plain_opt.schedule_index)
+        for gi in range(2):
+            assert torch.equal(folded_opt.applied_lr(gi), plain_opt.applied_lr(gi))
+    assert folded == [folded_opt] * 5 and int(folded_opt.schedule_index) == 4
 
 
 # ---------------------------------------------------------------- compiled for a GPU target (no GPU needed)
