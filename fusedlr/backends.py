@@ -9,7 +9,7 @@
   check, fallback decision and allocation and modifies nothing; the function it returns (the commit) runs the
   update and must not allocate or raise for any input the call accepted (``adamw_update`` calls both).
 
-A backend may also fold a step's small ops into its two passes (``FOLDED = True``: ``cpu``, ``cuda``):
+A backend may also fold a step's small ops into its two passes (``FOLDED = True``: ``cpu``, ``cuda``, ``triton``):
 ``folds(bucket, grads)`` says whether its kernels run the bucket; ``grad_stats`` then also takes ``scale``
 (GradScaler's, instead of ``inv_scale``) and ``reset`` (write ``out`` instead of adding), ``grad_stats_set(buckets,
 grads, out, scale)`` writes the stats of several buckets in as few launches as it can (``cpu``: one op; ``cuda``:
@@ -20,8 +20,7 @@ the update itself, the whole ``applied_lr`` buffer, the last bucket advancing ``
 groups), ``prepare_update_set(buckets, grads, hypers, ctrl, applied_lr, folds)`` prepares the folded updates of
 one launch set (one ``FoldedUpdate`` per bucket; only the last has outputs).
 ``fusedlr.AdamW`` folds a step when every bucket folds and there is no ``history=`` and no distributed
-reduction; otherwise it runs these small ops itself around the interface above (the reference and
-``triton`` never fold).
+reduction; otherwise it runs these small ops itself around the interface above (the reference never folds).
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ class StepControl:
 
 @dataclass(frozen=True)
 class FoldedUpdate:
-    """What the update of a folding backend (``FOLDED = True``: ``cpu``, ``cuda``) does beyond ``StepControl``:
-    the small ops of a step, folded into its kernels, so that a step is one ``grad_stats`` and one
+    """What the update of a folding backend (``FOLDED = True``: ``cpu``, ``cuda``, ``triton``) does beyond
+    ``StepControl``: the small ops of a step, folded into its kernels, so that a step is one ``grad_stats`` and one
     ``adamw_update`` per bucket and nothing else.
 
     With it, ``bucket.steps`` hold the updates applied before this one (this update's step numbers are

@@ -92,7 +92,7 @@ class LaunchTables:
     order: Tensor | None = None  # int64 [n_blocks]: program ids, those of vector tensors first (``grad_table``)
     order_host: Tensor | None = None  # host copy of what ``order`` holds
     n_vector: int = 0  # programs at the head of ``order`` whose tensor (gradient included) is ALIGN-aligned
-    parts: list[tuple[Tensor, bool]] = field(default_factory=list)  # the update's launches: (slice of order, ALIGNED)
+    parts: list[tuple[Tensor, bool]] = field(default_factory=list)  # the update's launches (slice of order, ALIGNED)
     grad_ptrs: tuple[int, ...] = ()  # host copy of what ``grads`` holds
     grad_refs: list[weakref.ref[Tensor]] = field(default_factory=list)  # the gradients ``grads`` points to
 
