@@ -2,7 +2,9 @@
 
 Drives the Triton backend (``tests/triton_aot.py``'s recorder) over the default mode (no low-precision
 mode) for float32 and bfloat16 params, with every step switch (clip, AMP unscale, found_inf) off and on,
-on aligned buckets and on buckets whose every tensor starts 1 element off a 16-byte boundary; compiles
+on aligned buckets and on buckets whose every tensor starts 1 element off a 16-byte boundary, unfolded and
+folded (``fusedlr.control.FoldedUpdate``: GradScaler's scale, inf check and step outputs with the switches on;
+the epilogue, ``EPILOGUE``, in the bucket's last launch); compiles
 each distinct launch for ``--arch`` with the installed triton and reads the cubins
 (``tests/machine_code.py``). Occupancy: resident warps per SM / 64 (sm_80/sm_90: 65536 registers,
 2048 threads per SM).
@@ -27,13 +29,14 @@ import triton_aot  # noqa: E402
 
 
 def _configurations():
-    """Default-mode configurations: param dtype x step switches x bucket alignment."""
+    """Default-mode configurations: param dtype x step switches x bucket alignment x folded."""
     for p in (torch.float32, torch.bfloat16):
         for on in (False, True):
             for aligned in (True, False):
-                yield {"p": p, "g": p, "kind": None, "n": 2, "aligned": aligned, "clip": on, "scale": on, "inf": on,
-                       "lr": None, "applied": True, "master": False, "sr": False, "moments": None,
-                       "amsgrad": False, "maximize": False}
+                for fold in (False, True):
+                    yield {"p": p, "g": p, "kind": None, "n": 2, "aligned": aligned, "clip": on, "scale": on,
+                           "inf": on and not fold, "lr": None, "applied": True, "master": False, "sr": False,
+                           "moments": None, "amsgrad": False, "maximize": False, "fold": fold}
 
 
 def measure(arch: int) -> list[dict]:
@@ -57,6 +60,7 @@ def measure(arch: int) -> list[dict]:
                 "kernel": la.name,
                 "dtype": str(c.get("P_DTYPE", c.get("G_DTYPE"))),
                 "switches": "on" if c.get("HAS_INV_SCALE") else "off",
+                "folded": str(c.get("FOLDED", c.get("RESET", False))),
                 "ALIGNED": str(c.get("ALIGNED", "-")),
                 "registers": k.registers,
                 "stack": k.stack,
@@ -64,16 +68,17 @@ def measure(arch: int) -> list[dict]:
                 "blocks_per_sm": blocks,
                 "occupancy": blocks * threads / 2048,
             })
-    return sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["switches"], r["ALIGNED"]))
+    return sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["switches"], r["ALIGNED"], r["folded"]))
 
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    head = ("| kernel | dtype | clip/unscale/found_inf | ALIGNED constexpr | registers | stack (B) | LDL/STL "
-            "| blocks/SM | occupancy |")
-    lines = [head, "|---" * 9 + "|"]
+    head = ("| kernel | dtype | clip/unscale/found_inf | ALIGNED constexpr | folded | registers | stack (B) "
+            "| LDL/STL | blocks/SM | occupancy |")
+    lines = [head, "|---" * 10 + "|"]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['switches']} | {r['ALIGNED']} | {r['registers']} | "
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['switches']} | {r['ALIGNED']} | {r['folded']} | "
+                     f"{r['registers']} | "
                      f"{r['stack']} | {r['spill_instructions']} | {r['blocks_per_sm']} | {r['occupancy']:.0%} |")
     return "\n".join(lines)
 

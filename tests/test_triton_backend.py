@@ -976,11 +976,13 @@ def test_a_steady_folded_step_is_only_its_kernel_launches(case: str, monkeypatch
     assert int(opt.schedule_index) == 3
 
 
-@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_folded_steps_match_torch_recipe(amsgrad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("amsgrad,unscale", [(False, False), (True, False), (False, True)],
+                         ids=["adamw", "amsgrad", "unscale_-first"])
+def test_folded_steps_match_torch_recipe(amsgrad: bool, unscale: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.optim.AdamW`` + ``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler``: two buckets, one with a
     zero-size and a misaligned tensor (two update launches); steps 3 and 6 have an inf gradient and change
-    nothing (params, moments, steps, k, applied LR) but report found_inf = 1 and the norm."""
+    nothing (params, moments, steps, k, applied LR) but report found_inf = 1 and the norm (``unscale``: the
+    user calls ``scaler.unscale_`` first, and the step honours its recorded found_inf)."""
     folded = _count_folded_steps(monkeypatch)
     build = _folded_groups(2, True)
     ours = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), lr=1e-2, amsgrad=amsgrad, backend="triton",
@@ -996,6 +998,8 @@ def test_folded_steps_match_torch_recipe(amsgrad: bool, monkeypatch: pytest.Monk
             set_grads(opt, step, scale=scaler.get_scale())
             if bad:
                 opt.param_groups[0]["params"][2].grad[100] = float("inf")
+        if unscale:
+            s1.unscale_(ours)
         s1.step(ours)
         found_inf = s1._per_optimizer_states[id(ours)]["found_inf_per_device"][DEVICE].clone()
         s1.update()

@@ -8,7 +8,9 @@ by a recorder, over configurations enumerated from the code's own types: every d
 AMP unscale and found_inf, a float lr and a 0-d float32/float64 tensor lr, with and without the
 applied-LR output buffer, every ``schedules.Kind`` (and two ``SCHED_N`` values where the kind has
 one), aligned and misaligned tensors, and every family of low-precision modes (``fusedlr.precision``:
-master, remainder, stochastic rounding, moment dtypes) with all switches off and on. Each distinct launch (kernel + signature + constexprs) is then
+master, remainder, stochastic rounding, moment dtypes) with all switches off and on, and the folded step
+(``fusedlr.control.FoldedUpdate``: GradScaler's scale, reset, the step's outputs) for every dtype, aligned,
+misaligned and mixed (a vectorized launch without the epilogue, then a scalar one with it). Each distinct launch (kernel + signature + constexprs) is then
 compiled. ``coverage_gaps`` names the constexpr parameters that never took two values although they
 could (a new flag the enumeration does not vary).
 
@@ -99,7 +101,7 @@ def _configurations():
     # applied: the applied-LR output buffer (the optimizer always passes one; backend callers may not)
     lrs = [None, torch.float32, torch.float64]
     base = dict(p=torch.float32, g=torch.float32, kind=None, n=2, aligned=True, clip=False, scale=False, inf=False,
-                lr=None, applied=True, master=False, sr=False, moments=None)
+                lr=None, applied=True, master=False, sr=False, moments=None, fold=False)
     base.update({f: False for f in flags})
     switches = ["clip", "scale", "inf", *flags]
     # grads have their param's dtype (autograd and the .grad setter enforce it)
@@ -115,6 +117,9 @@ def _configurations():
     # every schedule kind (and two SCHED_N where the kind reads one), clipped with AMP, float and tensor lr
     for kind, n, lr in itertools.product(kinds, (2, 3), lrs):
         yield {**base, "kind": kind, "n": n, "clip": True, "scale": True, "inf": True, "lr": lr}
+    # the folded step for every dtype, all switches off and all on, aligned, misaligned and mixed
+    for p, on, aligned in itertools.product(dtypes, (False, True), (True, False, "mixed")):
+        yield {**base, "p": p, "g": p, "aligned": aligned, "fold": True, "clip": on, "scale": on}
     # low-precision modes (master_weights, stochastic_rounding, moment dtype, param dtype): each family,
     # all switches on and aligned, all off and misaligned
     bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -130,13 +135,13 @@ def _drive(cfg: dict) -> None:
     """One step of the triton backend's two passes on CPU tensors (the kernels are recorders)."""
     import fusedlr.triton as backend
     from fusedlr.bucket import Bucket
-    from fusedlr.control import GroupHyper, StepControl
+    from fusedlr.control import FoldedUpdate, GroupHyper, StepControl
     from fusedlr.precision import BucketPrecision
 
-    off = 0 if cfg["aligned"] else 1
     sizes = [5000, 37]
+    offs = {True: [0, 0], False: [1, 1], "mixed": [0, 1]}[cfg["aligned"]]  # elements off a 16-byte boundary
     s_dtype = cfg["moments"] or (torch.float64 if cfg["p"] == torch.float64 else torch.float32)
-    make = lambda dt: [torch.zeros(n + off, dtype=dt)[off:] for n in sizes]
+    make = lambda dt: [torch.zeros(n + off, dtype=dt)[off:] for n, off in zip(sizes, offs)]
     amsgrad = cfg.get("amsgrad", False)
     prec = None
     if cfg["master"] is not False or cfg["sr"] or cfg["moments"] is not None:
@@ -154,7 +159,12 @@ def _drive(cfg: dict) -> None:
     if cfg["kind"] is not None:
         schedule = type("S", (), {"kind": int(cfg["kind"]), "params": (0.5, float(cfg["n"])) + (1.0,) * 20})()
     stats = torch.zeros(2)
-    inv = torch.tensor(0.5) if cfg["scale"] else None
+    fold = None
+    if cfg.get("fold"):  # GradScaler's scale, its inf check and the step's outputs with the switches
+        on = cfg["scale"]
+        fold = FoldedUpdate(scale=torch.tensor(2.0) if on else None, skip_nonfinite=on, group=1, advance_k=on,
+                            norm_out=torch.zeros(()) if on else None, found_inf_out=torch.zeros(()) if on else None)
+    inv = torch.tensor(0.5) if cfg["scale"] and fold is None else None
     ctrl = StepControl(
         k=torch.zeros((), dtype=torch.int64),
         schedule=schedule,
@@ -164,9 +174,15 @@ def _drive(cfg: dict) -> None:
         inv_scale=inv,
         found_inf=torch.zeros(()) if cfg["inf"] else None,
     )
-    backend.grad_stats(bucket, grads, inv, stats)
-    applied_lr = torch.full((2,), float("nan"), dtype=torch.float64)[1] if cfg["applied"] else None
-    backend.adamw_update(bucket, grads, hyper, ctrl, applied_lr)
+    if fold is None:
+        backend.grad_stats(bucket, grads, inv, stats)
+    else:
+        backend.grad_stats(bucket, grads, None, stats, scale=fold.scale, reset=True)
+    applied_lr = None
+    if cfg["applied"]:
+        applied_lr = torch.full((2,), float("nan"), dtype=torch.float64)
+        applied_lr = applied_lr if fold is not None else applied_lr[1]
+    backend.prepare_update(bucket, grads, hyper, ctrl, applied_lr, fold)()
 
 
 def record_launches() -> list[Launch]:

@@ -62,6 +62,8 @@ _PARAM = tl.constexpr(Streams.PARAM)
 _EXP_AVG = tl.constexpr(Streams.EXP_AVG)
 _EXP_AVG_SQ = tl.constexpr(Streams.EXP_AVG_SQ)
 _MAX_EXP_AVG_SQ = tl.constexpr(Streams.MAX_EXP_AVG_SQ)
+#: Threads of a program (``num_warps=4``): the width of the epilogue's blocks.
+_LANES = tl.constexpr(128)
 
 
 @triton.jit
@@ -117,30 +119,46 @@ def _store(ptrs, x, offs, numel, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF: tl.constexpr, SKIP_NONFINITE: tl.constexpr):
-    """Whether the step is skipped: ``found_inf > 0``, or (``SKIP_NONFINITE``) ``stats[1] > 0``."""
+def _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+             VOLATILE: tl.constexpr = False):
+    """Whether the step is skipped: ``found_inf > 0``, or (``SKIP_NONFINITE``) ``stats[1] > 0`` (``VOLATILE``:
+    loaded again, not reused from earlier loads, which would keep the flag live across the element loop)."""
     skip = tl.full((), 0, tl.int1)
     if HAS_FOUND_INF:
-        skip = skip | (tl.load(found_inf_ptr) > 0.0)
+        skip = skip | (tl.load(found_inf_ptr, volatile=VOLATILE) > 0.0)
     if SKIP_NONFINITE:
-        skip = skip | (tl.load(stats_ptr + 1) > 0.0)
+        skip = skip | (tl.load(stats_ptr + 1, volatile=VOLATILE) > 0.0)
     return skip
 
 
 @triton.jit
-def _advance_counters(arrived_ptr, steps_ptr, n_steps, k_ptr, applied, ADVANCE_K: tl.constexpr,
-                      BLOCK_: tl.constexpr):
-    """A folded launch's epilogue: the last program to arrive advances the ``n_steps`` step counters (and
-    ``k``) when the update is ``applied``, and leaves the arrival counter zero."""
+def _epilogue(arrived_ptr, steps_ptr, n_steps, k_ptr, found_inf_ptr, stats_ptr, norm_out_ptr, found_inf_out_ptr,
+              HAS_FOUND_INF: tl.constexpr, SKIP_NONFINITE: tl.constexpr, ADVANCE_K: tl.constexpr,
+              HAS_NORM_OUT: tl.constexpr, HAS_FOUND_INF_OUT: tl.constexpr, LANES: tl.constexpr):
+    """A folded launch's epilogue: the last program to arrive writes the step's norm and found_inf outputs,
+    advances the ``n_steps`` step counters (and ``k``) when the update is applied (``_skipped``, loaded again),
+    and leaves the arrival counter zero.
+
+    Its single values are read and written through lane 0 of ``LANES``-wide blocks, not as scalars: a scalar
+    access's one-thread predicate is shared with the prologue's and would be kept live across the element loop
+    (sm_90, fp32: 72 registers and a spill inside the counters' loop, against one spill outside any loop)."""
     tl.debug_barrier()  # every thread of this program has read its step and k
     if tl.atomic_add(arrived_ptr, 1) == tl.num_programs(0) - 1:  # acq_rel: every program has read them
-        for lo in range(0, n_steps, BLOCK_):
-            idx = lo + tl.arange(0, BLOCK_)
-            mask = (idx < n_steps) & applied
+        lane = tl.arange(0, LANES)
+        first = lane == 0
+        at = lane * 0  # every lane at the single value
+        skip = _skipped(found_inf_ptr + at, stats_ptr + at, HAS_FOUND_INF, SKIP_NONFINITE, True)
+        if HAS_NORM_OUT:
+            tl.store(norm_out_ptr + at, tl.sqrt_rn(tl.load(stats_ptr + at, volatile=True)), mask=first)
+        if HAS_FOUND_INF_OUT:
+            tl.store(found_inf_out_ptr + at, tl.where(skip, 1.0, 0.0).to(tl.float32), mask=first)
+        for lo in range(0, n_steps, LANES):
+            idx = lo + lane
+            mask = (idx < n_steps) & ~skip
             tl.store(steps_ptr + idx, tl.load(steps_ptr + idx, mask=mask, other=0) + 1, mask=mask)
         if ADVANCE_K:
-            tl.store(k_ptr, tl.load(k_ptr) + 1, mask=applied)
-        tl.store(arrived_ptr, 0)  # ready for the next launch (and CUDA-graph replay)
+            tl.store(k_ptr + at, tl.load(k_ptr + at) + 1, mask=first & ~skip)
+        tl.store(arrived_ptr + at, at.to(tl.int32), mask=first)  # ready for the next launch (and graph replay)
 
 
 @triton.jit
@@ -317,20 +335,12 @@ def _adamw_kernel(
         scale = unscale_factor(inv_scale_ptr, FROM_SCALE).to(S_DTYPE)
     else:
         scale = tl.full((), 1.0, S_DTYPE)  # unused
+    skip = _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)
     if HAS_APPLIED_LR:
-        if HAS_FOUND_INF or SKIP_NONFINITE:
-            skip = _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)
-            tl.store(applied_lr_ptr + lr_index, lr_t, mask=(pid == 0) & ~skip)
-        else:
-            tl.store(applied_lr_ptr + lr_index, lr_t, mask=pid == 0)
-    if HAS_NORM_OUT:
-        tl.store(norm_out_ptr, tl.sqrt_rn(tl.load(stats_ptr)), mask=pid == 0)
-    if HAS_FOUND_INF_OUT:
-        skip = _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)
-        tl.store(found_inf_out_ptr, tl.where(skip, 1.0, 0.0).to(tl.float32), mask=pid == 0)
+        tl.store(applied_lr_ptr + lr_index, lr_t, mask=(pid == 0) & ~skip)
     if HAS_FOUND_INF or SKIP_NONFINITE:
         # Skipped step: no element in range, so every load and store is masked off.
-        numel = tl.where(_skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE), 0, numel)
+        numel = tl.where(skip, 0, numel)
 
     # Elementwise constants in the state dtype (rounded once, as the reference does).
     w = lerp_weight.to(S_DTYPE)
@@ -374,8 +384,8 @@ def _adamw_kernel(
                          MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
                          True, False, BLOCK_)
     if EPILOGUE:
-        applied = ~_skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)  # reloaded: nothing kept live
-        _advance_counters(arrived_ptr, steps_ptr, n_steps, k_ptr, applied, ADVANCE_K, BLOCK_)
+        _epilogue(arrived_ptr, steps_ptr, n_steps, k_ptr, found_inf_ptr, stats_ptr, norm_out_ptr, found_inf_out_ptr,
+                  HAS_FOUND_INF, SKIP_NONFINITE, ADVANCE_K, HAS_NORM_OUT, HAS_FOUND_INF_OUT, _LANES)
 
 
 def _log(beta: float) -> float:

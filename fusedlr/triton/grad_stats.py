@@ -35,7 +35,7 @@ def unscale_factor(ptr, FROM_SCALE: tl.constexpr):
     """The float32 factor the gradients are multiplied by: ``*ptr`` (an inverse scale), or with ``FROM_SCALE``
     the inverse of GradScaler's scale ``*ptr`` as GradScaler computes it, ``float32(1 / float64(scale))``."""
     if FROM_SCALE:
-        return (1.0 / tl.load(ptr).to(tl.float64)).to(tl.float32)
+        return tl.div_rn(tl.full((), 1.0, tl.float32), tl.load(ptr).to(tl.float32))
     else:
         return tl.load(ptr).to(tl.float32)
 
