@@ -817,6 +817,26 @@ def test_folded_grad_stats_inverts_the_scale_and_resets() -> None:
         ftriton.grad_stats(bucket, grads, _gradscaler_inverse(scale), out, scale=scale)
 
 
+def test_inverse_of_gradscalers_scale_is_gradscalers() -> None:
+    """``unscale_factor`` of a scale (a correctly rounded float32 division) has the bits of GradScaler's
+    ``float32(1 / float64(scale))`` for float32 scales of every exponent (subnormal inverses, inf, 0, NaN)."""
+
+    @triton.jit
+    def probe(x_ptr, out_ptr, n, BLOCK_: tl.constexpr):
+        i = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
+        tl.store(out_ptr + i, K_STATS.unscale_factor(x_ptr + i, True), mask=i < n)
+
+    bits = torch.randint(0, 0x7F800000, (20000,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    x = torch.cat([bits.to(torch.int32).view(torch.float32),
+                   torch.tensor([0.0, 1.0, 3.0, 2.0**127, 3.0 * 2**126, float("inf"), float("nan"), 1e-45, 65536.0])])
+    x = x.to(DEVICE)
+    out = torch.empty_like(x)
+    probe[(-(-x.numel() // 1024),)](x, out, x.numel(), BLOCK_=1024)
+    want = _gradscaler_inverse(x)
+    same = (_bits(out) == _bits(want)) | (out.isnan() & want.isnan())
+    assert bool(same.all()), x[~same][:4].tolist()
+
+
 def test_folded_update_does_the_small_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """One folded update of a bucket with a zero-size and a misaligned tensor (two launches): the reference's
     values with steps + 1 and GradScaler's inverse, then every step counter (the zero-size one's included)

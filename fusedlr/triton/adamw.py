@@ -10,12 +10,12 @@ reference's bit for bit where torch's square root is correctly rounded, as on CU
 ``found_inf > 0`` every load and store is masked off: nothing is written.
 
 Folded step (``FOLDED``, ``fusedlr.control.FoldedUpdate``): the scale is GradScaler's (``FROM_SCALE``, inverted
-in the kernel), the update is skipped also when ``stats[1] > 0`` (``SKIP_NONFINITE``), ``steps`` hold the
-updates applied before (the kernel uses ``steps + 1``), program 0 writes ``applied_lr[lr_index]`` and the
-step's ``grad_norm`` (``HAS_NORM_OUT``) and GradScaler's ``found_inf`` (``HAS_FOUND_INF_OUT``), and, in the
-bucket's last launch (``EPILOGUE``), the last program to arrive (an integer arrival counter, left zero, as in
-pass 1) advances every step counter of the bucket and ``k`` (``ADVANCE_K``) when the update is applied: every
-program of the bucket has read them by then (its earlier launch, when split, ran before on the stream).
+in the kernel), the update is skipped also when ``stats[1] > 0`` (``SKIP_NONFINITE``), ``steps`` hold the updates
+applied before (the kernel uses ``steps + 1``), program 0 writes ``applied_lr[lr_index]``; in the bucket's last
+launch (``EPILOGUE``) the last program to arrive (an integer arrival counter, left zero, as in pass 1) writes
+``grad_norm`` (``HAS_NORM_OUT``) and ``found_inf`` (``HAS_FOUND_INF_OUT``) and, when applied, advances every step
+counter of the bucket (zero-size tensors' too) and ``k`` (``ADVANCE_K``): every program of the bucket has read
+them (a bucket split by alignment ran its first launch before on the stream).
 
 Low-precision modes (constexpr flags, so the default mode's code is unchanged): ``MASTER`` reads and
 writes the fp32 master and writes the param rounded to nearest from it, ``REMAINDER`` joins the param

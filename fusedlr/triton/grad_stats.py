@@ -32,8 +32,8 @@ _INF = tl.constexpr(float("inf"))
 
 @triton.jit
 def unscale_factor(ptr, FROM_SCALE: tl.constexpr):
-    """The float32 factor the gradients are multiplied by: ``*ptr`` (an inverse scale), or with ``FROM_SCALE``
-    the inverse of GradScaler's scale ``*ptr`` as GradScaler computes it, ``float32(1 / float64(scale))``."""
+    """The float32 gradient factor: ``*ptr`` (an inverse scale), or (``FROM_SCALE``) GradScaler's inverse of its
+    scale ``*ptr``, ``float32(1 / float64(s))``, which a correctly rounded float32 division equals bit for bit."""
     if FROM_SCALE:
         return tl.div_rn(tl.full((), 1.0, tl.float32), tl.load(ptr).to(tl.float32))
     else:
