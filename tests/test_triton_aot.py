@@ -39,7 +39,10 @@ ARCHS = tuple(int(a) for a in os.environ.get("FUSEDLR_TRITON_AOT_ARCHS", "90").s
 #    per-element code. Seen with float and tensor lr, with and without the applied-LR output.
 # 2. local memory (STL.64/LDL.64) attributed to the loop header line alone: the libdevice float64
 #    ``cos`` slow path (``__internal_trig_reduction_slowpathd``, a 40-byte local array, in cosine
-#    schedule kinds), a called function with no line info of its own that inherits the header's.
+#    schedule kinds), a called function with no line info of its own that inherits the header's; and, in the
+#    folded update's last launch (``EPILOGUE``, fp32 aligned, all switches on), one LDL after the loop: ptxas
+#    spills the one-thread predicate of the scalar stores and atomics (saved before the loop, reloaded once for
+#    the epilogue's arrival atomic) to stay at 72 registers, 7 blocks per SM (``benchmarks/triton_resources.py``).
 _STEP_MATH_FP64 = re.compile(r"^(DADD|DMUL|DFMA|DSETP|MUFU\.(RCP|RSQ)64H|F2F\.F64\.F32)")
 _LOOP_HEADER = next(
     i for i, line in enumerate((ROOT / "fusedlr" / "triton" / "adamw.py").read_text().splitlines(), 1)
