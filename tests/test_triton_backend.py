@@ -819,7 +819,8 @@ def test_folded_grad_stats_inverts_the_scale_and_resets() -> None:
 
 def test_inverse_of_gradscalers_scale_is_gradscalers() -> None:
     """``unscale_factor`` of a scale (a correctly rounded float32 division) has the bits of GradScaler's
-    ``float32(1 / float64(scale))`` for float32 scales of every exponent (subnormal inverses, inf, 0, NaN)."""
+    ``float32(1 / float64(scale))`` for float32 scales of every exponent (subnormal inverses, inf, 0, NaN), and
+    for float64 scales."""
 
     @triton.jit
     def probe(x_ptr, out_ptr, n, BLOCK_: tl.constexpr):
@@ -835,6 +836,11 @@ def test_inverse_of_gradscalers_scale_is_gradscalers() -> None:
     want = _gradscaler_inverse(x)
     same = (_bits(out) == _bits(want)) | (out.isnan() & want.isnan())
     assert bool(same.all()), x[~same][:4].tolist()
+    x64 = x.double() * (1 + 2**-30)  # a float64 scale (the attribute contract): its inverse rounded once
+    probe[(-(-x.numel() // 1024),)](x64, out, x.numel(), BLOCK_=1024)
+    want = _gradscaler_inverse(x64)
+    same = (_bits(out) == _bits(want)) | (out.isnan() & want.isnan())
+    assert bool(same.all()), x64[~same][:4].tolist()
 
 
 def test_folded_update_does_the_small_ops(monkeypatch: pytest.MonkeyPatch) -> None:

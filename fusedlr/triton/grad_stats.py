@@ -35,7 +35,11 @@ def unscale_factor(ptr, FROM_SCALE: tl.constexpr):
     """The float32 gradient factor: ``*ptr`` (an inverse scale), or (``FROM_SCALE``) GradScaler's inverse of its
     scale ``*ptr``, ``float32(1 / float64(s))``, which a correctly rounded float32 division equals bit for bit."""
     if FROM_SCALE:
-        return tl.div_rn(tl.full((), 1.0, tl.float32), tl.load(ptr).to(tl.float32))
+        s = tl.load(ptr)
+        if s.dtype == tl.float64:  # a float64 scale: its inverse rounded once, to float32
+            return (1.0 / s).to(tl.float32)
+        else:
+            return tl.div_rn(tl.full((), 1.0, tl.float32), s.to(tl.float32))
     else:
         return tl.load(ptr).to(tl.float32)
 
