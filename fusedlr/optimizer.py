@@ -395,9 +395,11 @@ class AdamW(torch.optim.Optimizer):
         applied_lr = self._applied_lr_buffer(device)
         history = self._history_buffer(device)
         bucket_grads = [[grads[i] for i in idx] for _, _, idx, _ in plan.buckets]
+        grad_scale = getattr(self, "grad_scale", None) if grad_scaler is None else None
         if (
             getattr(impl, "FOLDED", False)
             and history is None
+            and (grad_scale is None or grad_scale.dtype == torch.float32)  # the kernels read a float32 scale
             and all(reduce is None and impl.folds(b, gs) for (_, b, _, reduce), gs in zip(plan.buckets, bucket_grads))
         ):
             return self._prepare_folded(impl, plan, bucket_grads, grad_scaler, device)

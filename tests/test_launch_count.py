@@ -378,3 +378,24 @@ def test_cuda_two_groups_amp_clip_step_is_three_kernel_launches() -> None:
     kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith("Mem")]
     assert len(kernels) == 3 and "grad_stats_kernel" in kernels[0], kernels
     assert all("adamw_kernel" in name for name in kernels[1:]), kernels
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_scale_attribute_of_any_float_dtype(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The attribute contract's ``grad_scale`` may be float64: such a step is not folded (the kernels read a
+    float32 scale) and still unscales as GradScaler would, as the reference does."""
+    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    results = []
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+        opt = fusedlr.AdamW(params, lr=LR, max_grad_norm=1.0, backend=backend)
+        opt.grad_scale = torch.tensor(1024.0 / 3.0, dtype=dtype)
+        for i in range(3):
+            for j, p in enumerate(params):
+                p.grad = torch.randn(5) * 1024.0 / 3.0 * (i + j + 1)
+            opt.step()
+        results.append([p.detach().clone() for p in params] + [opt.grad_norm.clone()])
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref)

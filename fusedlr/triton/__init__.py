@@ -19,7 +19,7 @@ step's small ops (GradScaler's inverse scale, the inf check, resetting the norm 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -50,7 +50,7 @@ except ImportError as _err:  # triton missing or broken: available() says so
     _IMPORT_ERROR = _err
     _INTERPRETED = False
 
-__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "prepare_update"]
+__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "grad_stats_set", "prepare_update"]
 
 NAME = "triton"
 FOLDED = True
@@ -126,6 +126,12 @@ def grad_stats(
         return
     gtab, used = _tables.grad_table(tables, bucket, grads)
     _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, inv_scale, out, scale, reset)
+
+
+def grad_stats_set(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], out: Tensor, scale: Tensor | None) -> None:
+    """Pass 1 of a folded step: one launch per bucket, the first writing ``out``, the others adding to it."""
+    for i, (bucket, gs) in enumerate(zip(buckets, grads)):
+        grad_stats(bucket, gs, None, out, scale=scale, reset=i == 0)
 
 
 def _launch(launch: Callable[[], None], keep: list[Tensor]) -> None:
