@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from . import extension
-from .control import StepControl
 from .plan import Plan
 from .precision import BucketPrecision
 from .reference import clip_coefficient
@@ -148,15 +147,7 @@ def step(opt: Any, grad_scaler: Any) -> bool:
         found_inf = found_out
         grad_scaler._per_optimizer_states[id(opt)]["found_inf_per_device"][device] = found_inf
     if history is not None:
-        ctrl = StepControl(
-            k=k,
-            schedule=opt.schedule,
-            schedule_table=opt._schedule_tensor(device),
-            stats=fast.stats if need_stats else None,
-            max_norm=opt.max_grad_norm,
-            inv_scale=inv_scale,
-            found_inf=found_inf,
-        )
+        ctrl = opt._step_control(device, fast.stats if need_stats else None, inv_scale, found_inf)
         history.record(
             k,
             opt._applied_lr_buffer(device),

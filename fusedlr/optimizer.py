@@ -340,6 +340,21 @@ class AdamW(torch.optim.Optimizer):
         return buf
 
     # ------------------------------------------------------------------ step
+    def _step_control(
+        self, device: torch.device, stats: Tensor | None, inv_scale: Tensor | None, found_inf: Tensor | None
+    ) -> StepControl:
+        """The ``StepControl`` of this step on ``device``: the schedule index and table, the clipping bound and the
+        given pass-1 stats and AMP inputs."""
+        return StepControl(
+            k=self._schedule_index(device),
+            schedule=self.schedule,
+            schedule_table=self._schedule_tensor(device),
+            stats=stats,
+            max_norm=self.max_grad_norm,
+            inv_scale=inv_scale,
+            found_inf=found_inf,
+        )
+
     @staticmethod
     def _grad_stats(impl: Any, work: list[Any], inv_scale: Tensor | None, device: torch.device) -> Tensor:
         """Pass 1 over every bucket: ``[global sum of squares, non-finite count]`` (float32, on device).
@@ -416,15 +431,7 @@ class AdamW(torch.optim.Optimizer):
             assert stats is not None
             found_inf = (stats[1] > 0).to(torch.float32)
 
-        ctrl = StepControl(
-            k=self._schedule_index(device),
-            schedule=self.schedule,
-            schedule_table=self._schedule_tensor(device),
-            stats=stats,
-            max_norm=self.max_grad_norm,
-            inv_scale=inv_scale,
-            found_inf=found_inf,
-        )
+        ctrl = self._step_control(device, stats, inv_scale, found_inf)
         applied: Tensor | int = 1 if found_inf is None else (found_inf <= 0).to(torch.int64)
         updates = []
         for hyper, b, gs, _, lr_out in work:
@@ -478,15 +485,7 @@ class AdamW(torch.optim.Optimizer):
         if self.max_grad_norm is not None or check_inf:
             stats = self._private_buffer("stats", (2,), device)
             impl.grad_stats_set(buckets, bucket_grads, stats, scale)
-        ctrl = StepControl(
-            k=self._schedule_index(device),
-            schedule=self.schedule,
-            schedule_table=self._schedule_tensor(device),
-            stats=stats,
-            max_norm=self.max_grad_norm,
-            inv_scale=None,
-            found_inf=found_inf,
-        )
+        ctrl = self._step_control(device, stats, None, found_inf)
         found_inf_out = self._private_buffer("found_inf", (), device) if check_inf else None
         applied_lr = self._applied_lr_buffer(device)
         norm_out = self._norm_buffer(device) if stats is not None else None
