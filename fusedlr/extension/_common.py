@@ -101,16 +101,15 @@ def schedule_table(bucket: Bucket, ctrl: StepControl) -> Tensor | None:
     return table
 
 
+def _float32(t: Tensor | None) -> Tensor | None:
+    """``t`` as the ops read a 0-d control tensor (found_inf, inv_scale): float32 (converted when it is not)."""
+    return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
+
+
 def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: StepControl) -> tuple:
     """Positional arguments of ``torch.ops.fusedlr.adamw_update`` up to ``remainders`` (without the table
     cache; a tensor LR and stochastic rounding's key go in keyword arguments, see ``update_kwargs``).
     ``masters``/``remainders`` are required lists, empty when ``bucket.precision`` has none."""
-    found_inf = ctrl.found_inf
-    if found_inf is not None and found_inf.dtype != torch.float32:
-        found_inf = found_inf.to(torch.float32)
-    inv_scale = ctrl.inv_scale
-    if inv_scale is not None and inv_scale.dtype != torch.float32:
-        inv_scale = inv_scale.to(torch.float32)
     prec = bucket.precision
     return (
         bucket.params,
@@ -123,8 +122,8 @@ def update_args(bucket: Bucket, grads: list[Tensor], hyper: GroupHyper, ctrl: St
         schedule_table(bucket, ctrl),
         ctrl.stats,
         ctrl.max_norm,
-        inv_scale,
-        found_inf,
+        _float32(ctrl.inv_scale),
+        _float32(ctrl.found_inf),
         0.0 if isinstance(hyper.lr, Tensor) else hyper.lr,
         hyper.beta1,
         hyper.beta2,
@@ -201,9 +200,6 @@ def update_set_args(
     if any(f.advance_k or f.norm_out is not None or f.found_inf_out is not None for f in folds[:-1]):
         raise ValueError("fusedlr: only the last update of a launch set writes the step-level outputs")
     last = folds[-1]
-    found_inf = ctrl.found_inf
-    if found_inf is not None and found_inf.dtype != torch.float32:
-        found_inf = found_inf.to(torch.float32)
     precs = [b.precision for b in buckets]
 
     def per_param(get) -> list[Tensor]:
@@ -233,7 +229,7 @@ def update_set_args(
         schedule=schedule_table(buckets[0], ctrl),
         stats=ctrl.stats,
         max_norm=ctrl.max_norm,
-        found_inf=found_inf,
+        found_inf=_float32(ctrl.found_inf),
         scale=last.scale,
         skip_nonfinite=last.skip_nonfinite,
         advance_k=last.advance_k,
