@@ -350,11 +350,10 @@ def test_grad_table_refreshes_only_when_grads_move(monkeypatch: pytest.MonkeyPat
     real = K_TABLES._upload
     monkeypatch.setattr(K_TABLES, "_upload", lambda host, *a: uploads.append(host.numel()) or real(host, *a))
     ref, tri = param_sets(mixed_groups(torch.float32), lr=1e-2)
-    n_buckets = 2
     for opt in (ref, tri):
         set_grads(opt, 0)
         opt.step()
-    assert len(uploads) == 4 * n_buckets  # rows, blocks, grads, order
+    assert len(uploads) == 6  # the two groups' launch set: rows, blocks, bucket bounds, grads, order, segments
     for step in (1, 2):  # same gradient tensors, new values: nothing to upload
         for opt in (ref, tri):
             gen = torch.Generator().manual_seed(100 + step)
@@ -363,11 +362,11 @@ def test_grad_table_refreshes_only_when_grads_move(monkeypatch: pytest.MonkeyPat
                     p.grad.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
             opt.step()
         assert_same_state(ref, tri, f"step {step}")
-    assert len(uploads) == 4 * n_buckets
-    for opt in (ref, tri):  # new gradient tensors (alignment as before): only the grad tables are uploaded again
+    assert len(uploads) == 6
+    for opt in (ref, tri):  # new gradient tensors (alignment as before): only the grad table is uploaded again
         set_grads(opt, 3)
         opt.step()
-    assert len(uploads) == 5 * n_buckets
+    assert len(uploads) == 7
     assert_same_state(ref, tri, "new grads")
 
 
@@ -686,8 +685,9 @@ def test_precision_modes_match_the_reference_bitwise(
             scaler.update()
         assert_bitwise_state(ref, tri, f"step {step}")
     assert int(tri.schedule_index) == 3
-    # every bucket's update ran in the kernel: group 2 (an aligned and a misaligned tensor) in two launches
-    assert len(upd.grids) == 3 * 4, upd.grids
+    # every bucket's update ran in the kernel: both groups in one launch set, split in two launches by group 2's
+    # misaligned tensor
+    assert len(upd.grids) == 2 * 4, upd.grids
     assert folded == [tri] * 4  # the triton steps folded their small ops into the kernels
 
 
@@ -953,21 +953,28 @@ FOLDED_CASES = {
     "clip": (1, False, 0.5, False, ["stats", "update"]),
     "amp": (1, True, None, False, ["stats", "update"]),
     "amp+clip": (1, True, 0.5, False, ["stats", "update"]),
-    "2buckets+amp+clip": (2, True, 0.5, False, ["stats", "stats", "update", "update"]),
+    "2buckets+amp+clip": (2, True, 0.5, False, ["stats", "update"]),
     "mixed-alignment+amp+clip": (1, True, 0.5, True, ["stats", "update", "update"]),
+    "3buckets+amp+clip": (3, True, 0.5, False, ["stats", "update"]),
+    "3buckets-mixed-alignment+amp+clip": (3, True, 0.5, True, ["stats", "update", "update"]),
 }
 
 
-def _folded_groups(groups: int, misaligned: bool) -> Callable[[torch.Generator], list[dict]]:
-    """Sizes 7, 0, 4097 and 1 (and a 33-element view 1 element into a tensor), in one group or, with a
-    3x5 and a transposed matrix, two (different hyperparameters)."""
+def _folded_groups(groups: int, misaligned: bool, lr_tensor: bool = False) -> Callable[[torch.Generator], list[dict]]:
+    """Sizes 7, 0, 4097 and 1 (and a 33-element view 1 element into a tensor), in one group; with a 3x5 and a
+    transposed matrix, two; with a 5000-element, a zero-size and a 2x3 tensor, three (each group with its own
+    LR, betas, eps and weight decay; ``lr_tensor``: the third group's LR a float64 tensor)."""
 
     def build(gen: torch.Generator) -> list[dict]:
         first = [leaf(rand(gen, n)) for n in (7, 0, 4097, 1)] + ([leaf(rand(gen, 34)[1:])] if misaligned else [])
         out = [{"params": first, "weight_decay": 0.1}]
-        if groups == 2:
+        if groups >= 2:
             out.append({"params": [leaf(rand(gen, 3, 5)), leaf(rand(gen, 8, 6).t())], "weight_decay": 0.0,
                         "lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-6})
+        if groups >= 3:
+            lr = torch.tensor(5e-3, dtype=torch.float64, device=DEVICE) if lr_tensor else 5e-3
+            out.append({"params": [leaf(rand(gen, 5000)), leaf(rand(gen, 0)), leaf(rand(gen, 2, 3))],
+                        "weight_decay": 0.02, "lr": lr, "betas": (0.95, 0.9995), "eps": 1e-7})
         return out
 
     return build
@@ -1005,12 +1012,13 @@ def test_a_steady_folded_step_is_only_its_kernel_launches(case: str, monkeypatch
 @pytest.mark.parametrize("amsgrad,unscale", [(False, False), (True, False), (False, True)],
                          ids=["adamw", "amsgrad", "unscale_-first"])
 def test_folded_steps_match_torch_recipe(amsgrad: bool, unscale: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``torch.optim.AdamW`` + ``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler``: two buckets, one with a
-    zero-size and a misaligned tensor (two update launches); steps 3 and 6 have an inf gradient and change
-    nothing (params, moments, steps, k, applied LR) but report found_inf = 1 and the norm (``unscale``: the
-    user calls ``scaler.unscale_`` first, and the step honours its recorded found_inf)."""
+    """``torch.optim.AdamW`` + ``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler``: three param groups (their own
+    LR, betas, eps and weight decay; the third's LR a float64 tensor) in one launch set, with zero-size tensors and
+    a misaligned one (two update launches); steps 3 and 6 have an inf gradient and change nothing (params,
+    moments, steps, k, applied LR) but report found_inf = 1 and the norm (``unscale``: the user calls
+    ``scaler.unscale_`` first, and the step honours its recorded found_inf)."""
     folded = _count_folded_steps(monkeypatch)
-    build = _folded_groups(2, True)
+    build = _folded_groups(3, True, lr_tensor=True)
     ours = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), lr=1e-2, amsgrad=amsgrad, backend="triton",
                          schedule=SCHED, max_grad_norm=0.5)
     ref = torch.optim.AdamW(build(torch.Generator().manual_seed(0)), lr=1e-2, amsgrad=amsgrad)
@@ -1050,15 +1058,16 @@ def test_folded_steps_match_torch_recipe(amsgrad: bool, unscale: bool, monkeypat
         torch.testing.assert_close(ours.grad_norm, norm, rtol=1e-5, atol=0, equal_nan=True)
         if bad:
             assert math.isinf(float(ours.grad_norm))
-        for gi, peak in enumerate((1e-2, 3e-2)):
+        for gi, peak in enumerate((1e-2, 3e-2, 5e-3)):
             assert float(ours.applied_lr(gi)) == pytest.approx(peak * SCHED(applied - 1), rel=1e-12)
     assert folded == [ours] * 8
 
 
 def test_folded_step_equals_the_unfolded_step_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same kernels with and without the folded small ops (``FOLDED`` off: the optimizer's torch ops):
-    the same bits everywhere, with clipping, amsgrad, a misaligned tensor and GradScaler's skipped steps."""
-    build = _folded_groups(2, True)
+    """The same kernels with and without the folded small ops (``FOLDED`` off: the optimizer's torch ops, one
+    launch per bucket and pass): the same bits everywhere, with three param groups in one launch set (the third's
+    LR a float64 tensor), clipping, amsgrad, a misaligned tensor and GradScaler's skipped steps."""
+    build = _folded_groups(3, True, lr_tensor=True)
     kwargs = dict(lr=1e-2, amsgrad=True, backend="triton", schedule=SCHED, max_grad_norm=0.5)
     folded_opt = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), **kwargs)
     plain_opt = fusedlr.AdamW(build(torch.Generator().manual_seed(0)), **kwargs)
@@ -1078,9 +1087,62 @@ def test_folded_step_equals_the_unfolded_step_bitwise(monkeypatch: pytest.Monkey
         assert scalers[0].get_scale() == scalers[1].get_scale()
         torch.testing.assert_close(folded_opt.grad_norm, plain_opt.grad_norm, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(folded_opt.schedule_index, plain_opt.schedule_index)
-        for gi in range(2):
+        for gi in range(3):
             assert torch.equal(folded_opt.applied_lr(gi), plain_opt.applied_lr(gi))
     assert folded == [folded_opt] * 5 and int(folded_opt.schedule_index) == 4
+
+
+# amsgrad: (update launches of a step with launch sets, with one launch set per group): the first group's
+# misaligned tensor splits its launch in two; "second group": the second group in a launch set of its own
+SET_LAUNCHES = {"none": (2, 4), "all": (2, 4), "second group": (3, 4)}
+
+
+@pytest.mark.parametrize("amsgrad", SET_LAUNCHES)
+def test_launch_sets_equal_per_group_launches_bitwise(amsgrad: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three param groups (their own LR, betas, eps and weight decay; the third's LR a float64 tensor, the second
+    maximizing) updated by launch set (``SETS``) have the bits of one update launch per group (``SETS`` off), with
+    clipping, GradScaler (``unscale_`` first on odd steps), a skipped step and new gradient tensors every step;
+    pass 1 is one launch either way."""
+    build = _folded_groups(3, True, lr_tensor=True)
+
+    def make() -> fusedlr.AdamW:
+        groups = build(torch.Generator().manual_seed(0))
+        groups[1]["maximize"] = True
+        if amsgrad == "second group":
+            groups[1]["amsgrad"] = True
+        return fusedlr.AdamW(groups, lr=1e-2, amsgrad=amsgrad == "all", backend="triton", schedule=SCHED,
+                             max_grad_norm=0.5)
+
+    sets_opt, groups_opt = make(), make()
+    folded = _count_folded_steps(monkeypatch)
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**12, growth_interval=2) for _ in range(2)]
+    for step in range(5):
+        launches = []
+        for opt, scaler in zip((sets_opt, groups_opt), scalers):
+            scaler.scale(torch.zeros((), device=DEVICE))
+            set_grads(opt, step, scale=scaler.get_scale())
+            if step == 2:
+                opt.param_groups[2]["params"][0].grad[4100] = float("inf")
+            stats, upd = _LaunchCounter(K_STATS._grad_stats_kernel), _LaunchCounter(K_ADAMW._adamw_kernel)
+            with monkeypatch.context() as patch:
+                patch.setattr(ftriton, "SETS", opt is sets_opt)
+                patch.setattr(K_STATS, "_grad_stats_kernel", stats)
+                patch.setattr(K_ADAMW, "_adamw_kernel", upd)
+                if step % 2:
+                    scaler.unscale_(opt)
+                scaler.step(opt)
+            scaler.update()
+            launches.append((len(stats.grids), len(upd.grids)))
+        assert launches == [(1, n) for n in SET_LAUNCHES[amsgrad]], step
+        assert_bitwise_state(groups_opt, sets_opt, f"step {step}")
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        torch.testing.assert_close(sets_opt.grad_norm, groups_opt.grad_norm, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(sets_opt.schedule_index, groups_opt.schedule_index)
+        for gi in range(3):
+            assert torch.equal(sets_opt.applied_lr(gi), groups_opt.applied_lr(gi))
+    assert folded == [sets_opt, groups_opt] * 5 and int(sets_opt.schedule_index) == 4
+    for group in sets_opt.param_groups:
+        assert all(int(sets_opt.state[p]["step"]) == 4 for p in group["params"])
 
 
 # ---------------------------------------------------------------- compiled for a GPU target (no GPU needed)
@@ -1102,7 +1164,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
     rows = dict(ROW_=T.ROW, F_NUMEL=T.FIELD_NUMEL, F_FIRST=T.FIELD_FIRST, BLOCK_=T.BLOCK, ITERS_=T.ITERS)
     ptx = build(S, {"rows_ptr": "*i64", "blocks_ptr": "*i64", "grads_ptr": "*i64", "inv_scale_ptr": "*fp32",
-                    "out_ptr": "*fp32", "partials_ptr": "*fp32", "arrived_ptr": "*i32"},
+                    "out_ptr": "*fp32", "partials_ptr": "*fp32", "arrived_ptr": "*i32", "bounds_ptr": "*i64",
+                    "n_segs": "i32"},
                 dict(HAS_INV_SCALE=True, FROM_SCALE=True, RESET=True, G_DTYPE=tl.bfloat16, ALIGN_=T.ALIGN, **rows))
     assert "ld.global.v4" in ptx, "grad_stats: no vector loads"
     assert "atom.global" in ptx and "red.global.add.f32" not in ptx and "atom.global.add.f32" not in ptx, (
@@ -1110,12 +1173,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
     sig = {n: "*i64" for n in ["rows_ptr", "blocks_ptr", "order_ptr", "grads_ptr", "steps_ptr", "pids_ptr", "k_ptr"]}
     sig.update({"sched_ptr": "*fp64", "stats_ptr": "*fp32", "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
                 "lr_ptr": "*fp32", "applied_lr_ptr": "*fp64", "arrived_ptr": "*i32", "norm_out_ptr": "*fp32",
-                "found_inf_out_ptr": "*fp32", "lr_index": "i32", "n_steps": "i32"})
+                "found_inf_out_ptr": "*fp32", "segs_ptr": "*i64", "n_segs": "i32"})
     sig.update({n: "fp64" for n in ["lr", "lerp_weight", "beta2", "one_minus_beta2", "log_beta1", "log_beta2",
                                     "eps", "weight_decay", "max_norm"]})
     sig["seed"] = "i64"
     fields = dict(F_P=T.FIELD_P, F_M=T.FIELD_M, F_V=T.FIELD_V, F_VMAX=T.FIELD_VMAX, F_STEP=T.FIELD_STEP,
-                  F_MASTER=T.FIELD_MASTER, **rows)
+                  F_MASTER=T.FIELD_MASTER, F_SEG=T.FIELD_SEG, **rows)
     bf16 = tl.bfloat16
     for kind, n, pd, sd, md, modes, on in [
         (3, 0, bf16, tl.float32, tl.float32, (False, False, False), True),

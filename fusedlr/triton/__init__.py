@@ -3,8 +3,8 @@
 ``grad_stats`` (pass 1) and ``adamw_update`` (pass 2) each enqueue a single multi-tensor launch
 whatever the number of tensors (pass 2: two when a bucket holds both 16-byte aligned tensors and
 others, a vectorized and a scalar launch), addressed through device-resident pointer tables built
-once per bucket (``tables.py``). Nothing reads a device value on the host, so a step never syncs and can be
-captured in a CUDA graph (after one eager step, which builds the tables).
+once per bucket or launch set (``tables.py``). Nothing reads a device value on the host, so a step never
+syncs and can be captured in a CUDA graph (after one eager step, which builds the tables).
 
 Runs on CUDA devices, and on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``; slow,
 for tests). The low-precision modes (``fusedlr.precision``: master weights, remainders, stochastic
@@ -13,7 +13,10 @@ one shared layout (see ``tables.py``) are updated by the reference backend inste
 
 It folds (``FOLDED``, see ``fusedlr.backends``): with ``fusedlr.control.FoldedUpdate`` the kernels also do a
 step's small ops (GradScaler's inverse scale, the inf check, resetting the norm buffer, the step counters,
-``k``, ``grad_norm`` and ``found_inf``), so that a steady step enqueues nothing but its kernel launches.
+``k``, ``grad_norm`` and ``found_inf``), so that a steady step enqueues nothing but its kernel launches; and a
+folded step takes several buckets per launch (``SETS``): pass 1 one launch per gradient dtype
+(``grad_stats_set``), pass 2 one launch per launch set (``prepare_update_set``: the buckets of one ``launch_key``,
+whatever their param groups, each group's hyperparameters read from a device segment table).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import Tensor
 from .. import reference
 from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
+from ..extension._common import launch_key
 
 # The kernel modules import triton (which reads TRITON_INTERPRET when the kernels are defined).
 # Imported before the functions below are defined: ``grad_stats`` names both a submodule and a
@@ -50,10 +54,23 @@ except ImportError as _err:  # triton missing or broken: available() says so
     _IMPORT_ERROR = _err
     _INTERPRETED = False
 
-__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "grad_stats_set", "prepare_update"]
+__all__ = [
+    "FOLDED",
+    "NAME",
+    "SETS",
+    "adamw_update",
+    "available",
+    "folds",
+    "grad_stats",
+    "grad_stats_set",
+    "launch_key",
+    "prepare_update",
+    "prepare_update_set",
+]
 
 NAME = "triton"
 FOLDED = True
+SETS = True
 
 
 def _interpreting() -> bool:
@@ -98,9 +115,12 @@ def available(device: torch.device) -> str | None:
 
 def folds(bucket: Bucket, grads: list[Tensor]) -> bool:
     """Whether the kernels run this bucket, so that its update may take a ``FoldedUpdate``: not for a bucket
-    the reference updates, nor for one of zero-size tensors only (no program to do the folded work)."""
-    tables = _tables.bucket_tables(bucket)
-    return tables is not None and tables.n_blocks > 0
+    the reference updates, nor for one of zero-size tensors only (no program to do the folded work). Builds no
+    table (a folded step addresses its buckets by launch set)."""
+    runs = bucket.cache.get("triton.folds")
+    if runs is None:
+        runs = bucket.cache["triton.folds"] = _tables.addressable(bucket) and any(p.numel() > 0 for p in bucket.params)
+    return runs  # type: ignore[return-value]
 
 
 def grad_stats(
@@ -124,14 +144,24 @@ def grad_stats(
         if reset:
             out.zero_()
         return
-    gtab, used = _tables.grad_table(tables, bucket, grads)
+    gtab, used = _tables.grad_table(tables, [bucket], [grads])
     _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, inv_scale, out, scale, reset)
 
 
 def grad_stats_set(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], out: Tensor, scale: Tensor | None) -> None:
-    """Pass 1 of a folded step: one launch per bucket, the first writing ``out``, the others adding to it."""
-    for i, (bucket, gs) in enumerate(zip(buckets, grads)):
-        grad_stats(bucket, gs, None, out, scale=scale, reset=i == 0)
+    """Pass 1 of a folded step (every bucket folding, ``folds``): one launch per gradient dtype over every bucket
+    with gradients of that dtype (``tables.set_tables``), the first writing ``out``, the others adding to it."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, gs in enumerate(grads):
+        if gs:
+            by_dtype.setdefault(gs[0].dtype, []).append(i)
+    for n, members in enumerate(by_dtype.values()):
+        run = [buckets[i] for i in members]
+        tables = _tables.set_tables(run)
+        if tables is None or tables.n_blocks == 0:
+            raise ValueError("fusedlr backend='triton': a folded pass 1 of a bucket the kernels do not run")
+        gtab, used = _tables.grad_table(tables, run, [grads[i] for i in members])
+        _grad_stats_kernel.launch_grad_stats(tables, gtab, used[0].dtype, None, out, scale, n == 0)
 
 
 def _launch(launch: Callable[[], None], keep: list[Tensor]) -> None:
@@ -148,32 +178,38 @@ def prepare_update(
     fold: FoldedUpdate | None = None,
 ) -> Callable[[], None]:
     """Pass 2, prepared (see ``fusedlr.reference.prepare_update``; ``fold``: ``FoldedUpdate``, for buckets that
-    ``folds``): the fallback decision, the launch tables, the gradients' layout copies and the launch's checks
-    happen here; the commit is one launch, or two for mixed alignment (``fusedlr.reference``'s math)."""
+    ``folds``: ``prepare_update_set`` of one bucket): the fallback decision, the launch tables, the gradients'
+    layout copies and the launch's checks happen here; the commit is one launch, or two for mixed alignment
+    (``fusedlr.reference``'s math)."""
+    if fold is not None:
+        return prepare_update_set([bucket], [grads], [hyper], ctrl, applied_lr, [fold])
     if not folds(bucket, grads):  # nothing to launch, or not addressable in storage order
-        if fold is not None:
-            raise ValueError("fusedlr backend='triton': a folded update of a bucket the kernels do not run")
         return reference.prepare_update(bucket, grads, hyper, ctrl, applied_lr)
     tables = _tables.bucket_tables(bucket)
-    gtab, used = _tables.grad_table(tables, bucket, grads)
-    return partial(
-        _launch,
-        _adamw_kernel.prepare_launch(
-            tables,
-            gtab,
-            bucket.steps,
-            bucket.params[0].dtype,
-            used[0].dtype,
-            bucket.exp_avgs[0].dtype,
-            bucket.max_exp_avg_sqs is not None,
-            hyper,
-            ctrl,
-            bucket.precision,
-            applied_lr,
-            fold,
-        ),
-        used,
-    )
+    gtab, used = _tables.grad_table(tables, [bucket], [grads])
+    commit = _adamw_kernel.prepare_launch(tables, gtab, bucket, used[0].dtype, hyper, ctrl, applied_lr)
+    return partial(_launch, commit, used)
+
+
+def prepare_update_set(
+    buckets: Sequence[Bucket],
+    grads: Sequence[list[Tensor]],
+    hypers: Sequence[GroupHyper],
+    ctrl: StepControl,
+    applied_lr: Tensor | None,
+    folds: Sequence[FoldedUpdate],
+) -> Callable[[], None]:
+    """The folded updates (``folds``) of the buckets of one launch set (one ``launch_key``, every bucket folding),
+    prepared as ``prepare_update``; the commit is one launch (two for mixed alignment) whose segment table holds
+    each bucket's hyperparameters, ``applied_lr`` slot and step counters."""
+    if len({launch_key(b, gs) for b, gs in zip(buckets, grads)}) != 1:
+        raise ValueError("fusedlr backend='triton': the buckets of a launch set must share their launch_key")
+    tables = _tables.set_tables(buckets)
+    if tables is None or any(not gs for gs in grads) or min(tables.segment_first) < 0:
+        raise ValueError("fusedlr backend='triton': a folded update of a bucket the kernels do not run")
+    gtab, used = _tables.grad_table(tables, buckets, grads)
+    commit = _adamw_kernel.prepare_set_launch(tables, gtab, buckets, used[0].dtype, hypers, ctrl, applied_lr, folds)
+    return partial(_launch, commit, used)
 
 
 def adamw_update(

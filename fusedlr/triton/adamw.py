@@ -1,4 +1,4 @@
-"""Pass 2 kernel: the fused AdamW update of every tensor of a bucket in one launch.
+"""Pass 2 kernel: the fused AdamW update of every tensor of a bucket, or of a launch set, in one launch.
 
 Per program (one ``CHUNK`` of one tensor) the kernel evaluates, in float64 scalars, the applied
 LR ``lr * sched(k)`` from the schedule table (``lr`` read from the device for a tensor LR), the clip coefficient from ``stats[0]``, the AMP
@@ -9,13 +9,18 @@ square root and torch's fused multiply-adds in ``lerp`` and ``addcmul`` (float32
 reference's bit for bit where torch's square root is correctly rounded, as on CUDA). When
 ``found_inf > 0`` every load and store is masked off: nothing is written.
 
-Folded step (``FOLDED``, ``fusedlr.control.FoldedUpdate``): the scale is GradScaler's (``FROM_SCALE``, inverted
-in the kernel), the update is skipped also when ``stats[1] > 0`` (``SKIP_NONFINITE``), ``steps`` hold the updates
-applied before (the kernel uses ``steps + 1``), program 0 writes ``applied_lr[lr_index]``; in the bucket's last
-launch (``EPILOGUE``) the last program to arrive (an integer arrival counter, left zero, as in pass 1) writes
+Folded step (``FOLDED``, ``fusedlr.control.FoldedUpdate``): one launch updates a launch set, several buckets of
+one param, grad and moment dtype, amsgrad and precision mode whatever their param groups (a single bucket is a set
+of one). Each tensor's row names its segment (its bucket), whose row of the segment table (``SEGMENT_FIELDS``,
+read once per program) holds the group's hyperparameters (a float LR, or the address and dtype of a tensor LR;
+``maximize`` at run time), the bucket's ``applied_lr`` slot, the address and length of its ``steps``, its
+``pids`` and its first program. The scale is GradScaler's (``FROM_SCALE``, inverted in the kernel), the update is
+skipped also when ``stats[1] > 0`` (``SKIP_NONFINITE``), ``steps`` hold the updates applied before (the kernel
+uses ``steps + 1``), a segment's first program writes ``applied_lr[slot]``; in the set's last launch
+(``EPILOGUE``) the last program to arrive (an integer arrival counter, left zero, as in pass 1) writes
 ``grad_norm`` (``HAS_NORM_OUT``) and ``found_inf`` (``HAS_FOUND_INF_OUT``) and, when applied, advances every step
-counter of the bucket (zero-size tensors' too) and ``k`` (``ADVANCE_K``): every program of the bucket has read
-them (a bucket split by alignment ran its first launch before on the stream).
+counter of every bucket of the set (zero-size tensors' too) and ``k`` (``ADVANCE_K``): every program of the set
+has read them (a set split by alignment ran its first launch before on the stream).
 
 Low-precision modes (constexpr flags, so the default mode's code is unchanged): ``MASTER`` reads and
 writes the fp32 master and writes the param rounded to nearest from it, ``REMAINDER`` joins the param
@@ -27,7 +32,8 @@ bit (helpers in ``precision.py``).
 """
 
 import math
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -35,8 +41,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..bucket import Bucket
 from ..control import CLIP_EPS, FoldedUpdate, GroupHyper, StepControl
-from ..precision import BucketPrecision, Streams
+from ..precision import Streams
 from .grad_stats import TL_DTYPES, unscale_factor
 from .precision import join_master, round_nearest, split_master, store_value, tensor_key
 from .schedule import schedule_constexprs, schedule_multiplier
@@ -47,15 +54,33 @@ from .tables import (
     FIELD_MASTER,
     FIELD_NUMEL,
     FIELD_P,
+    FIELD_SEG,
     FIELD_STEP,
     FIELD_V,
     FIELD_VMAX,
     ITERS,
     ROW,
     LaunchTables,
+    segment_table,
 )
 
-__all__ = ["prepare_launch"]
+__all__ = ["SEGMENT_FIELDS", "prepare_launch", "prepare_set_launch"]
+
+#: The int64 columns of a segment table row (one row per bucket of a launch set): the first eight are float64
+#: bits (the group's float LR, 0 for a tensor LR; ``1 - beta1``, the lerp weight; ``beta2``, ``1 - beta2``,
+#: ``log(beta1)``, ``log(beta2)``, ``eps``, ``weight_decay``), then the tensor LR's address and kind (0: a float
+#: LR, 1: float32, 2: float64), ``maximize``, the ``applied_lr`` slot, the address and length of the bucket's
+#: ``steps``, the address of its ``precision.pids`` (0 without) and its first program.
+SEGMENT_FIELDS = ("lr", "lerp_weight", "beta2", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "weight_decay",
+                  "lr_addr", "lr_kind", "maximize", "lr_index", "steps", "n_steps", "pids", "first")
+_S = {name: tl.constexpr(i) for i, name in enumerate(SEGMENT_FIELDS)}
+_S_LR, _S_LERP_WEIGHT, _S_BETA2, _S_ONE_MINUS_BETA2 = _S["lr"], _S["lerp_weight"], _S["beta2"], _S["one_minus_beta2"]
+_S_LOG_BETA1, _S_LOG_BETA2, _S_EPS, _S_WEIGHT_DECAY = _S["log_beta1"], _S["log_beta2"], _S["eps"], _S["weight_decay"]
+_S_LR_ADDR, _S_LR_KIND, _S_MAXIMIZE, _S_LR_INDEX = _S["lr_addr"], _S["lr_kind"], _S["maximize"], _S["lr_index"]
+_S_STEPS, _S_N_STEPS, _S_PIDS, _S_FIRST = _S["steps"], _S["n_steps"], _S["pids"], _S["first"]
+_SEG_ROW = tl.constexpr(len(SEGMENT_FIELDS))
+#: ``lr_kind`` of a tensor LR, by dtype.
+_LR_KINDS = {torch.float32: 1, torch.float64: 2}
 
 # The RNG stream of each stored tensor, as kernel constants.
 _PARAM = tl.constexpr(Streams.PARAM)
@@ -132,12 +157,12 @@ def _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF: tl.constexpr, SKIP_NONFINI
 
 
 @triton.jit
-def _epilogue(arrived_ptr, steps_ptr, n_steps, k_ptr, found_inf_ptr, stats_ptr, norm_out_ptr, found_inf_out_ptr,
+def _epilogue(arrived_ptr, segs_ptr, n_segs, k_ptr, found_inf_ptr, stats_ptr, norm_out_ptr, found_inf_out_ptr,
               HAS_FOUND_INF: tl.constexpr, SKIP_NONFINITE: tl.constexpr, ADVANCE_K: tl.constexpr,
               HAS_NORM_OUT: tl.constexpr, HAS_FOUND_INF_OUT: tl.constexpr, LANES: tl.constexpr):
     """A folded launch's epilogue: the last program to arrive writes the step's norm and found_inf outputs,
-    advances the ``n_steps`` step counters (and ``k``) when the update is applied (``_skipped``, loaded again),
-    and leaves the arrival counter zero.
+    advances the step counters of the ``n_segs`` segments (and ``k``) when the update is applied (``_skipped``,
+    loaded again), and leaves the arrival counter zero.
 
     Its single values are read and written through lane 0 of ``LANES``-wide blocks, not as scalars: a scalar
     access's one-thread predicate is shared with the prologue's and would be kept live across the element loop
@@ -152,10 +177,14 @@ def _epilogue(arrived_ptr, steps_ptr, n_steps, k_ptr, found_inf_ptr, stats_ptr, 
             tl.store(norm_out_ptr + at, tl.sqrt_rn(tl.load(stats_ptr + at, volatile=True)), mask=first)
         if HAS_FOUND_INF_OUT:
             tl.store(found_inf_out_ptr + at, tl.where(skip, 1.0, 0.0).to(tl.float32), mask=first)
-        for lo in range(0, n_steps, LANES):
-            idx = lo + lane
-            mask = (idx < n_steps) & ~skip
-            tl.store(steps_ptr + idx, tl.load(steps_ptr + idx, mask=mask, other=0) + 1, mask=mask)
+        for s in range(0, n_segs):
+            seg = segs_ptr + s * _SEG_ROW
+            steps_ptr = tl.load(seg + _S_STEPS).to(tl.pointer_type(tl.int64))
+            n_steps = tl.load(seg + _S_N_STEPS)
+            for lo in range(0, n_steps, LANES):
+                idx = lo + lane
+                mask = (idx < n_steps) & ~skip
+                tl.store(steps_ptr + idx, tl.load(steps_ptr + idx, mask=mask, other=0) + 1, mask=mask)
         if ADVANCE_K:
             tl.store(k_ptr + at, tl.load(k_ptr + at) + 1, mask=first & ~skip)
         tl.store(arrived_ptr + at, at.to(tl.int32), mask=first)  # ready for the next launch (and graph replay)
@@ -164,7 +193,7 @@ def _epilogue(arrived_ptr, steps_ptr, n_steps, k_ptr, found_inf_ptr, stats_ptr, 
 @triton.jit
 def _adamw_block(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key,
-    scale, decay, step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s,
+    scale, maximize, decay, step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s,
     HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
     MASTER: tl.constexpr, REMAINDER: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -174,7 +203,8 @@ def _adamw_block(
 
     ``p`` is read from the fp32 master (``MASTER``: at ``master_ptr``; ``REMAINDER``: joined from the
     param and the int16 remainder at ``master_ptr``); moments are ``M_DTYPE`` in memory, computed in
-    ``S_DTYPE``; ``key``: the tensor's RNG key (``STOCHASTIC``).
+    ``S_DTYPE``; ``key``: the tensor's RNG key (``STOCHASTIC``); ``maximize``: negate the gradient (with
+    ``MAXIMIZE``; a run-time flag of the tensor's group).
     """
     g_at = _at(g_ptr, offs, ALIGNED, BLOCK_)
     p_at = _at(p_ptr, offs, ALIGNED, BLOCK_)
@@ -184,7 +214,7 @@ def _adamw_block(
     if HAS_SCALE:
         g = g * scale
     if MAXIMIZE:
-        g = -g
+        g = tl.where(maximize, -g, g)
     if MASTER or REMAINDER:
         master_at = _at(master_ptr, offs, ALIGNED, BLOCK_)
     if MASTER:
@@ -237,8 +267,8 @@ def _adamw_kernel(
     arrived_ptr,
     norm_out_ptr,
     found_inf_out_ptr,
-    lr_index,
-    n_steps,
+    segs_ptr,
+    n_segs,
     lr: tl.float64,
     lerp_weight: tl.float64,
     beta2: tl.float64,
@@ -282,12 +312,15 @@ def _adamw_kernel(
     F_STEP: tl.constexpr,
     F_FIRST: tl.constexpr,
     F_MASTER: tl.constexpr,
+    F_SEG: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK_: tl.constexpr,
     ITERS_: tl.constexpr,
 ):
-    """One program: chunk ``pid`` of the bucket (see ``tables.py`` for the addressing), ``pid`` read from
-    ``order_ptr`` at the program's index (a launch covers a slice of ``LaunchTables.order``)."""
+    """One program: chunk ``pid`` of the bucket or set (see ``tables.py`` for the addressing), ``pid`` read from
+    ``order_ptr`` at the program's index (a launch covers a slice of ``LaunchTables.order``). Unfolded: the
+    hyperparameters are the float arguments, the step counters ``steps_ptr``; ``FOLDED``: both are read from the
+    tensor's segment (``segs_ptr``)."""
     # Float arguments as float64 scalars (the interpreter passes plain Python floats).
     lr = tl.full((), lr, tl.float64)
     lerp_weight = tl.full((), lerp_weight, tl.float64)
@@ -309,16 +342,42 @@ def _adamw_kernel(
     m_ptr = tl.load(base + F_M).to(tl.pointer_type(M_DTYPE))
     v_ptr = tl.load(base + F_V).to(tl.pointer_type(M_DTYPE))
     g_ptr = tl.load(grads_ptr + row).to(tl.pointer_type(G_DTYPE))
-    index = tl.load(base + F_STEP)  # the tensor's index in the bucket
-    step = tl.load(steps_ptr + index)
-    if FOLDED:
+    index = tl.load(base + F_STEP)  # the tensor's index in its bucket
+    if FOLDED:  # the tensor's segment: its group's hyperparameters, its bucket's counters
+        seg = segs_ptr + tl.load(base + F_SEG) * _SEG_ROW
+        lr = tl.load(seg + _S_LR).to(tl.float64, bitcast=True)
+        lerp_weight = tl.load(seg + _S_LERP_WEIGHT).to(tl.float64, bitcast=True)
+        beta2 = tl.load(seg + _S_BETA2).to(tl.float64, bitcast=True)
+        one_minus_beta2 = tl.load(seg + _S_ONE_MINUS_BETA2).to(tl.float64, bitcast=True)
+        log_beta1 = tl.load(seg + _S_LOG_BETA1).to(tl.float64, bitcast=True)
+        log_beta2 = tl.load(seg + _S_LOG_BETA2).to(tl.float64, bitcast=True)
+        eps = tl.load(seg + _S_EPS).to(tl.float64, bitcast=True)
+        weight_decay = tl.load(seg + _S_WEIGHT_DECAY).to(tl.float64, bitcast=True)
+        maximize = tl.load(seg + _S_MAXIMIZE) != 0
+        lr_index = tl.load(seg + _S_LR_INDEX)
+        first = tl.load(seg + _S_FIRST)
+        pids_at = tl.load(seg + _S_PIDS).to(tl.pointer_type(tl.int64)) + index
+        step = tl.load(tl.load(seg + _S_STEPS).to(tl.pointer_type(tl.int64)) + index)
         step = step + 1  # steps hold the updates applied before this one
+    else:
+        maximize = tl.full((), 1, tl.int1)
+        lr_index = 0
+        first = 0
+        pids_at = pids_ptr + index
+        step = tl.load(steps_ptr + index)
     t = step.to(tl.float64)
 
     # Step scalars, float64.
     k = tl.load(k_ptr).to(tl.float64)
     if HAS_LR_TENSOR:
-        lr = tl.load(lr_ptr).to(tl.float64)
+        if FOLDED:  # a float32 or float64 tensor LR, or (kind 0) the segment's float LR
+            lr_kind = tl.load(seg + _S_LR_KIND)
+            lr_addr = tl.load(seg + _S_LR_ADDR)
+            lr32 = tl.load(lr_addr.to(tl.pointer_type(tl.float32)), mask=lr_kind == 1, other=0.0)
+            lr64 = tl.load(lr_addr.to(tl.pointer_type(tl.float64)), mask=lr_kind == 2, other=0.0)
+            lr = tl.where(lr_kind == 1, lr32.to(tl.float64), tl.where(lr_kind == 2, lr64, lr))
+        else:
+            lr = tl.load(lr_ptr).to(tl.float64)
     lr_t = lr * schedule_multiplier(sched_ptr, k, SCHED_KIND, SCHED_N)
     bias1 = -_expm1(t * log_beta1)
     bias2_sqrt = tl.sqrt(-_expm1(t * log_beta2))
@@ -337,7 +396,7 @@ def _adamw_kernel(
         scale = tl.full((), 1.0, S_DTYPE)  # unused
     skip = _skipped(found_inf_ptr, stats_ptr, HAS_FOUND_INF, SKIP_NONFINITE)
     if HAS_APPLIED_LR:
-        tl.store(applied_lr_ptr + lr_index, lr_t, mask=(pid == 0) & ~skip)
+        tl.store(applied_lr_ptr + lr_index, lr_t, mask=(pid == first) & ~skip)
     if HAS_FOUND_INF or SKIP_NONFINITE:
         # Skipped step: no element in range, so every load and store is masked off.
         numel = tl.where(skip, 0, numel)
@@ -360,7 +419,7 @@ def _adamw_kernel(
     else:
         master_ptr = p_ptr  # never accessed
     if STOCHASTIC:
-        key = tensor_key(tl.full((), seed, tl.int64), tl.load(pids_ptr + index), step)
+        key = tensor_key(tl.full((), seed, tl.int64), tl.load(pids_at), step)
     else:
         key = tl.full((), 0, tl.uint32)  # unused
 
@@ -369,22 +428,22 @@ def _adamw_kernel(
         offs = lo + tl.arange(0, BLOCK_).to(tl.int64)
         if ALIGNED:
             if lo + BLOCK_ <= numel:  # a full block: unmasked, vectorized accesses
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale, decay,
-                             step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
-                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
-                             False, True, BLOCK_)
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale,
+                             maximize, decay, step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s,
+                             HAS_CLIP or HAS_INV_SCALE, MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER,
+                             STOCHASTIC, False, True, BLOCK_)
             else:
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale, decay,
-                             step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
-                             MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
-                             True, True, BLOCK_)
+                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale,
+                             maximize, decay, step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s,
+                             HAS_CLIP or HAS_INV_SCALE, MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER,
+                             STOCHASTIC, True, True, BLOCK_)
         else:
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale, decay,
-                         step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s, HAS_CLIP or HAS_INV_SCALE,
-                         MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER, STOCHASTIC,
-                         True, False, BLOCK_)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, offs, numel, key, scale,
+                         maximize, decay, step_size, bias2_sqrt, w, w_minus_1, small, b2, omb2, eps_s,
+                         HAS_CLIP or HAS_INV_SCALE, MAXIMIZE, AMSGRAD, P_DTYPE, S_DTYPE, M_DTYPE, MASTER, REMAINDER,
+                         STOCHASTIC, True, False, BLOCK_)
     if EPILOGUE:
-        _epilogue(arrived_ptr, steps_ptr, n_steps, k_ptr, found_inf_ptr, stats_ptr, norm_out_ptr, found_inf_out_ptr,
+        _epilogue(arrived_ptr, segs_ptr, n_segs, k_ptr, found_inf_ptr, stats_ptr, norm_out_ptr, found_inf_out_ptr,
                   HAS_FOUND_INF, SKIP_NONFINITE, ADVANCE_K, HAS_NORM_OUT, HAS_FOUND_INF_OUT, _LANES)
 
 
@@ -392,92 +451,61 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def prepare_launch(
-    tables: LaunchTables,
-    grads_table: Tensor,
-    steps: Tensor,
-    param_dtype: torch.dtype,
-    grad_dtype: torch.dtype,
-    moment_dtype: torch.dtype,
-    amsgrad: bool,
-    hyper: GroupHyper,
-    ctrl: StepControl,
-    prec: BucketPrecision | None = None,
-    applied_lr: Tensor | None = None,
-    fold: FoldedUpdate | None = None,
-) -> Callable[[], None]:
-    """The launch of the AdamW update of every tensor of a bucket (see the module docstring), checked and
-    bound, to enqueue by calling it; program 0 writes ``lr_t`` into ``applied_lr`` (0-d float64; folded:
-    entry ``fold.group`` of the ``[groups]`` buffer) unless the step is skipped. ``prec``: the bucket's
-    low-precision modes (``tables`` then hold the master or remainder addresses). ``fold``: a folded step's
-    update (``steps`` then hold the updates applied before; see the module docstring). Call it only with
-    ``tables.n_blocks > 0``."""
-    kind, n = schedule_constexprs(ctrl.schedule)
-    has_clip = ctrl.max_norm is not None
-    if has_clip and ctrl.stats is None:
-        raise ValueError("clipping needs the reduction pass (ctrl.stats)")
-    if fold is not None and (fold.skip_nonfinite or fold.norm_out is not None) and ctrl.stats is None:
-        raise ValueError("a folded update's skip_nonfinite and norm_out need the reduction pass (ctrl.stats)")
-    if fold is not None and fold.scale is not None and ctrl.inv_scale is not None:
-        raise ValueError("pass ctrl.inv_scale or fold.scale, not both")
-    sched = ctrl.schedule_table if ctrl.schedule is not None else None
-    if ctrl.schedule is not None and sched is None:
-        raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
-    dummy = ctrl.k
+def _hyper_floats(hyper: GroupHyper) -> tuple[float, ...]:
+    """The float hyperparameters as the kernel reads them (``SEGMENT_FIELDS``' first eight; lr 0 for a tensor)."""
+    beta1, beta2 = float(hyper.beta1), float(hyper.beta2)
+    lr = 0.0 if isinstance(hyper.lr, Tensor) else float(hyper.lr)
+    return (lr, 1.0 - beta1, beta2, 1.0 - beta2, _log(beta1), _log(beta2), float(hyper.eps),
+            float(hyper.weight_decay))
+
+
+def _segment_row(bucket: Bucket, hyper: GroupHyper, fold: FoldedUpdate, first: int) -> list[int]:
+    """One bucket's row of a segment table (``SEGMENT_FIELDS``); ``first``: its first program."""
+    floats = _hyper_floats(hyper)
     lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
-    scale = fold.scale if fold is not None and fold.scale is not None else ctrl.inv_scale
-    norm_out = fold.norm_out if fold is not None else None
-    found_inf_out = fold.found_inf_out if fold is not None else None
-    skip_nonfinite = fold is not None and fold.skip_nonfinite
-    reads_stats = has_clip or skip_nonfinite or norm_out is not None
-    args = (
-        grads_table,
-        steps,
-        prec.pids if prec is not None else dummy,
-        ctrl.k,
-        sched if sched is not None else dummy,
-        ctrl.stats if reads_stats else dummy,
-        scale if scale is not None else dummy,
-        ctrl.found_inf if ctrl.found_inf is not None else dummy,
-        lr_tensor if lr_tensor is not None else dummy,
-        applied_lr if applied_lr is not None else dummy,
-        tables.update_arrived,
-        norm_out if norm_out is not None else dummy,
-        found_inf_out if found_inf_out is not None else dummy,
-        fold.group if fold is not None else 0,
-        steps.numel(),
-        0.0 if lr_tensor is not None else float(hyper.lr),
-        1.0 - float(hyper.beta1),
-        float(hyper.beta2),
-        1.0 - float(hyper.beta2),
-        _log(float(hyper.beta1)),
-        _log(float(hyper.beta2)),
-        float(hyper.eps),
-        float(hyper.weight_decay),
-        float(ctrl.max_norm) if has_clip else 0.0,
-        prec.seed if prec is not None else 0,
-    )
-    constexprs = dict(
+    if lr_tensor is not None and (lr_tensor.dtype not in _LR_KINDS or lr_tensor.device != bucket.device):
+        raise ValueError(f"a tensor lr must be a float32 or float64 tensor on {bucket.device}")
+    prec = bucket.precision
+    return [
+        *struct.unpack(f"<{len(floats)}q", struct.pack(f"<{len(floats)}d", *floats)),
+        lr_tensor.data_ptr() if lr_tensor is not None else 0,
+        _LR_KINDS[lr_tensor.dtype] if lr_tensor is not None else 0,
+        int(bool(hyper.maximize)),
+        fold.group,
+        bucket.steps.data_ptr(),
+        bucket.steps.numel(),
+        prec.pids.data_ptr() if prec is not None and prec.stochastic else 0,
+        first,
+    ]
+
+
+def _constexprs(bucket: Bucket, grad_dtype: torch.dtype, ctrl: StepControl, scale: Tensor | None,
+                fold: FoldedUpdate | None, lr_tensor: bool, maximize: bool, applied_lr: bool) -> dict:
+    """The kernel's specialization for ``bucket``'s dtypes, amsgrad and precision mode and the step's switches."""
+    kind, n = schedule_constexprs(ctrl.schedule)
+    prec = bucket.precision
+    param_dtype = bucket.params[0].dtype
+    return dict(
         CLIP_EPS_=CLIP_EPS,
         SCHED_KIND=kind,
         SCHED_N=n,
-        HAS_CLIP=has_clip,
+        HAS_CLIP=ctrl.max_norm is not None,
         HAS_INV_SCALE=scale is not None,
         HAS_FOUND_INF=ctrl.found_inf is not None,
-        HAS_LR_TENSOR=lr_tensor is not None,
-        HAS_APPLIED_LR=applied_lr is not None,
+        HAS_LR_TENSOR=lr_tensor,
+        HAS_APPLIED_LR=applied_lr,
         FOLDED=fold is not None,
         FROM_SCALE=fold is not None and fold.scale is not None,
-        SKIP_NONFINITE=skip_nonfinite,
-        HAS_NORM_OUT=norm_out is not None,
-        HAS_FOUND_INF_OUT=found_inf_out is not None,
+        SKIP_NONFINITE=fold is not None and fold.skip_nonfinite,
+        HAS_NORM_OUT=fold is not None and fold.norm_out is not None,
+        HAS_FOUND_INF_OUT=fold is not None and fold.found_inf_out is not None,
         ADVANCE_K=fold is not None and fold.advance_k,
-        AMSGRAD=amsgrad,
-        MAXIMIZE=bool(hyper.maximize),
+        AMSGRAD=bucket.max_exp_avg_sqs is not None,
+        MAXIMIZE=maximize,
         P_DTYPE=TL_DTYPES[param_dtype],
         G_DTYPE=TL_DTYPES[grad_dtype],
         S_DTYPE=tl.float64 if param_dtype == torch.float64 else tl.float32,
-        M_DTYPE=TL_DTYPES[moment_dtype],
+        M_DTYPE=TL_DTYPES[bucket.exp_avgs[0].dtype],
         MASTER=prec is not None and prec.master is not None,
         REMAINDER=prec is not None and prec.remainder is not None,
         STOCHASTIC=prec is not None and prec.stochastic,
@@ -490,14 +518,124 @@ def prepare_launch(
         F_STEP=FIELD_STEP,
         F_FIRST=FIELD_FIRST,
         F_MASTER=FIELD_MASTER,
+        F_SEG=FIELD_SEG,
         BLOCK_=BLOCK,
         ITERS_=ITERS,
         num_warps=4,
         enable_fp_fusion=False,
     )
-    # The programs of aligned tensors (vectorized specialization) and the others' (scalar): one launch
-    # each, two only when the bucket has both (``tables.parts``); a folded update's last one has the epilogue.
-    return partial(_launch_parts, tables, tables.parts, args, constexprs, fold is not None)
+
+
+def _check(ctrl: StepControl, fold: FoldedUpdate | None) -> None:
+    if ctrl.max_norm is not None and ctrl.stats is None:
+        raise ValueError("clipping needs the reduction pass (ctrl.stats)")
+    if fold is not None and (fold.skip_nonfinite or fold.norm_out is not None) and ctrl.stats is None:
+        raise ValueError("a folded update's skip_nonfinite and norm_out need the reduction pass (ctrl.stats)")
+    if fold is not None and fold.scale is not None and ctrl.inv_scale is not None:
+        raise ValueError("pass ctrl.inv_scale or fold.scale, not both")
+    if ctrl.schedule is not None and ctrl.schedule_table is None:
+        raise ValueError("ctrl.schedule is set but ctrl.schedule_table is None")
+
+
+def _step_args(ctrl: StepControl, fold: FoldedUpdate | None, scale: Tensor | None) -> tuple:
+    """The kernel arguments from ``k`` to ``found_inf_ptr`` (the step's control tensors; ``k`` for those absent)."""
+    dummy = ctrl.k
+    reads_stats = ctrl.max_norm is not None or (fold is not None and (fold.skip_nonfinite or fold.norm_out is not None))
+    return (
+        ctrl.k,
+        ctrl.schedule_table if ctrl.schedule is not None else dummy,
+        ctrl.stats if reads_stats else dummy,
+        scale if scale is not None else dummy,
+        ctrl.found_inf if ctrl.found_inf is not None else dummy,
+    )
+
+
+def prepare_launch(
+    tables: LaunchTables,
+    grads_table: Tensor,
+    bucket: Bucket,
+    grad_dtype: torch.dtype,
+    hyper: GroupHyper,
+    ctrl: StepControl,
+    applied_lr: Tensor | None = None,
+) -> Callable[[], None]:
+    """The (unfolded) launch of the AdamW update of every tensor of ``bucket`` (see the module docstring), checked
+    and bound, to enqueue by calling it; ``bucket.steps`` hold this update's step numbers; program 0 writes
+    ``lr_t`` into ``applied_lr`` (0-d float64) unless the step is skipped. Call it only with
+    ``tables.n_blocks > 0``."""
+    _check(ctrl, None)
+    dummy = ctrl.k
+    lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
+    prec = bucket.precision
+    args = (
+        grads_table,
+        bucket.steps,
+        prec.pids if prec is not None else dummy,
+        *_step_args(ctrl, None, ctrl.inv_scale),
+        lr_tensor if lr_tensor is not None else dummy,
+        applied_lr if applied_lr is not None else dummy,
+        tables.update_arrived,
+        dummy,
+        dummy,
+        dummy,
+        0,
+        *_hyper_floats(hyper),
+        float(ctrl.max_norm) if ctrl.max_norm is not None else 0.0,
+        prec.seed if prec is not None else 0,
+    )
+    constexprs = _constexprs(bucket, grad_dtype, ctrl, ctrl.inv_scale, None, lr_tensor is not None,
+                             bool(hyper.maximize), applied_lr is not None)
+    return partial(_launch_parts, tables, tables.parts, args, constexprs, False)
+
+
+def prepare_set_launch(
+    tables: LaunchTables,
+    grads_table: Tensor,
+    buckets: Sequence[Bucket],
+    grad_dtype: torch.dtype,
+    hypers: Sequence[GroupHyper],
+    ctrl: StepControl,
+    applied_lr: Tensor | None,
+    folds: Sequence[FoldedUpdate],
+) -> Callable[[], None]:
+    """The folded launch of the AdamW update of every tensor of the launch set ``buckets`` (``tables``: their
+    ``set_tables``; see the module docstring), checked and bound, to enqueue by calling it: bucket ``i``'s first
+    program writes its ``lr_t`` into ``applied_lr[folds[i].group]`` (the ``[groups]`` float64 buffer; None: not
+    written) unless the step is skipped; ``steps`` hold the updates applied before. The scale and inf check are the
+    last fold's (every fold has the same), and only it has the step's outputs. Every bucket must have a program."""
+    last = folds[-1]
+    _check(ctrl, last)
+    if any(f.advance_k or f.norm_out is not None or f.found_inf_out is not None for f in folds[:-1]):
+        raise ValueError("fusedlr backend='triton': only the last update of a launch set writes the step's outputs")
+    firsts = tables.segment_first
+    if len(firsts) != len(buckets) or min(firsts) < 0:
+        raise ValueError("fusedlr backend='triton': a folded update of a bucket without a program")
+    rows = [_segment_row(b, h, f, first) for b, h, f, first in zip(buckets, hypers, folds, firsts)]
+    segments = segment_table(tables, rows, buckets[0].device)
+    dummy = ctrl.k
+    prec = buckets[0].precision
+    scale = last.scale if last.scale is not None else ctrl.inv_scale
+    args = (
+        grads_table,
+        dummy,
+        dummy,
+        *_step_args(ctrl, last, scale),
+        dummy,
+        applied_lr if applied_lr is not None else dummy,
+        tables.update_arrived,
+        last.norm_out if last.norm_out is not None else dummy,
+        last.found_inf_out if last.found_inf_out is not None else dummy,
+        segments,
+        len(buckets),
+        *(0.0,) * 8,
+        float(ctrl.max_norm) if ctrl.max_norm is not None else 0.0,
+        prec.seed if prec is not None else 0,
+    )
+    constexprs = _constexprs(buckets[0], grad_dtype, ctrl, scale, last, any(isinstance(h.lr, Tensor) for h in hypers),
+                             any(h.maximize for h in hypers), applied_lr is not None)
+    # The programs of aligned tensors (vectorized specialization) and the others' (scalar): one launch each, two
+    # only when the set has both (``tables.parts``); the last one has the epilogue.
+    return partial(_launch_parts, tables, tables.parts, args, constexprs, True)
 
 
 def _launch_parts(

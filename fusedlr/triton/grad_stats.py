@@ -1,10 +1,11 @@
 """Pass 1 kernel: multi-tensor sum of squares of the unscaled gradients and non-finite count.
 
-One launch per bucket; every program reduces one ``CHUNK`` of one gradient in float32 (whatever
-the gradient dtype) and stores its partial results in the bucket's ``partials`` buffer; the last
-program to finish (an integer arrival counter decides) sums the partials in program order and
-adds them to ``out``: ``out[0] += sum((g.float() * inv_scale)^2)``, ``out[1] += number of
-non-finite elements`` (``RESET``: writes them instead of adding, for a folded step's first bucket).
+One launch per bucket, or per launch set of buckets (``tables.set_tables``); every program reduces one
+``CHUNK`` of one gradient in float32 (whatever the gradient dtype) and stores its partial results in the
+``partials`` buffer; the last program to finish (an integer arrival counter decides) sums the partials of each
+bucket in program order and adds the buckets' sums to ``out`` one after the other (the bits of one launch per
+bucket): ``out[0] += sum((g.float() * inv_scale)^2)``, ``out[1] += number of non-finite elements`` (``RESET``:
+writes them instead of adding, for a folded step's first launch).
 ``inv_scale`` is read from the device, or computed there from GradScaler's scale (``FROM_SCALE``,
 ``unscale_factor``). No floating-point atomics, so the result is bitwise reproducible.
 """
@@ -53,6 +54,8 @@ def _grad_stats_kernel(
     out_ptr,
     partials_ptr,
     arrived_ptr,
+    bounds_ptr,
+    n_segs,
     HAS_INV_SCALE: tl.constexpr,
     FROM_SCALE: tl.constexpr,
     RESET: tl.constexpr,
@@ -96,18 +99,24 @@ def _grad_stats_kernel(
     tl.debug_barrier()
     n_programs = tl.num_programs(0)
     if tl.atomic_add(arrived_ptr, 1) == n_programs - 1:  # acq_rel: every other partial is visible
-        total = tl.zeros([BLOCK_], dtype=tl.float32)
-        count = tl.zeros([BLOCK_], dtype=tl.float32)
-        for lo in range(0, n_programs, BLOCK_):
-            idx = lo + tl.arange(0, BLOCK_)
-            total += tl.load(partials_ptr + 2 * idx, mask=idx < n_programs, other=0.0, volatile=True)
-            count += tl.load(partials_ptr + 2 * idx + 1, mask=idx < n_programs, other=0.0, volatile=True)
         if RESET:
-            tl.store(out_ptr, tl.sum(total, axis=0))
-            tl.store(out_ptr + 1, tl.sum(count, axis=0))
+            run_total = tl.full((), 0.0, tl.float32)
+            run_count = tl.full((), 0.0, tl.float32)
         else:
-            tl.store(out_ptr, tl.load(out_ptr) + tl.sum(total, axis=0))
-            tl.store(out_ptr + 1, tl.load(out_ptr + 1) + tl.sum(count, axis=0))
+            run_total = tl.load(out_ptr)
+            run_count = tl.load(out_ptr + 1)
+        for s in range(0, n_segs):  # each bucket's programs: bounds[s] to bounds[s + 1]
+            end = tl.load(bounds_ptr + s + 1)
+            total = tl.zeros([BLOCK_], dtype=tl.float32)
+            count = tl.zeros([BLOCK_], dtype=tl.float32)
+            for lo in range(tl.load(bounds_ptr + s), end, BLOCK_):
+                idx = lo + tl.arange(0, BLOCK_)
+                total += tl.load(partials_ptr + 2 * idx, mask=idx < end, other=0.0, volatile=True)
+                count += tl.load(partials_ptr + 2 * idx + 1, mask=idx < end, other=0.0, volatile=True)
+            run_total = run_total + tl.sum(total, axis=0)
+            run_count = run_count + tl.sum(count, axis=0)
+        tl.store(out_ptr, run_total)
+        tl.store(out_ptr + 1, run_count)
         tl.store(arrived_ptr, 0)  # ready for the next launch (and CUDA-graph replay)
 
 
@@ -136,6 +145,8 @@ def launch_grad_stats(
         out,
         tables.partials,
         tables.arrived,
+        tables.segment_bounds,
+        len(tables.segment_first),
         HAS_INV_SCALE=factor is not None,
         FROM_SCALE=scale is not None,
         RESET=reset,
