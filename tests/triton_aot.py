@@ -10,7 +10,8 @@ applied-LR output buffer, every ``schedules.Kind`` (and two ``SCHED_N`` values w
 one), aligned and misaligned tensors, and every family of low-precision modes (``fusedlr.precision``:
 master, remainder, stochastic rounding, moment dtypes) with all switches off and on, and the folded step
 (``fusedlr.control.FoldedUpdate``: GradScaler's scale, reset, the step's outputs) for every dtype, aligned,
-misaligned and mixed (a vectorized launch without the epilogue, then a scalar one with it). Each distinct launch (kernel + signature + constexprs) is then
+misaligned and mixed (a vectorized launch without the epilogue, then a scalar one with it), and with a tensor
+LR, maximize and amsgrad read through its segment table. Each distinct launch (kernel + signature + constexprs) is then
 compiled. ``coverage_gaps`` names the constexpr parameters that never took two values although they
 could (a new flag the enumeration does not vary).
 
@@ -120,6 +121,10 @@ def _configurations():
     # the folded step for every dtype, all switches off and all on, aligned, misaligned and mixed
     for p, on, aligned in itertools.product(dtypes, (False, True), (True, False, "mixed")):
         yield {**base, "p": p, "g": p, "aligned": aligned, "fold": True, "clip": on, "scale": on}
+    # the folded step's hyperparameters read from its segment table: a tensor LR of each dtype, maximize, amsgrad
+    for p, lr in itertools.product(dtypes, lrs[1:]):
+        yield {**base, "p": p, "g": p, "fold": True, "clip": True, "scale": True, "lr": lr,
+               **{f: True for f in flags}}
     # low-precision modes (master_weights, stochastic_rounding, moment dtype, param dtype): each family,
     # all switches on and aligned, all off and misaligned
     bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
