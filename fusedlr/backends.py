@@ -12,13 +12,13 @@
 A backend may also fold a step's small ops into its two passes (``FOLDED = True``: ``cpu``, ``cuda``, ``triton``):
 ``folds(bucket, grads)`` says whether its kernels run the bucket; ``grad_stats`` then also takes ``scale``
 (GradScaler's, instead of ``inv_scale``) and ``reset`` (write ``out`` instead of adding), ``grad_stats_set(buckets,
-grads, out, scale)`` writes the stats of several buckets in as few launches as it can (``cpu``: one op; ``cuda``:
-one per gradient dtype), and ``prepare_update`` takes a ``fold=fusedlr.control.FoldedUpdate`` (steps advanced by
-the update itself, the whole ``applied_lr`` buffer, the last bucket advancing ``k`` and writing ``grad_norm`` and
-``found_inf``). A folding backend may also update several buckets in one launch (``SETS = True``: ``cpu``):
-``launch_key(bucket, grads)`` says which buckets may share an update launch (a launch set, whatever their param
-groups), ``prepare_update_set(buckets, grads, hypers, ctrl, applied_lr, folds)`` prepares the folded updates of
-one launch set (one ``FoldedUpdate`` per bucket; only the last has outputs).
+grads, out, scale)`` writes the stats of several buckets in as few launches as it can (``cpu``: one op; ``cuda``,
+``triton``: one per gradient dtype), and ``prepare_update`` takes a ``fold=fusedlr.control.FoldedUpdate`` (steps
+advanced by the update itself, the whole ``applied_lr`` buffer, the last bucket advancing ``k`` and writing
+``grad_norm`` and ``found_inf``). A folding backend may also update several buckets in one launch (``SETS = True``:
+``cpu``, ``triton``): ``launch_key(bucket, grads)`` says which buckets may share an update launch (a launch set,
+whatever their param groups), ``prepare_update_set(buckets, grads, hypers, ctrl, applied_lr, folds)`` prepares the
+folded updates of one launch set (one ``FoldedUpdate`` per bucket; only the last has outputs).
 ``fusedlr.AdamW`` folds a step when every bucket folds and there is no ``history=`` and no distributed
 reduction; otherwise it runs these small ops itself around the interface above (the reference never folds).
 """
