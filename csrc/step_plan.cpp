@@ -1,5 +1,5 @@
 // fusedlr._C.StepPlan: one optimizer step of every bucket of a launch plan in one call from Python
-// (the eager fast path of fusedlr.AdamW.step with backend "cpu"; Python side: fusedlr/fast_step.py).
+// (the eager fast path of fusedlr.AdamW.step with backend "cpu" or "cuda"; Python side: fusedlr/fast_step.py).
 //
 // Built once per plan (fusedlr.plan.Plan), it holds the params, states and step counters of every
 // bucket. Each step it reads every parameter's ``.grad``, recomputes the plan signature
@@ -10,6 +10,13 @@
 // ``stats`` (clipping, AMP), the step counters, pass 2 of each bucket, the norm and the schedule
 // index, with the kernels of csrc/cpu/kernels.h called directly, and bumps the version counters of
 // the tensors each op writes (as csrc/bindings.cpp's bump_written_versions does).
+//
+// On CUDA (a plan built with the address of a csrc/cuda/launchers.h table; method ``launch``) the same walk
+// writes the gradients' pointers into the host mirrors of the op path's cached device tables, uploads a table
+// only when it changed (async, ordered on the current stream), and launches what the op path's folded step
+// launches (AdamW._prepare_folded): pass 1 per gradient dtype, then one update per bucket, the last one writing
+// the step's outputs. The launchers may be the host emulation of the kernels (tests/cuda_on_host.py), on CPU
+// tensors.
 //
 // Host cost (the step of many tiny tensors): one walk over the parameters reads each gradient and
 // checks it, mostly by comparing it with what the plan recorded of its parameter (unchanged), keeping
@@ -966,8 +973,9 @@ int add_step_plan_type(PyObject* module) {
   step_plan_type.tp_basicsize = sizeof(StepPlanObject);
   step_plan_type.tp_flags = Py_TPFLAGS_DEFAULT;
   step_plan_type.tp_doc =
-      "StepPlan(params, signature, buckets, n_groups): the eager fast path of fusedlr.AdamW.step on the CPU "
-      "for one launch plan (see fusedlr/fast_step.py).";
+      "StepPlan(params, signature, buckets, n_groups, launchers=0, runs=None): the eager fast path of "
+      "fusedlr.AdamW.step on the CPU (step) or through CUDA launchers (launch) for one launch plan (see "
+      "fusedlr/fast_step.py).";
   step_plan_type.tp_new = step_plan_new;
   step_plan_type.tp_init = step_plan_init;
   step_plan_type.tp_dealloc = step_plan_dealloc;

@@ -344,6 +344,7 @@ def test_a_table_not_uploaded_after_a_pointer_changed_is_caught() -> None:
     assert seen
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_fast_path_is_sync_free_and_equals_the_op_path() -> None:
     """The real CUDA backend: fast steps with torch.cuda.set_sync_debug_mode("error") equal the op path's, and a CUDA
