@@ -70,14 +70,14 @@ def _world(dtype: torch.dtype = torch.float32, **group: object) -> Callable[[], 
     return build
 
 
-def _grads(params: list[torch.nn.Parameter], i: int, scale: float, keep: list[torch.Tensor]) -> None:
-    """New gradient tensors of step ``i`` times ``scale`` (inf in one at INF_STEPS); ``keep`` holds every gradient
-    ever made, so that each step's lie at new addresses."""
+def _grads(params: list[torch.nn.Parameter], i: int, scale: float, keep: list[torch.Tensor], inf: bool = True) -> None:
+    """New gradient tensors of step ``i`` times ``scale`` (``inf``: an inf in one at INF_STEPS); ``keep`` holds every
+    gradient ever made, so that each step's lie at new addresses."""
     gen = torch.Generator().manual_seed(1000 + i)
     for p in params:
         p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype)
         keep.append(p.grad)
-    if i in INF_STEPS:
+    if inf and i in INF_STEPS:
         params[3].grad.view(-1)[1] = float("inf")
 
 
@@ -111,7 +111,7 @@ def _run(build: Callable[[], World], fast: bool, mutate: Mutate | None = None) -
         keep: list[torch.Tensor] = []
         snaps = []
         for i in range(STEPS):
-            _grads(params, i, 1.0 if scaler is None else scaler.get_scale(), keep)
+            _grads(params, i, 1.0 if scaler is None else scaler.get_scale(), keep, inf=scaler is not None)
             if mutate is not None:
                 mutate(i, params, opt)
             found = []
@@ -163,7 +163,7 @@ def test_fast_steps_equal_the_op_path(dtype: torch.dtype, group: dict) -> None:
 
 @pytest.mark.parametrize("amp", [True, False], ids=["amp", "no-amp"])
 def test_a_tensor_lr_and_a_constant_lr_without_clipping_equal_the_op_path(amp: bool) -> None:
-    """Without clipping: pass 1 for GradScaler only, or no pass 1 at all (no AMP; the inf gradients then go in)."""
+    """Without clipping: pass 1 for GradScaler only, or no pass 1 at all (no AMP, no inf gradient)."""
 
     def build() -> World:
         params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 5, 9000, (4, 4))]
@@ -244,6 +244,28 @@ def test_a_bad_gradient_after_fast_steps_is_refused_before_anything_changes() ->
     with pytest.raises(RuntimeError, match="parameter 4"):
         opt.step()
     _assert_same(before, _snapshot(params, opt, scaler))
+
+
+@pytest.mark.parametrize("case", ["history", "float64 grad_scale"])
+def test_steps_the_folded_op_path_does_not_take_keep_the_op_path(case: str) -> None:
+    """With ``history=`` or a ``grad_scale`` attribute that is not float32 the op path does not fold, and the fast
+    path (which runs the folded step) steps aside every step."""
+
+    def build() -> World:
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 5, 9)]
+        opt = _emulated([{"params": params}], lr=1e-2, max_grad_norm=0.5, history=4 if case == "history" else None)
+        return params, opt, None
+
+    def mutate(i: int, params: list[torch.nn.Parameter], opt: fusedlr.AdamW) -> None:
+        if case != "history":
+            opt.grad_scale = torch.tensor(4.0, dtype=torch.float64)
+            opt.found_inf = torch.tensor(0.0)
+
+    fast, taken = _run(build, True, mutate)
+    slow, _ = _run(build, False, mutate)
+    assert taken == 0
+    for a, b in zip(fast, slow):
+        _assert_same(a, b)
 
 
 def test_fast_steps_launch_nothing_through_the_op_path() -> None:
