@@ -25,6 +25,7 @@
 #include "step_plan.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -258,6 +259,7 @@ const char* bucket_device(PyObject* obj, const cuda::Launchers& launchers, PlanB
   if (!THPVariable_Check(arrival_obj) || !buffer_ok(b.arrival = THPVariable_Unpack(arrival_obj), b.device, at::kInt, 1, false)) {
     return "a bucket's arrival counter is not a contiguous int32 tensor on its device";
   }
+  const c10::DeviceGuard guard(b.device);  // the occupancy query reads the current device
   const int err = launchers.adamw_update_grid(b.dtype, b.amsgrad, b.low_precision, dtype_code(b.state_type),
                                               b.update.total_chunks, device_index(b.device), &b.update.grid);
   return err == 0 ? nullptr : "sizing the grid of adamw_update failed";
@@ -272,6 +274,7 @@ const char* stats_runs(PyObject* runs, StepPlan& plan) {
   }
   std::vector<int> covered(plan.buckets.size(), 0);
   const char* reason = nullptr;
+  const c10::DeviceGuard guard(plan.device);  // the occupancy query reads the current device
   for (Py_ssize_t r = 0; r < PySequence_Fast_GET_SIZE(seq) && reason == nullptr; ++r) {
     PyObject *idx_obj, *table_obj, *host_obj, *ws_obj;
     StatsRun run;
@@ -823,6 +826,7 @@ T* ptr_or_null(const at::Tensor& t) {
 // each bucket, the last one advancing ``k`` and writing the norm and found_inf; tables uploaded when they changed.
 void run_launch(StepPlan& plan, const StepArgs& a) {
   const cuda::Launchers& l = *plan.launchers;
+  const c10::DeviceGuard guard(plan.device);  // launches go to the current device (as the ops' CUDAGuard)
   const int device = device_index(plan.device);
   void* stream = l.current_stream(device);
   const float* scale = ptr_or_null<const float>(a.scale);

@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <exception>
+#include <string>
 
 #include "launch.h"
 
@@ -40,6 +41,10 @@ int update_grid(int dtype, bool amsgrad, bool low_precision, int state_dtype, in
 
 void* current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
 
+// The error code of a failed upload (not a cudaError_t), whose message is upload_error.
+constexpr int kUploadFailed = -1;
+thread_local std::string upload_error;
+
 int upload(void* dst, const void* host, int64_t bytes, int device, void* stream) {
   try {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
@@ -51,12 +56,15 @@ int upload(void* dst, const void* host, int64_t bytes, int device, void* stream)
     target.copy_(pinned, /*non_blocking=*/true);  // cudaMemcpyAsync on the current stream; the pinned block is
                                                   // recycled only after the copy (the host allocator's event)
     return cudaSuccess;
-  } catch (const std::exception&) {
-    return cudaErrorUnknown;
+  } catch (const std::exception& e) {
+    upload_error = e.what();
+    return kUploadFailed;
   }
 }
 
-const char* error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+const char* error_string(int error) {
+  return error == kUploadFailed ? upload_error.c_str() : cudaGetErrorString(static_cast<cudaError_t>(error));
+}
 
 const Launchers kLaunchers{grad_stats, adamw_update, stats_grid, update_grid, current_stream, upload, error_string};
 

@@ -4,7 +4,8 @@
 // the kernels (csrc/cuda/testing/kernels_on_host.cpp) exports one whose streams are null and whose upload is
 // a memcpy, so that the whole fast path runs on the CPU with the real kernels.
 //
-// Every function returns 0 (cudaSuccess) or an error code that ``error_string`` names; ``stream`` is a
+// Every function returns 0 (cudaSuccess) or an error code (a cudaError_t, or another code of the table) that
+// ``error_string`` names, on the calling thread; ``stream`` is a
 // cudaStream_t. Pointers are device pointers unless named host.
 #pragma once
 
