@@ -256,7 +256,8 @@ const char* bucket_device(PyObject* obj, const cuda::Launchers& launchers, PlanB
   if (const char* reason = device_table(table_obj, host_obj, b.device, cuda::kUpdatePtrs, numels, b.update)) {
     return reason;
   }
-  if (!THPVariable_Check(arrival_obj) || !buffer_ok(b.arrival = THPVariable_Unpack(arrival_obj), b.device, at::kInt, 1, false)) {
+  if (!THPVariable_Check(arrival_obj) ||
+      !buffer_ok(b.arrival = THPVariable_Unpack(arrival_obj), b.device, at::kInt, 1, false)) {
     return "a bucket's arrival counter is not a contiguous int32 tensor on its device";
   }
   const c10::DeviceGuard guard(b.device);  // the occupancy query reads the current device
@@ -429,7 +430,8 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
         reason = bucket_reason(b);
       }
       if (reason == nullptr && plan->launchers != nullptr) {
-        reason = device_obj == Py_None ? "a bucket has no device buffers" : bucket_device(device_obj, *plan->launchers, b);
+        reason = device_obj == Py_None ? "a bucket has no device buffers"
+                                       : bucket_device(device_obj, *plan->launchers, b);
       }
       if (reason != nullptr) {
         Py_DECREF(seq);

@@ -55,12 +55,13 @@ def _emulated(groups: list[dict], backend: EmulatedCudaBackend | None = None, **
 
 
 def _world(dtype: torch.dtype = torch.float32, **group: object) -> Callable[[], World]:
-    """Two param groups (the first with ``group``'s options), ``dtype`` params and a float32 one (in the second), clipping, a schedule
-    and a GradScaler."""
+    """Two param groups (the first with ``group``'s options), ``dtype`` params and a float32 one (in the second),
+    clipping, a schedule and a GradScaler."""
 
     def build() -> World:
         shapes = [(5, 3), (7,), (1,), (4, 4), (300,), (3, 2)]
-        params = [torch.nn.Parameter(torch.randn(*s).to(dtype if i != 3 else torch.float32)) for i, s in enumerate(shapes)]
+        dtypes = [dtype if i != 3 else torch.float32 for i in range(len(shapes))]
+        params = [torch.nn.Parameter(torch.randn(*s).to(dt)) for s, dt in zip(shapes, dtypes)]
         groups = [{"params": params[:3], **group}, {"params": params[3:], "lr": 3e-2, "weight_decay": 0.0}]
         opt = _emulated(groups, lr=1e-2, schedule=SCHED, max_grad_norm=0.5, seed=3)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
@@ -325,12 +326,18 @@ def test_fast_path_matches_torch_adamw_recipe() -> None:
 class _Launchers(ctypes.Structure):
     """csrc/cuda/launchers.h's table."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in (
-        "grad_stats", "adamw_update", "grad_stats_grid", "adamw_update_grid", "current_stream", "upload", "error_string",
-    )]
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "grad_stats", "adamw_update", "grad_stats_grid", "adamw_update_grid", "current_stream", "upload",
+            "error_string",
+        )
+    ]
 
 
-_UPLOAD = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)
+_UPLOAD = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+)
 
 
 def test_a_table_not_uploaded_after_a_pointer_changed_is_caught() -> None:

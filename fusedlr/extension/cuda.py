@@ -24,7 +24,15 @@ from ..control import FoldedUpdate, GroupHyper, StepControl
 from ._common import check_folds, compiled_ok, dtype_runs, kernel_grads, update_args, update_kwargs
 
 __all__ = [
-    "FOLDED", "NAME", "adamw_update", "available", "fast_path", "folds", "grad_stats", "grad_stats_set", "prepare_update"
+    "FOLDED",
+    "NAME",
+    "adamw_update",
+    "available",
+    "fast_path",
+    "folds",
+    "grad_stats",
+    "grad_stats_set",
+    "prepare_update",
 ]
 
 NAME = "cuda"
@@ -114,9 +122,9 @@ def fast_path(
     kernels), each bucket's (update table, host mirror, arrival counter) and each run's (stats table, host mirror,
     workspace). These are the op path's own cached buffers (``prepare_update``, ``grad_stats_set``), so that a CUDA
     graph captured on the op path after eager fast steps finds its tables uploaded."""
+    ptrs = extension._C.UPDATE_TABLE_PTRS
     updates = [
-        (*_table(b, "fusedlr_cuda_update_table", len(b.params), extension._C.UPDATE_TABLE_PTRS, device), _arrival(b, device))
-        for b in buckets
+        (*_table(b, "fusedlr_cuda_update_table", len(b.params), ptrs, device), _arrival(b, device)) for b in buckets
     ]
     stats = []
     for members in runs:
