@@ -27,7 +27,9 @@ import traceback
 from setuptools import setup
 
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/adamw_cpu.cpp", "csrc/step_plan.cpp"]
-CUDA_SOURCES = ["csrc/cuda/bindings_cuda.cpp", "csrc/cuda/grad_stats.cu", "csrc/cuda/adamw_update.cu"]
+CUDA_SOURCES = [
+    "csrc/cuda/bindings_cuda.cpp", "csrc/cuda/launchers.cpp", "csrc/cuda/grad_stats.cu", "csrc/cuda/adamw_update.cu"
+]
 CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda")
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # -lineinfo: line tables (no change to the code) so that tests/test_machine_code.py can tell loops apart.

@@ -1,5 +1,5 @@
 // fusedlr._C.StepPlan: one optimizer step of every bucket of a launch plan in one call from Python
-// (the eager fast path of fusedlr.AdamW.step with backend "cpu"; Python side: fusedlr/fast_step.py).
+// (the eager fast path of fusedlr.AdamW.step with backend "cpu" or "cuda"; Python side: fusedlr/fast_step.py).
 //
 // Built once per plan (fusedlr.plan.Plan), it holds the params, states and step counters of every
 // bucket. Each step it reads every parameter's ``.grad``, recomputes the plan signature
@@ -11,6 +11,13 @@
 // index, with the kernels of csrc/cpu/kernels.h called directly, and bumps the version counters of
 // the tensors each op writes (as csrc/bindings.cpp's bump_written_versions does).
 //
+// On CUDA (a plan built with the address of a csrc/cuda/launchers.h table; method ``launch``) the same walk
+// writes the gradients' pointers into the host mirrors of the op path's cached device tables, uploads a table
+// only when it changed (async, ordered on the current stream), and launches what the op path's folded step
+// launches (AdamW._prepare_folded): pass 1 per gradient dtype, then one update per bucket, the last one writing
+// the step's outputs. The launchers may be the host emulation of the kernels (tests/cuda_on_host.py), on CPU
+// tensors.
+//
 // Host cost (the step of many tiny tensors): one walk over the parameters reads each gradient and
 // checks it, mostly by comparing it with what the plan recorded of its parameter (unchanged), keeping
 // raw pointers for the kernels in scratch vectors that keep their capacity (no handle copies, no
@@ -18,6 +25,7 @@
 #include "step_plan.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -31,14 +39,32 @@
 
 #include "adamw_math.h"
 #include "cpu/kernels.h"
+#include "cuda/launchers.h"
+#include "cuda/table.h"
 #include "op_common.h"
 #include "param_signature.h"
 
 namespace fusedlr {
+#ifdef FUSEDLR_WITH_CUDA
+namespace cuda {
+const Launchers* device_launchers();  // csrc/cuda/launchers.cpp
+}  // namespace cuda
+#endif
+
 namespace {
+
+// A device pointer table of the CUDA fast path: the table the kernels read (on the plan's device), its host mirror
+// (int64 CPU) holding what was last uploaded, both shared with the op path (fusedlr/extension/cuda.py caches them),
+// and the launch's chunks and grid (fixed by the numels).
+struct DeviceTable {
+  at::Tensor table, host;
+  int64_t total_chunks = 0;
+  int grid = 0;
+};
 
 struct PlanBucket {
   int64_t group = -1;
+  at::Device device{at::kCPU};  // of every tensor of the bucket
   int dtype = -1;
   bool amsgrad;
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
@@ -56,6 +82,18 @@ struct PlanBucket {
   std::vector<cpu::GradRef> stats_grads;
   std::vector<cpu::UpdateSlot> slots;
   std::vector<at::Tensor> grad_copies;
+  // The CUDA fast path: the update's table and the arrival counter of the folded update (int32 [1], zero).
+  DeviceTable update;
+  at::Tensor arrival;
+};
+
+// One pass-1 launch of the CUDA fast path: the gradients of ``buckets`` (in order), all of dtype code ``dtype``,
+// as the op path's grad_stats_set launches them (one per gradient dtype); ``workspace``: float32 zeros.
+struct StatsRun {
+  int dtype = -1;
+  std::vector<size_t> buckets;
+  DeviceTable stats;
+  at::Tensor workspace;
 };
 
 struct StepPlan {
@@ -67,6 +105,11 @@ struct StepPlan {
   std::vector<PlanBucket> buckets;
   int64_t n_groups = 0;
   int64_t numel = 0;  // elements of the params in buckets
+  at::Device device{at::kCPU};                  // of the buckets
+  const cuda::Launchers* launchers = nullptr;  // the CUDA fast path's launches (null: the CPU kernels)
+  std::vector<StatsRun> runs;                   // CUDA fast path: pass 1
+  std::vector<int64_t> table_scratch;           // CUDA fast path: a table as built this step
+  std::vector<const cpu::GradRef*> run_grads;   // CUDA fast path: the gradients of a pass-1 launch
 };
 
 // One group's hyperparameters for this step, and its tensor LR (may be undefined).
@@ -116,17 +159,17 @@ bool tensor_list(PyObject* o, std::vector<at::Tensor>& out) {
   return true;
 }
 
-// A CPU tensor of ``dtype`` holding at least ``numel`` elements, contiguous (undefined passes when optional).
-bool cpu_scalar_ok(const at::Tensor& t, at::ScalarType dtype, int64_t numel, bool exact) {
+// A tensor on ``device`` of ``dtype`` holding at least ``numel`` elements, contiguous (undefined passes when optional).
+bool scalar_ok(const at::Tensor& t, const at::Device& device, at::ScalarType dtype, int64_t numel, bool exact) {
   if (!t.defined()) return true;
-  return t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() &&
+  return t.device() == device && t.scalar_type() == dtype && t.is_contiguous() &&
          (exact ? t.numel() == numel : t.numel() >= numel);
 }
 
-// Why param ``j`` of ``b`` and its states cannot go to the CPU kernels as they are (nullptr: they can).
+// Why param ``j`` of ``b`` and its states cannot go to the kernels as they are (nullptr: they can).
 const char* param_reason(const PlanBucket& b, size_t j) {
   const at::Tensor& p = b.params[j];
-  if (!p.device().is_cpu()) return "a parameter is not on the CPU";
+  if (p.device() != b.device) return "a parameter is not on the plan's device";
   if (dtype_code(p.scalar_type()) != b.dtype) return "the parameters of a bucket differ in dtype";
   if (p.layout() != at::kStrided || !linear(p)) return "a parameter is not dense";
   std::pair<const at::Tensor*, at::ScalarType> states[5] = {{&b.exp_avgs[j], b.state_type},
@@ -137,7 +180,7 @@ const char* param_reason(const PlanBucket& b, size_t j) {
   if (!b.remainders.empty()) states[n++] = {&b.remainders[j], at::kShort};
   for (int k = 0; k < n; ++k) {
     const auto& [s, type] = states[k];
-    if (s->scalar_type() != type || !s->device().is_cpu() || s->layout() != at::kStrided || !linear(*s) ||
+    if (s->scalar_type() != type || s->device() != b.device || s->layout() != at::kStrided || !linear(*s) ||
         !same_layout(*s, p)) {
       return "a state is not laid out like its parameter";
     }
@@ -145,11 +188,11 @@ const char* param_reason(const PlanBucket& b, size_t j) {
   return nullptr;
 }
 
-// Why the plan's tensors cannot go to the CPU kernels without a check per step (nullptr: they can).
+// Why the plan's tensors cannot go to the kernels without a check per step (nullptr: they can).
 const char* bucket_reason(const PlanBucket& b) {
-  if (!b.steps.device().is_cpu() || b.steps.scalar_type() != at::kLong || b.steps.dim() != 1 ||
+  if (b.steps.device() != b.device || b.steps.scalar_type() != at::kLong || b.steps.dim() != 1 ||
       b.steps.numel() != static_cast<int64_t>(b.params.size()) || !b.steps.is_contiguous()) {
-    return "steps is not a contiguous int64 CPU tensor [n]";
+    return "steps is not a contiguous int64 tensor [n] on the parameters' device";
   }
   const size_t n = b.params.size();
   if ((!b.masters.empty() && (b.masters.size() != n || (b.dtype != kBF16 && b.dtype != kF16))) ||
@@ -157,9 +200,9 @@ const char* bucket_reason(const PlanBucket& b) {
       (!b.masters.empty() && !b.remainders.empty())) {
     return "the masters or remainders do not match the parameters";
   }
-  if (b.lp.stochastic && !(b.pids.defined() && b.pids.device().is_cpu() && b.pids.scalar_type() == at::kLong &&
+  if (b.lp.stochastic && !(b.pids.defined() && b.pids.device() == b.device && b.pids.scalar_type() == at::kLong &&
                            b.pids.dim() == 1 && b.pids.numel() == static_cast<int64_t>(n) && b.pids.is_contiguous())) {
-    return "stochastic rounding needs pids, a contiguous int64 CPU tensor [n]";
+    return "stochastic rounding needs pids, a contiguous int64 tensor [n] on the parameters' device";
   }
   for (size_t j = 0; j < n; ++j) {
     if (const char* reason = param_reason(b, j)) return reason;
@@ -178,17 +221,123 @@ void decide_precision(PlanBucket& b) {
 }
 
 // ---------------------------------------------------------------- construction
-// StepPlan(params, signature, buckets, n_groups): ``params`` and ``signature`` of the plan (fusedlr.plan.Plan.flat,
-// .signature from scan_grads); ``buckets``: (group, indices into params, exp_avgs, exp_avg_sqs,
-// max_exp_avg_sqs or None, steps, precision) each, ``precision`` None or (masters or None, remainders or None,
-// pids, seed, stochastic) (fusedlr.precision.BucketPrecision). Raises ValueError when the fast path cannot run
-// this plan.
+// The device index the launchers take (the emulation's CPU tensors: 0).
+int device_index(const at::Device& device) { return device.is_cuda() ? device.index() : 0; }
+
+// Whether ``t`` is a contiguous tensor of ``dtype`` on ``device`` with ``numel`` elements (at least, unless ``exact``).
+bool buffer_ok(const at::Tensor& t, const at::Device& device, at::ScalarType dtype, int64_t numel, bool exact) {
+  return t.defined() && scalar_ok(t, device, dtype, numel, exact);
+}
+
+// A DeviceTable of ``n`` tensors of ``nptr`` pointers over ``numels`` from (table, host mirror); nullptr, or why not.
+const char* device_table(PyObject* table_obj, PyObject* host_obj, const at::Device& device, int nptr,
+                         const std::vector<int64_t>& numels, DeviceTable& out) {
+  if (!THPVariable_Check(table_obj) || !THPVariable_Check(host_obj)) return "a table is not a tensor";
+  out.table = THPVariable_Unpack(table_obj);
+  out.host = THPVariable_Unpack(host_obj);
+  const int64_t size = cuda::table_size(static_cast<int64_t>(numels.size()), nptr);
+  if (!buffer_ok(out.table, device, at::kLong, size, true) || !buffer_ok(out.host, at::kCPU, at::kLong, size, true)) {
+    return "a table or its host mirror is not a contiguous int64 tensor of the table's size";
+  }
+  out.total_chunks = 0;
+  for (int64_t numel : numels) out.total_chunks += cuda::num_chunks(numel);
+  return nullptr;
+}
+
+// The CUDA fast path's buffers of bucket ``b`` from (table, host mirror, arrival); nullptr, or why not.
+const char* bucket_device(PyObject* obj, const cuda::Launchers& launchers, PlanBucket& b) {
+  PyObject *table_obj, *host_obj, *arrival_obj;
+  if (!PyArg_ParseTuple(obj, "OOO", &table_obj, &host_obj, &arrival_obj)) {
+    PyErr_Clear();
+    return "a bucket's device buffers are not (table, host mirror, arrival)";
+  }
+  std::vector<int64_t> numels;
+  for (const at::Tensor& p : b.params) numels.push_back(p.numel());
+  if (const char* reason = device_table(table_obj, host_obj, b.device, cuda::kUpdatePtrs, numels, b.update)) {
+    return reason;
+  }
+  if (!THPVariable_Check(arrival_obj) ||
+      !buffer_ok(b.arrival = THPVariable_Unpack(arrival_obj), b.device, at::kInt, 1, false)) {
+    return "a bucket's arrival counter is not a contiguous int32 tensor on its device";
+  }
+  const c10::DeviceGuard guard(b.device);  // the occupancy query reads the current device
+  const int err = launchers.adamw_update_grid(b.dtype, b.amsgrad, b.low_precision, dtype_code(b.state_type),
+                                              b.update.total_chunks, device_index(b.device), &b.update.grid);
+  return err == 0 ? nullptr : "sizing the grid of adamw_update failed";
+}
+
+// The pass-1 launches from ``runs``: (indices of buckets, table, host mirror, workspace) each; nullptr, or why not.
+const char* stats_runs(PyObject* runs, StepPlan& plan) {
+  PyObject* seq = PySequence_Fast(runs, "fusedlr._C.StepPlan: runs must be a list");
+  if (seq == nullptr) {
+    PyErr_Clear();
+    return "runs is not a list";
+  }
+  std::vector<int> covered(plan.buckets.size(), 0);
+  const char* reason = nullptr;
+  const c10::DeviceGuard guard(plan.device);  // the occupancy query reads the current device
+  for (Py_ssize_t r = 0; r < PySequence_Fast_GET_SIZE(seq) && reason == nullptr; ++r) {
+    PyObject *idx_obj, *table_obj, *host_obj, *ws_obj;
+    StatsRun run;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, r), "OOOO", &idx_obj, &table_obj, &host_obj, &ws_obj)) {
+      PyErr_Clear();
+      reason = "a run is not (buckets, table, host mirror, workspace)";
+      break;
+    }
+    PyObject* idx = PySequence_Fast(idx_obj, "");
+    if (idx == nullptr) {
+      PyErr_Clear();
+      reason = "a run's buckets are not a list";
+      break;
+    }
+    std::vector<int64_t> numels;
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(idx); ++j) {
+      const Py_ssize_t bi = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(idx, j));
+      if (bi < 0 || static_cast<size_t>(bi) >= plan.buckets.size() || covered[bi]++ ||
+          (run.dtype >= 0 && plan.buckets[bi].dtype != run.dtype)) {
+        PyErr_Clear();
+        reason = "a run's buckets are not buckets of one dtype, each in one run";
+        break;
+      }
+      run.dtype = plan.buckets[bi].dtype;
+      run.buckets.push_back(static_cast<size_t>(bi));
+      for (const at::Tensor& p : plan.buckets[bi].params) numels.push_back(p.numel());
+    }
+    Py_DECREF(idx);
+    if (reason == nullptr && run.buckets.empty()) reason = "a run is empty";
+    if (reason == nullptr) reason = device_table(table_obj, host_obj, plan.device, cuda::kStatsPtrs, numels, run.stats);
+    if (reason == nullptr && plan.launchers->grad_stats_grid(run.dtype, run.stats.total_chunks,
+                                                             device_index(plan.device), &run.stats.grid) != 0) {
+      reason = "sizing the grid of grad_stats failed";
+    }
+    if (reason == nullptr && !(THPVariable_Check(ws_obj) &&
+                               buffer_ok(run.workspace = THPVariable_Unpack(ws_obj), plan.device, at::kFloat,
+                                         2 * static_cast<int64_t>(run.stats.grid) + 1, false))) {
+      reason = "a run's workspace is not a contiguous float32 tensor of 2 * grid + 1 elements on the device";
+    }
+    if (reason == nullptr) plan.runs.push_back(std::move(run));
+  }
+  Py_DECREF(seq);
+  for (size_t bi = 0; bi < covered.size() && reason == nullptr; ++bi) {
+    if (covered[bi] != 1) reason = "a bucket is in no run";
+  }
+  return reason;
+}
+
+// StepPlan(params, signature, buckets, n_groups, launchers=0, runs=None): ``params`` and ``signature`` of the plan
+// (fusedlr.plan.Plan.flat, .signature from scan_grads); ``buckets``: (group, indices into params, exp_avgs,
+// exp_avg_sqs, max_exp_avg_sqs or None, steps, precision[, device]) each, ``precision`` None or (masters or None,
+// remainders or None, pids, seed, stochastic) (fusedlr.precision.BucketPrecision). ``launchers``: 0 for the CPU
+// kernels (method ``step``), else the address of a csrc/cuda/launchers.h table (method ``launch``): then each
+// bucket's ``device`` is (update table, its host mirror, arrival counter) and ``runs`` the pass-1 launches
+// (see stats_runs). Raises ValueError when the fast path cannot run this plan.
 int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
-  static const char* kwlist[] = {"params", "signature", "buckets", "n_groups", nullptr};
-  PyObject *params_obj, *sig_obj, *buckets_obj;
+  static const char* kwlist[] = {"params", "signature", "buckets", "n_groups", "launchers", "runs", nullptr};
+  PyObject *params_obj, *sig_obj, *buckets_obj, *runs_obj = Py_None;
   Py_ssize_t n_groups;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OSOn", const_cast<char**>(kwlist), &params_obj, &sig_obj,
-                                   &buckets_obj, &n_groups)) {
+  unsigned long long launchers = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OSOn|KO", const_cast<char**>(kwlist), &params_obj, &sig_obj,
+                                   &buckets_obj, &n_groups, &launchers, &runs_obj)) {
     return -1;
   }
   auto* self = reinterpret_cast<StepPlanObject*>(self_obj);
@@ -204,14 +353,15 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     std::memcpy(plan->signature.data(), PyBytes_AS_STRING(sig_obj), n * kSigWords * sizeof(int64_t));
     plan->bucket_of.assign(n, -1);
     plan->n_groups = n_groups;
+    plan->launchers = reinterpret_cast<const cuda::Launchers*>(static_cast<uintptr_t>(launchers));
     PyObject* seq = PySequence_Fast(buckets_obj, "fusedlr._C.StepPlan: buckets must be a list");
     if (seq == nullptr) return -1;
     const Py_ssize_t nb = PySequence_Fast_GET_SIZE(seq);
     for (Py_ssize_t bi = 0; bi < nb; ++bi) {
-      PyObject *idx_obj, *m_obj, *v_obj, *vmax_obj, *steps_obj, *prec_obj;
+      PyObject *idx_obj, *m_obj, *v_obj, *vmax_obj, *steps_obj, *prec_obj, *device_obj = Py_None;
       Py_ssize_t group;
-      if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, bi), "nOOOOOO", &group, &idx_obj, &m_obj, &v_obj, &vmax_obj,
-                            &steps_obj, &prec_obj)) {
+      if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, bi), "nOOOOOO|O", &group, &idx_obj, &m_obj, &v_obj,
+                            &vmax_obj, &steps_obj, &prec_obj, &device_obj)) {
         Py_DECREF(seq);
         return -1;
       }
@@ -270,8 +420,18 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
       }
       if (reason == nullptr && m == 0) reason = "a bucket is empty";
       if (reason == nullptr) {
+        b.device = b.params[0].device();
+        if (plan->buckets.empty()) plan->device = b.device;
+        if (b.device != plan->device) reason = "the buckets are on different devices";
+        if (plan->launchers == nullptr && !b.device.is_cpu()) reason = "a parameter is not on the CPU";
+      }
+      if (reason == nullptr) {
         decide_precision(b);
         reason = bucket_reason(b);
+      }
+      if (reason == nullptr && plan->launchers != nullptr) {
+        reason = device_obj == Py_None ? "a bucket has no device buffers"
+                                       : bucket_device(device_obj, *plan->launchers, b);
       }
       if (reason != nullptr) {
         Py_DECREF(seq);
@@ -285,6 +445,13 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
       plan->buckets.push_back(std::move(b));
     }
     Py_DECREF(seq);
+    if (plan->launchers != nullptr) {
+      const char* reason = runs_obj == Py_None ? "a device plan needs its runs" : stats_runs(runs_obj, *plan);
+      if (reason != nullptr) {
+        PyErr_Format(PyExc_ValueError, "fusedlr._C.StepPlan: %s", reason);
+        return -1;
+      }
+    }
     plan->layout_of.assign(n, -1);
     for (size_t i = 0; i < n; ++i) {
       if (plan->bucket_of[i] < 0 && signature_has_grad(plan->signature[i * kSigWords + 2])) {
@@ -313,8 +480,10 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
 struct StepArgs {
   std::vector<GroupInput> groups;
   at::Tensor k, schedule, inv_scale, found_inf, stats, found_inf_out, applied_lr, norm;
+  at::Tensor scale;  // launch: GradScaler's scale (the kernels invert it), or undefined
   std::optional<double> max_norm;
-  bool advance_k = false;
+  bool advance_k = false;       // step
+  bool skip_nonfinite = false;  // launch: skip also when stats[1] > 0
 };
 
 // Parses the hyperparameter tuple of each group: (lr, lr_tensor or None, beta1, beta2, eps, weight_decay,
@@ -346,7 +515,7 @@ bool parse_groups(const StepPlan& plan, PyObject* hypers, StepArgs& a, bool& sta
       PyErr_SetString(PyExc_TypeError, "fusedlr._C.StepPlan.step: a tensor LR must be a tensor or None");
       return false;
     }
-    if (g.lr_tensor.defined() && !(g.lr_tensor.device().is_cpu() && g.lr_tensor.numel() == 1 &&
+    if (g.lr_tensor.defined() && !(g.lr_tensor.device() == plan.device && g.lr_tensor.numel() == 1 &&
                                    (g.lr_tensor.scalar_type() == at::kFloat || g.lr_tensor.scalar_type() == at::kDouble))) {
       stale = true;  // the op refuses it: the general path raises its message
     }
@@ -369,29 +538,30 @@ bool has_layout(const c10::TensorImpl& t, const int64_t* layout) {
   return true;
 }
 
-bool state_unchanged(const at::Tensor& s, caffe2::TypeMeta type, const int64_t* layout) {
+bool state_unchanged(const at::Tensor& s, caffe2::TypeMeta type, const at::Device& device, const int64_t* layout) {
   const c10::TensorImpl& t = *s.unsafeGetTensorImpl();
-  return t.dtype() == type && t.device().is_cpu() && t.layout() == at::kStrided && has_layout(t, layout);
+  return t.dtype() == type && t.device() == device && t.layout() == at::kStrided && has_layout(t, layout);
 }
 
 // The common case of a step, decided without param_signature: param ``j`` of ``b`` is still the tensor the plan
-// was built for (data ``expected[0]``, dtype, CPU, sizes and strides ``layout``), its states keep their dtype and
-// its layout, and ``g`` is a dense gradient of its dtype, device, sizes and strides. Then the full check
+// was built for (data ``expected[0]``, dtype, device, sizes and strides ``layout``), its states keep their dtype
+// and its layout, and ``g`` is a dense gradient of its dtype, device, sizes and strides. Then the full check
 // (param_signature, param_reason) passes and the kernels read ``g`` as it is; when false, the full check decides.
 bool unchanged(const PlanBucket& b, size_t j, const c10::TensorImpl& p, const c10::TensorImpl& g,
                const int64_t* layout, const int64_t* expected) {
-  if (p.dtype() != b.param_type || !p.device().is_cpu() || p.layout() != at::kStrided || !has_layout(p, layout) ||
+  const at::Device& dev = b.device;
+  if (p.dtype() != b.param_type || p.device() != dev || p.layout() != at::kStrided || !has_layout(p, layout) ||
       !p.has_storage() || reinterpret_cast<int64_t>(p.data()) != expected[0]) {
     return false;
   }
-  if (g.dtype() != b.param_type || !g.device().is_cpu() || g.layout() != at::kStrided || !has_layout(g, layout)) {
+  if (g.dtype() != b.param_type || g.device() != dev || g.layout() != at::kStrided || !has_layout(g, layout)) {
     return false;
   }
   const caffe2::TypeMeta state = caffe2::TypeMeta::fromScalarType(b.state_type);
-  return state_unchanged(b.exp_avgs[j], state, layout) && state_unchanged(b.exp_avg_sqs[j], state, layout) &&
-         (!b.amsgrad || state_unchanged(b.max_exp_avg_sqs[j], state, layout)) &&
-         (b.masters.empty() || state_unchanged(b.masters[j], caffe2::TypeMeta::Make<float>(), layout)) &&
-         (b.remainders.empty() || state_unchanged(b.remainders[j], caffe2::TypeMeta::Make<int16_t>(), layout));
+  return state_unchanged(b.exp_avgs[j], state, dev, layout) && state_unchanged(b.exp_avg_sqs[j], state, dev, layout) &&
+         (!b.amsgrad || state_unchanged(b.max_exp_avg_sqs[j], state, dev, layout)) &&
+         (b.masters.empty() || state_unchanged(b.masters[j], caffe2::TypeMeta::Make<float>(), dev, layout)) &&
+         (b.remainders.empty() || state_unchanged(b.remainders[j], caffe2::TypeMeta::Make<int16_t>(), dev, layout));
 }
 
 void* data_of(const std::vector<at::Tensor>& ts, size_t j) {
@@ -521,48 +691,64 @@ void run_step(StepPlan& plan, const StepArgs& a) {
   }
 }
 
+// The arguments of ``step`` and ``launch``: (hypers, k, schedule, max_norm, inv_scale (launch: scale), found_inf,
+// stats, found_inf_out, applied_lr, norm, advance_k (launch: skip_nonfinite)), checked against the plan (on its
+// device). Returns the plan, or nullptr with a Python error set; sets ``stale`` when an input is not what the
+// kernels take (the general path then runs, or raises its message).
+StepPlan* parse_step_args(PyObject* self_obj, PyObject* args, bool launch, StepArgs& a, bool& stale) {
+  StepPlan* plan = reinterpret_cast<StepPlanObject*>(self_obj)->plan;
+  if (plan == nullptr || (plan->launchers != nullptr) != launch) {
+    PyErr_SetString(PyExc_RuntimeError, plan == nullptr ? "fusedlr._C.StepPlan was not initialised"
+                                                        : "fusedlr._C.StepPlan: step() runs CPU plans, launch() "
+                                                          "plans with launchers");
+    return nullptr;
+  }
+  PyObject *hypers, *k, *schedule, *max_norm, *inv_scale, *found_inf, *stats, *found_inf_out, *applied_lr, *norm;
+  int flag;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOp", &hypers, &k, &schedule, &max_norm, &inv_scale, &found_inf, &stats,
+                        &found_inf_out, &applied_lr, &norm, &flag)) {
+    return nullptr;
+  }
+  (launch ? a.skip_nonfinite : a.advance_k) = flag != 0;
+  if (max_norm != Py_None) {
+    a.max_norm = PyFloat_AsDouble(max_norm);
+    if (PyErr_Occurred()) return nullptr;
+  }
+  if (!tensor_or_none(k, a.k) || !tensor_or_none(schedule, a.schedule) ||
+      !tensor_or_none(inv_scale, launch ? a.scale : a.inv_scale) || !tensor_or_none(found_inf, a.found_inf) ||
+      !tensor_or_none(stats, a.stats) || !tensor_or_none(found_inf_out, a.found_inf_out) ||
+      !tensor_or_none(applied_lr, a.applied_lr) || !tensor_or_none(norm, a.norm)) {
+    PyErr_SetString(PyExc_TypeError, "fusedlr._C.StepPlan: expected tensors or None");
+    return nullptr;
+  }
+  const at::Device& dev = plan->device;
+  stale = !a.k.defined() || !a.applied_lr.defined() || !scalar_ok(a.k, dev, at::kLong, 1, true) ||
+          !scalar_ok(a.schedule, dev, at::kDouble, 1, false) || (a.schedule.defined() && a.schedule.dim() != 1) ||
+          !scalar_ok(a.inv_scale, dev, at::kFloat, 1, true) || !scalar_ok(a.scale, dev, at::kFloat, 1, true) ||
+          !scalar_ok(a.found_inf, dev, at::kFloat, 1, true) || !scalar_ok(a.stats, dev, at::kFloat, 2, false) ||
+          !scalar_ok(a.found_inf_out, dev, at::kFloat, 1, true) ||
+          !scalar_ok(a.applied_lr, dev, at::kDouble, plan->n_groups, false) ||
+          !scalar_ok(a.norm, dev, at::kFloat, 1, true) ||
+          ((a.max_norm.has_value() || a.found_inf_out.defined() || a.norm.defined() || a.skip_nonfinite) &&
+           !a.stats.defined()) ||
+          (a.found_inf_out.defined() && a.found_inf.defined());
+  if (!stale && !parse_groups(*plan, hypers, a, stale)) return nullptr;
+  return plan;
+}
+
 // step(hypers, k, schedule, max_norm, inv_scale, found_inf, stats, found_inf_out, applied_lr, norm, advance_k)
-// -> bool. ``stats`` (float32 [2], zeroed here): run pass 1 into it. ``found_inf_out`` (float32 0-d):
+// -> bool, on a CPU plan. ``stats`` (float32 [2], zeroed here): run pass 1 into it. ``found_inf_out`` (float32 0-d):
 // receive GradScaler's found_inf from pass 1 and skip on it. ``norm`` (float32 0-d): receives
 // sqrtf(stats[0]), as the op's folded update writes it (torch's float32 sqrt on the CPU may round 1 ulp
 // lower, so the unfolded path can differ by that). ``advance_k``: add the number of applied updates to ``k``. False:
 // stale, nothing was written.
 PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
-  auto* self = reinterpret_cast<StepPlanObject*>(self_obj);
-  if (self->plan == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "fusedlr._C.StepPlan was not initialised");
-    return nullptr;
-  }
-  StepPlan& plan = *self->plan;
-  PyObject *hypers, *k, *schedule, *max_norm, *inv_scale, *found_inf, *stats, *found_inf_out, *applied_lr, *norm;
-  int advance_k;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOOOp", &hypers, &k, &schedule, &max_norm, &inv_scale, &found_inf, &stats,
-                        &found_inf_out, &applied_lr, &norm, &advance_k)) {
-    return nullptr;
-  }
+  StepArgs a;
+  bool stale = false;
+  StepPlan* parsed = parse_step_args(self_obj, args, false, a, stale);
+  if (parsed == nullptr) return nullptr;
+  StepPlan& plan = *parsed;
   try {
-    StepArgs a;
-    a.advance_k = advance_k != 0;
-    if (max_norm != Py_None) {
-      a.max_norm = PyFloat_AsDouble(max_norm);
-      if (PyErr_Occurred()) return nullptr;
-    }
-    if (!tensor_or_none(k, a.k) || !tensor_or_none(schedule, a.schedule) || !tensor_or_none(inv_scale, a.inv_scale) ||
-        !tensor_or_none(found_inf, a.found_inf) || !tensor_or_none(stats, a.stats) ||
-        !tensor_or_none(found_inf_out, a.found_inf_out) || !tensor_or_none(applied_lr, a.applied_lr) ||
-        !tensor_or_none(norm, a.norm)) {
-      PyErr_SetString(PyExc_TypeError, "fusedlr._C.StepPlan.step: expected tensors or None");
-      return nullptr;
-    }
-    bool stale = !a.k.defined() || !a.applied_lr.defined() || !cpu_scalar_ok(a.k, at::kLong, 1, true) ||
-                 !cpu_scalar_ok(a.schedule, at::kDouble, 1, false) || (a.schedule.defined() && a.schedule.dim() != 1) ||
-                 !cpu_scalar_ok(a.inv_scale, at::kFloat, 1, true) || !cpu_scalar_ok(a.found_inf, at::kFloat, 1, true) ||
-                 !cpu_scalar_ok(a.stats, at::kFloat, 2, false) || !cpu_scalar_ok(a.found_inf_out, at::kFloat, 1, true) ||
-                 !cpu_scalar_ok(a.applied_lr, at::kDouble, plan.n_groups, false) ||
-                 !cpu_scalar_ok(a.norm, at::kFloat, 1, true) ||
-                 ((a.max_norm.has_value() || a.found_inf_out.defined() || a.norm.defined()) && !a.stats.defined()) ||
-                 (a.found_inf_out.defined() && a.found_inf.defined());
-    if (!stale && !parse_groups(plan, hypers, a, stale)) return nullptr;
     stale = stale || !collect_grads(plan, a.stats.defined());
     std::string error;
     if (!stale && plan.numel < cpu::kParallelMin) {
@@ -593,6 +779,168 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
   }
 }
 
+// ---------------------------------------------------------------- one step on the device (CUDA fast path)
+void check_device(const cuda::Launchers& l, int err, const char* what) {
+  TORCH_CHECK(err == 0, "fusedlr: CUDA error in ", what, ": ", l.error_string(err));
+}
+
+// Makes ``t``'s device table hold the table in ``plan.table_scratch``: compared with the host mirror, uploaded
+// (and mirrored) only when it differs, as bindings_cuda.cpp's upload_table. Returns the device table.
+const int64_t* sync_table(StepPlan& plan, DeviceTable& t, void* stream) {
+  const std::vector<int64_t>& h = plan.table_scratch;
+  const size_t bytes = h.size() * sizeof(int64_t);
+  int64_t* host = t.host.data_ptr<int64_t>();
+  if (std::memcmp(host, h.data(), bytes) != 0) {
+    check_device(*plan.launchers,
+                 plan.launchers->upload(t.table.data_ptr(), h.data(), static_cast<int64_t>(bytes),
+                                        device_index(plan.device), stream),
+                 "(uploading a pointer table)");
+    std::memcpy(host, h.data(), bytes);
+    bump(t.host);
+    bump(t.table);
+  }
+  return t.table.data_ptr<int64_t>();
+}
+
+// Into ``plan.table_scratch``: the table (csrc/cuda/table.h) of ``n`` tensors with ``nptr`` pointers each, from
+// ``ptr(i, j)`` (pointer j of tensor i) and ``numel(i)``.
+template <typename Ptr, typename Numel>
+void build_table(StepPlan& plan, int64_t n, int nptr, Ptr ptr, Numel numel) {
+  std::vector<int64_t>& h = plan.table_scratch;
+  h.resize(cuda::table_size(n, nptr));
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int j = 0; j < nptr; ++j) h[i * nptr + j] = reinterpret_cast<int64_t>(ptr(i, j));
+    h[n * nptr + i] = numel(i);
+    h[n * (nptr + 1) + i] = chunks;
+    chunks += cuda::num_chunks(numel(i));
+  }
+  h[n * (nptr + 2)] = chunks;
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// Everything a folded step of the op path launches (fusedlr.optimizer.AdamW._prepare_folded on backend cuda):
+// pass 1 of each run into ``stats`` (the first resetting it) when stats are wanted, then the folded update of
+// each bucket, the last one advancing ``k`` and writing the norm and found_inf; tables uploaded when they changed.
+void run_launch(StepPlan& plan, const StepArgs& a) {
+  const cuda::Launchers& l = *plan.launchers;
+  const c10::DeviceGuard guard(plan.device);  // launches go to the current device (as the ops' CUDAGuard)
+  const int device = device_index(plan.device);
+  void* stream = l.current_stream(device);
+  const float* scale = ptr_or_null<const float>(a.scale);
+  float* stats = ptr_or_null<float>(a.stats);
+  if (stats != nullptr) {
+    for (size_t r = 0; r < plan.runs.size(); ++r) {
+      StatsRun& run = plan.runs[r];
+      int64_t n = 0;
+      for (size_t bi : run.buckets) n += static_cast<int64_t>(plan.buckets[bi].stats_grads.size());
+      if (run.stats.total_chunks == 0) {  // as the op: a memset when it resets, no table
+        check_device(l, l.grad_stats(run.dtype, nullptr, n, 0, nullptr, nullptr, r == 0, stats, nullptr, 0, stream),
+                     "grad_stats");
+      } else {
+        std::vector<const cpu::GradRef*>& refs = plan.run_grads;
+        refs.clear();
+        for (size_t bi : run.buckets) {
+          for (const cpu::GradRef& g : plan.buckets[bi].stats_grads) refs.push_back(&g);
+        }
+        build_table(plan, n, cuda::kStatsPtrs, [&](int64_t i, int) { return refs[i]->data; },
+                    [&](int64_t i) { return refs[i]->numel; });
+        const int64_t* table = sync_table(plan, run.stats, stream);
+        check_device(l, l.grad_stats(run.dtype, table, n, run.stats.total_chunks, nullptr, scale, r == 0, stats,
+                                     run.workspace.data_ptr<float>(), run.stats.grid, stream),
+                     "grad_stats");
+        bump(run.workspace);
+      }
+      bump(a.stats);
+    }
+  }
+  for (size_t bi = 0; bi < plan.buckets.size(); ++bi) {
+    PlanBucket& b = plan.buckets[bi];
+    const bool last = bi + 1 == plan.buckets.size();
+    const int64_t n = static_cast<int64_t>(b.slots.size());
+    build_table(
+        plan, n, cuda::kUpdatePtrs,
+        [&](int64_t i, int j) -> const void* {
+          const cpu::UpdateSlot& s = b.slots[i];
+          const void* ptrs[cuda::kUpdatePtrs] = {s.p, s.g, s.m, s.v, s.vmax, s.master, s.remainder};
+          return ptrs[j];
+        },
+        [&](int64_t i) { return b.slots[i].numel; });
+    const int64_t* table = sync_table(plan, b.update, stream);
+    const GroupInput& g = a.groups[b.group];
+    StepInputs in{};
+    in.k = a.k.data_ptr<int64_t>();
+    in.schedule = ptr_or_null<const double>(a.schedule);
+    in.stats = stats;
+    in.found_inf = ptr_or_null<const float>(a.found_inf);
+    in.steps = b.steps.data_ptr<int64_t>();
+    in.grad_scale = scale;
+    in.skip_nonfinite = a.skip_nonfinite;
+    if (g.lr_tensor.defined()) {
+      if (g.lr_tensor.scalar_type() == at::kDouble) {
+        in.lr_f64 = g.lr_tensor.data_ptr<double>();
+      } else {
+        in.lr_f32 = g.lr_tensor.data_ptr<float>();
+      }
+    }
+    in.applied_lr = a.applied_lr.data_ptr<double>() + b.group;
+    StepOutputs outs{};
+    outs.steps = b.steps.data_ptr<int64_t>();
+    outs.k = last ? a.k.data_ptr<int64_t>() : nullptr;
+    outs.norm = last ? ptr_or_null<float>(a.norm) : nullptr;
+    outs.found_inf = last ? ptr_or_null<float>(a.found_inf_out) : nullptr;
+    outs.arrival = reinterpret_cast<unsigned int*>(b.arrival.data_ptr<int32_t>());
+    check_device(l, l.adamw_update(b.dtype, b.amsgrad, table, n, b.update.total_chunks, g.hyper, in,
+                                   b.low_precision ? &b.lp : nullptr, dtype_code(b.state_type), outs, b.update.grid,
+                                   stream),
+                 "adamw_update");
+    for (size_t j = 0; j < b.params.size(); ++j) {  // what the op's schema marks as written
+      bump(b.params[j]);
+      bump(b.exp_avgs[j]);
+      bump(b.exp_avg_sqs[j]);
+      if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
+      if (!b.masters.empty()) bump(b.masters[j]);
+      if (!b.remainders.empty()) bump(b.remainders[j]);
+    }
+    bump(b.steps);
+    bump(a.k);
+    bump(a.applied_lr);
+    bump(b.arrival);
+    if (last) {
+      bump(a.norm);
+      bump(a.found_inf_out);
+    }
+  }
+}
+
+// launch(hypers, k, schedule, max_norm, scale, found_inf, stats, found_inf_out, applied_lr, norm, skip_nonfinite)
+// -> bool, on a plan with launchers: one folded step of every bucket on the current stream, as the op path's
+// (fusedlr.control.FoldedUpdate: GradScaler's ``scale``, ``skip_nonfinite``, ``k`` advanced and ``norm`` and
+// ``found_inf_out`` written by the last update); ``stats`` (float32 [2]) receives pass 1 (skipped when None).
+// No host-device sync; never call it while a CUDA graph is being captured (a table upload then would be replayed
+// from a recycled buffer). False: stale, nothing was written or launched.
+PyObject* step_plan_launch(PyObject* self_obj, PyObject* args) {
+  StepArgs a;
+  bool stale = false;
+  StepPlan* parsed = parse_step_args(self_obj, args, true, a, stale);
+  if (parsed == nullptr) return nullptr;
+  StepPlan& plan = *parsed;
+  try {
+    stale = stale || !collect_grads(plan, a.stats.defined());
+    if (!stale) run_launch(plan, a);
+    clear_scratch(plan);
+    return PyBool_FromLong(!stale);
+  } catch (const std::exception& e) {
+    clear_scratch(plan);
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 void step_plan_dealloc(PyObject* self_obj) {
   auto* self = reinterpret_cast<StepPlanObject*>(self_obj);
   delete self->plan;
@@ -615,6 +963,10 @@ PyMethodDef step_plan_methods[] = {
     {"step", step_plan_step, METH_VARARGS,
      "step(hypers, k, schedule, max_norm, inv_scale, found_inf, stats, found_inf_out, applied_lr, norm, advance_k) "
      "-> bool: one step of every bucket; False (nothing written) when the plan is stale."},
+    {"launch", step_plan_launch, METH_VARARGS,
+     "launch(hypers, k, schedule, max_norm, scale, found_inf, stats, found_inf_out, applied_lr, norm, "
+     "skip_nonfinite) -> bool: one folded step of every bucket through the plan's launchers; False (nothing "
+     "written) when the plan is stale."},
     {"__reduce__", step_plan_reduce, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
@@ -627,8 +979,9 @@ int add_step_plan_type(PyObject* module) {
   step_plan_type.tp_basicsize = sizeof(StepPlanObject);
   step_plan_type.tp_flags = Py_TPFLAGS_DEFAULT;
   step_plan_type.tp_doc =
-      "StepPlan(params, signature, buckets, n_groups): the eager fast path of fusedlr.AdamW.step on the CPU "
-      "for one launch plan (see fusedlr/fast_step.py).";
+      "StepPlan(params, signature, buckets, n_groups, launchers=0, runs=None): the eager fast path of "
+      "fusedlr.AdamW.step on the CPU (step) or through CUDA launchers (launch) for one launch plan (see "
+      "fusedlr/fast_step.py).";
   step_plan_type.tp_new = step_plan_new;
   step_plan_type.tp_init = step_plan_init;
   step_plan_type.tp_dealloc = step_plan_dealloc;
@@ -639,7 +992,13 @@ int add_step_plan_type(PyObject* module) {
     Py_DECREF(&step_plan_type);
     return -1;
   }
-  return 0;
+#ifdef FUSEDLR_WITH_CUDA
+  const void* launchers = cuda::device_launchers();
+#else
+  const void* launchers = nullptr;
+#endif
+  // The launchers table of StepPlan's CUDA fast path (csrc/cuda/launchers.h), 0 without the CUDA kernels.
+  return PyModule_AddIntConstant(module, "CUDA_LAUNCHERS", static_cast<long>(reinterpret_cast<uintptr_t>(launchers)));
 }
 
 }  // namespace fusedlr

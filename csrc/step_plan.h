@@ -1,4 +1,4 @@
-// fusedlr._C.StepPlan: the eager fast path of fusedlr.AdamW.step on the CPU (csrc/step_plan.cpp).
+// fusedlr._C.StepPlan: the eager fast path of fusedlr.AdamW.step on the CPU and CUDA (csrc/step_plan.cpp).
 #pragma once
 
 #include <Python.h>

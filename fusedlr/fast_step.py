@@ -1,4 +1,4 @@
-"""The eager fast path of ``fusedlr.AdamW.step`` on the compiled CPU backend: one C++ call per step.
+"""The eager fast path of ``fusedlr.AdamW.step`` on the compiled CPU and CUDA backends: one C++ call per step.
 
 ``fusedlr._C.StepPlan`` (csrc/step_plan.cpp) is built once per launch plan (``fusedlr.plan``) and holds the
 params, states and step counters of every bucket. Each step it reads every parameter's ``.grad`` in C++,
@@ -8,9 +8,15 @@ the version counters the ops bump. When anything changed it writes nothing, and 
 (which rebuilds the plan, or refuses a bad gradient with its message). Python's work per step is
 O(number of param groups): the hyperparameters (cached on the group values), AMP, the schedule index.
 
-Only the eager ``cpu`` backend takes it, for plans whose every bucket the compiled kernels run as they
-are (the low-precision modes included; no reference fallback, no DTensor or complex parameter);
+Only the eager ``cpu`` and ``cuda`` backends take it, for plans whose every bucket the compiled kernels run as
+they are (the low-precision modes included; no reference fallback, no DTensor or complex parameter);
 ``torch.compile`` traces the op path.
+
+On ``cuda`` (a backend with ``fast_path``, see ``fusedlr.extension.cuda.fast_path``) it runs the op path's folded
+step (``AdamW._prepare_folded``): the same launches through the table of csrc/cuda/launchers.h, on the op path's
+own cached device tables, which C++ rewrites in their host mirrors and uploads (async, from pinned memory) only
+when a pointer changed: no dispatcher and no host-device sync per step. It declines (the op path runs) while a
+CUDA graph is being captured, with a step history, and with a ``grad_scale`` attribute that is not float32.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import extension
+from .extension._common import _float32
 from .plan import Plan
 from .precision import BucketPrecision
 from .reference import clip_coefficient
@@ -33,11 +40,12 @@ _CPU = torch.device("cpu")
 class _Fast:
     """What the fast path keeps for one plan (in ``AdamW._step_cache['fast']``, never pickled)."""
 
-    __slots__ = ("plan", "native", "stats", "keys", "hypers")
+    __slots__ = ("plan", "native", "device", "stats", "keys", "hypers")
 
     def __init__(self, plan: Plan, native: Any) -> None:
         self.plan = plan
         self.native = native  # fusedlr._C.StepPlan, or None: this plan takes the general path
+        self.device = plan.buckets[0][1].device if plan.buckets else _CPU  # of a plan with launchers (``launch``)
         self.stats = torch.zeros(2, dtype=torch.float32)  # pass 1's [sum of squares, non-finite count]
         self.keys: tuple | None = None
         self.hypers: tuple = ()
@@ -48,26 +56,46 @@ def _native_plan(opt: Any, plan: Plan) -> Any:
     from .extension import cpu
     from .extension._common import compiled_ok
 
-    cache = opt._step_cache
+    impl = opt._step_cache["impl"]
     step_plan = getattr(extension._C, "StepPlan", None)
+    launch = impl is not cpu and hasattr(impl, "fast_path")
     if (
         step_plan is None
-        or cache["impl"] is not cpu
+        or not (impl is cpu or launch)
         or plan.unwrap
         or not plan.buckets
         or not isinstance(plan.signature, bytes)
-        or any(b.device.type != "cpu" or reduce is not None for _, b, _, reduce in plan.buckets)
-        or not all(compiled_ok(b, [], cpu.NAME) for _, b, _, _ in plan.buckets)
+        or any(reduce is not None for _, _, _, reduce in plan.buckets)
+        or (impl is cpu and any(b.device.type != "cpu" for _, b, _, _ in plan.buckets))
+        or not all(impl.folds(b, []) if launch else compiled_ok(b, [], cpu.NAME) for _, b, _, _ in plan.buckets)
     ):
         return None
     buckets = [
         (gi, idx, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, _precision(b.precision))
         for gi, b, idx, _ in plan.buckets
     ]
+    kwargs: dict[str, Any] = {}
+    if launch:
+        device_buckets = [b for _, b, _, _ in plan.buckets]
+        runs = _dtype_runs(device_buckets)
+        launchers, updates, stats = impl.fast_path(device_buckets, runs, device_buckets[0].device)
+        if not launchers:
+            return None
+        buckets = [(*bucket, update) for bucket, update in zip(buckets, updates)]
+        kwargs = dict(launchers=launchers, runs=[(members, *s) for members, s in zip(runs, stats)])
     try:
-        return step_plan(plan.flat, plan.signature, buckets, len(opt.param_groups))
+        return step_plan(plan.flat, plan.signature, buckets, len(opt.param_groups), **kwargs)
     except ValueError:  # e.g. grads of another dtype than their params: the reference runs those buckets
         return None
+
+
+def _dtype_runs(buckets: list[Any]) -> list[list[int]]:
+    """The buckets of each pass-1 launch of the op path's folded step (``fusedlr.extension._common.dtype_runs``
+    over gradients of their params' dtype, as a plan the fast path runs has them): indices, by dtype."""
+    runs: dict[torch.dtype, list[int]] = {}
+    for i, b in enumerate(buckets):
+        runs.setdefault(b.params[0].dtype, []).append(i)
+    return list(runs.values())
 
 
 def _precision(prec: BucketPrecision | None) -> tuple | None:
@@ -120,6 +148,8 @@ def step(opt: Any, grad_scaler: Any) -> bool:
         cache["fast"] = fast
     if fast.native is None:
         return False
+    if hasattr(cache["impl"], "fast_path"):  # a plan with launchers
+        return _launch(opt, fast, grad_scaler)
     device = _CPU
     hypers = _hypers(opt, fast, device)
     opt._warn_on_double_schedule()
@@ -157,3 +187,38 @@ def step(opt: Any, grad_scaler: Any) -> bool:
         )
         k.add_(1 if found_inf is None else (found_inf <= 0).to(torch.int64))
     return True
+
+
+def _launch(opt: Any, fast: _Fast, grad_scaler: Any) -> bool:
+    """``step`` on a plan with launchers: the folded step of ``AdamW._prepare_folded``, in one C++ call."""
+    device = fast.device
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # the op path captures (a table upload must not be captured)
+    if opt._history_buffer(device) is not None:
+        return False
+    grad_scale = getattr(opt, "grad_scale", None) if grad_scaler is None else None
+    if grad_scale is not None and grad_scale.dtype != torch.float32:
+        return False  # the kernels read a float32 scale: the unfolded step inverts it
+    hypers = _hypers(opt, fast, device)
+    opt._warn_on_double_schedule()
+    scale, found_inf, check_inf = opt._amp_scale(device, grad_scaler)
+    if scale is not None:
+        scale = scale.to(device, non_blocking=True)
+    stats = opt._private_buffer("stats", (2,), device) if opt.max_grad_norm is not None or check_inf else None
+    found_out = opt._private_buffer("found_inf", (), device) if check_inf else None
+    ran = fast.native.launch(
+        hypers,
+        opt._schedule_index(device),
+        opt._schedule_tensor(device),
+        opt.max_grad_norm,
+        scale,
+        _float32(found_inf),
+        stats,
+        found_out,
+        opt._applied_lr_buffer(device),
+        opt._norm_buffer(device) if stats is not None else None,
+        check_inf,
+    )
+    if ran and check_inf:  # GradScaler.update() reads it
+        grad_scaler._per_optimizer_states[id(opt)]["found_inf_per_device"][device] = found_out
+    return ran

@@ -194,6 +194,8 @@ class EmulatedCudaBackend:
         self.shim, self.lib, self.grid = shim, shim.lib, grid
         self.arrival = torch.zeros(1, dtype=torch.int32)  # of the folded update; the kernel leaves it zero
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.lib.fusedlr_emu_launchers.restype = p
+        self.lib.fusedlr_emu_launchers.argtypes = [i32]
         self.lib.fusedlr_emu_fill_table.restype = i64
         self.lib.fusedlr_emu_fill_table.argtypes = [p, p, i64, i32, p]
         self.lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, i32, p, p, i32]
@@ -205,6 +207,30 @@ class EmulatedCudaBackend:
     def folds(self, bucket, grads) -> bool:
         """The emulated kernels run every bucket (they copy gradients laid out unlike their param)."""
         return True
+
+    def launchers(self) -> int:
+        """The address of the host Launchers table (csrc/cuda/launchers.h) with this backend's grid."""
+        return self.lib.fusedlr_emu_launchers(self.grid)
+
+    def fast_path(self, buckets, runs, device):
+        """As ``fusedlr.extension.cuda.fast_path``: ``launchers()`` and buffers of the fast path cached in the
+        buckets (this backend's op path builds its tables each call)."""
+
+        def table(bucket, key, n, nptr):
+            size = n * (nptr + 2) + 1
+            cached = bucket.cache.get(key)
+            if cached is None or cached[0].numel() != size:
+                cached = (torch.empty(size, dtype=torch.int64), torch.full((size,), -1, dtype=torch.int64))
+                bucket.cache[key] = cached
+            return cached
+
+        updates = [(*table(b, "emu_update_table", len(b.params), 7), self.arrival) for b in buckets]
+        stats = [
+            (*table(buckets[m[0]], "emu_stats_table", sum(len(buckets[i].params) for i in m), 1),
+             torch.zeros(2 * self.grid + 1, dtype=torch.float32))
+            for m in runs
+        ]
+        return self.launchers(), updates, stats
 
     def _table(self, lists, n):
         nptr = len(lists)

@@ -7,6 +7,7 @@ sync-free and CUDA-graph capturable once a first (warm-up) step has run. A bucke
 states are not dense (or whose grads have another dtype than the params) uses the reference.
 It folds (``FOLDED``, see ``fusedlr.backends``): the kernels take a step's small ops (``fusedlr.control.FoldedUpdate``);
 pass 1 of a folded step is one launch per gradient dtype (``grad_stats_set``), pass 2 one launch per bucket.
+Eager steps take ``fusedlr.fast_step``'s C++ call instead, on the same cached tables (``fast_path``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
 from ._common import check_folds, compiled_ok, dtype_runs, kernel_grads, update_args, update_kwargs
 
-__all__ = ["FOLDED", "NAME", "adamw_update", "available", "folds", "grad_stats", "grad_stats_set", "prepare_update"]
+__all__ = [
+    "FOLDED",
+    "NAME",
+    "adamw_update",
+    "available",
+    "fast_path",
+    "folds",
+    "grad_stats",
+    "grad_stats_set",
+    "prepare_update",
+]
 
 NAME = "cuda"
 FOLDED = True
@@ -101,6 +112,27 @@ def _arrival(bucket: Bucket, device: torch.device) -> Tensor:
 def folds(bucket: Bucket, grads: list[Tensor]) -> bool:
     """Whether the kernels run this bucket, so that its update may take a ``FoldedUpdate``."""
     return compiled_ok(bucket, grads, NAME)
+
+
+def fast_path(
+    buckets: Sequence[Bucket], runs: Sequence[Sequence[int]], device: torch.device
+) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]], list[tuple[Tensor, Tensor, Tensor]]]:
+    """What ``fusedlr.fast_step`` launches a folded step of ``buckets`` with (``runs``: the buckets of each pass-1
+    launch, indices): the address of the launchers table (``fusedlr._C.CUDA_LAUNCHERS``, 0 without the CUDA
+    kernels), each bucket's (update table, host mirror, arrival counter) and each run's (stats table, host mirror,
+    workspace). These are the op path's own cached buffers (``prepare_update``, ``grad_stats_set``), so that a CUDA
+    graph captured on the op path after eager fast steps finds its tables uploaded."""
+    ptrs = extension._C.UPDATE_TABLE_PTRS
+    updates = [
+        (*_table(b, "fusedlr_cuda_update_table", len(b.params), ptrs, device), _arrival(b, device)) for b in buckets
+    ]
+    stats = []
+    for members in runs:
+        first = buckets[members[0]]
+        n = sum(len(buckets[i].params) for i in members)
+        table = _table(first, "fusedlr_cuda_stats_set_table", n, extension._C.STATS_TABLE_PTRS, device)
+        stats.append((*table, _workspace(first, device)))
+    return getattr(extension._C, "CUDA_LAUNCHERS", 0), updates, stats
 
 
 def grad_stats(

@@ -2,9 +2,11 @@
 // points (called through ctypes by tests/cuda_on_host.py) over the kernels' own host launchers
 // (csrc/cuda/launch.h), so the launch configuration, the grid and every __global__ kernel run as
 // written. This is the only file that knows the launchers' signatures.
+#include <cstring>
 #include <optional>
 
 #include "../launch.h"
+#include "../launchers.h"
 
 using namespace fusedlr;
 using namespace fusedlr::cuda;
@@ -76,3 +78,54 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
 }
 
 }  // extern "C"
+
+// The Launchers table of the fast path (csrc/cuda/launchers.h) on the host: launch.h's launchers with the grid of
+// EmulatedCudaBackend (min(total chunks, its grid), at least 1), no stream, a memcpy for an upload.
+namespace {
+
+int emu_grid = 1;
+
+int emu_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
+                   const float* scale, bool reset, float* out, float* workspace, int grid, void* /*stream*/) {
+  return launch_grad_stats(dtype, table, n, total_chunks, inv_scale, scale, reset, out, workspace, grid, nullptr);
+}
+
+int emu_adamw_update(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
+                     const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
+                     const StepOutputs& outs, int grid, void* /*stream*/) {
+  return launch_adamw_update(dtype, amsgrad, table, n, total_chunks, hyper, in, lp, state_dtype, outs, grid, nullptr);
+}
+
+int capped_grid(int64_t total_chunks, int* grid) {
+  *grid = static_cast<int>(total_chunks < emu_grid ? (total_chunks < 1 ? 1 : total_chunks) : emu_grid);
+  return 0;
+}
+
+int emu_grad_stats_grid(int /*dtype*/, int64_t total_chunks, int /*device*/, int* grid) {
+  return capped_grid(total_chunks, grid);
+}
+
+int emu_adamw_update_grid(int /*dtype*/, bool /*amsgrad*/, bool /*low_precision*/, int /*state_dtype*/,
+                          int64_t total_chunks, int /*device*/, int* grid) {
+  return capped_grid(total_chunks, grid);
+}
+
+void* emu_current_stream(int /*device*/) { return nullptr; }
+
+int emu_upload(void* dst, const void* host, int64_t bytes, int /*device*/, void* /*stream*/) {
+  std::memcpy(dst, host, static_cast<size_t>(bytes));
+  return 0;
+}
+
+const char* emu_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+
+const Launchers emu_launchers{emu_grad_stats,     emu_adamw_update, emu_grad_stats_grid, emu_adamw_update_grid,
+                              emu_current_stream, emu_upload,       emu_error_string};
+
+}  // namespace
+
+// The address of the host Launchers table, whose launches take grids of at most ``grid`` blocks.
+extern "C" const Launchers* fusedlr_emu_launchers(int grid) {
+  emu_grid = grid < 1 ? 1 : grid;
+  return &emu_launchers;
+}
