@@ -258,6 +258,13 @@ def new_grads(params: list[torch.Tensor]) -> None:
         p.grad = torch.randn(1)
 
 
+class NoNative:
+    """Stands in for ``fusedlr._C.StepPlan``: a step that does nothing (times fusedlr's Python side alone)."""
+
+    def step(self, *args: Any) -> bool:
+        return True
+
+
 class TimedNative:
     """Stands in for ``fusedlr._C.StepPlan`` and records the seconds of each of its ``step`` calls."""
 
@@ -308,9 +315,9 @@ def floor_pipeline(
     return Pipeline(params, step, step if warm else None)
 
 
-def fusedlr_timed_native(params: list[torch.Tensor]) -> tuple[Callable[[], None], TimedNative]:
-    """fusedlr's ``opt.step`` with its native call timed (two warm-up steps: the first builds the plan, the
-    second its ``StepPlan``)."""
+def fusedlr_native_replaced(params: list[torch.Tensor], replace: Callable[[Any], Any]) -> Callable[[], None]:
+    """fusedlr's ``opt.step`` with its ``StepPlan`` replaced by ``replace(StepPlan)`` (two warm-up steps: the
+    first builds the plan, the second its ``StepPlan``)."""
     step = _fusedlr_step("cpu", params)
     for _ in range(2):
         new_grads(params)
@@ -318,8 +325,8 @@ def fusedlr_timed_native(params: list[torch.Tensor]) -> tuple[Callable[[], None]
     fast = step.__self__._step_cache.get("fast")
     if fast is None or fast.native is None:
         raise RuntimeError("fusedlr-cpu did not take its fast path (is fusedlr._C built in this clone?)")
-    fast.native = TimedNative(fast.native)
-    return step, fast.native
+    fast.native = replace(fast.native)
+    return step
 
 
 def summary(us: list[float], gc_us: list[float] | None) -> dict[str, float]:
@@ -350,9 +357,16 @@ def pipelines(ext: Any, n: int) -> tuple[dict[str, Pipeline], TimedNative]:
     pipes["floor-6 checking p, m, v"] = floor_pipeline(ext, 6, n, check_states=True)
     params = new_params(n)
     pipes["fusedlr-cpu"] = Pipeline(params, _fusedlr_step("cpu", params))
+    native = TimedNative(None)
+
+    def timed(plan: Any) -> TimedNative:
+        native.native = plan
+        return native
+
     params = new_params(n)
-    step, native = fusedlr_timed_native(params)
-    pipes["fusedlr-cpu (native call timed)"] = Pipeline(params, step)
+    pipes["fusedlr-cpu (native call timed)"] = Pipeline(params, fusedlr_native_replaced(params, timed))
+    params = new_params(n)
+    pipes["fusedlr-cpu Python side"] = Pipeline(params, fusedlr_native_replaced(params, lambda plan: NoNative()))
     params = new_params(n)
     pipes["torch-fused"] = Pipeline(params, _torch_step("fused", params))
     return pipes, native
@@ -453,6 +467,7 @@ WHAT = {
     "fusedlr-cpu": '`fusedlr.AdamW(..., backend="cpu").step()` (fast path), as host_cost.py',
     "fusedlr-cpu (native call timed)": "the same, its `StepPlan.step` call wrapped in a timer",
     NATIVE: "that `StepPlan.step` call alone",
+    "fusedlr-cpu Python side": "fusedlr-cpu with `StepPlan.step` replaced by a no-op (nothing is updated)",
     "torch-fused": "`clip_grad_norm_(foreach=True)` + `AdamW(fused=True).step()` + `LambdaLR.step()`",
     GRADS: "`p.grad = torch.randn(1)` for the params (host_cost.py does not time it)",
 }
