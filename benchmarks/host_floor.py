@@ -506,6 +506,22 @@ def markdown(rep: dict) -> list[str]:
     return lines
 
 
+def profile_one(ext: Any, n: int, name: str, seconds: float) -> None:
+    """Steps pipeline ``name`` alone for ``seconds`` and prints its mean us/step."""
+    pipe = pipelines(ext, n)[0][name]
+    steps, total = 0, 0.0
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        new_grads(pipe.params)
+        if pipe.warm_up is not None:
+            pipe.warm_up()
+        begin = time.perf_counter()
+        pipe.step()
+        total += time.perf_counter() - begin
+        steps += 1
+    print(f"{name}: {steps} steps, mean {total / steps * 1e6:.1f} us/step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, default=2000)
@@ -514,8 +530,18 @@ def main() -> None:
     parser.add_argument(
         "--build-dir", type=Path, default=Path(tempfile.gettempdir()) / "fusedlr_host_floor", help="extension build"
     )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="step only this pipeline (new gradients each step) for --seconds, for a profiler such as "
+        "`perf record -e cpu-clock` (hardware counters are not available in this VM), and print its mean",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     ext = build(args.build_dir)
+    if args.only is not None:
+        profile_one(ext, args.tensors, args.only, args.seconds)
+        return
     load_before = os.getloadavg()
     times, in_gc = run(ext, args.tensors, args.steps)
     rep = report(times, in_gc, args.tensors, args.steps, load_before, os.getloadavg())
