@@ -14,13 +14,17 @@ and runs one loop over the params per step, cumulatively doing:
     6  + bump the version counters of the param and its moments (and of the step tensor, once)
     7  stage 6 split over 2 threads (``at::parallel_for``; pass 1 then pass 2, each in two halves)
 
-Each stage has its own parameters; ``fusedlr.AdamW(backend="cpu")`` (its eager fast path, ``fusedlr._C.StepPlan``,
-timed as a whole and as its native call alone) and torch's fused recipe (``host_cost._torch_step``) run in the
-same process, in turn every round (the order rotates each round), and each round also times the benchmark's own
-gradient creation, which ``host_cost.py`` keeps outside its timed region. Reported: median us/step, p10, p90, and
-the median over rounds of each stage's increment over the previous stage. Not a test: nothing is asserted.
+Variants of stage 6: the moments as views of one flat tensor, a second run on warm caches, fusedlr's four walks
+over the params, the params and moments checked every step. Each has its own parameters;
+``fusedlr.AdamW(backend="cpu")`` (its eager fast path, ``fusedlr._C.StepPlan``: as a whole, its native call alone,
+its Python side alone) and torch's fused recipe (``host_cost._torch_step``) run in the same process, in turn every
+round (the order rotates each round), and each round also times the benchmark's own gradient creation, which
+``host_cost.py`` keeps outside its timed region. Reported: median us/step, p10, p90, the median over rounds of each
+stage's increment over the previous stage, and the garbage collection inside the timed steps. Not a test:
+nothing is asserted.
 
     PYTHONPATH=. python benchmarks/host_floor.py [--tensors 2000] [--steps 300] [--out benchmarks/results]
+    perf record -e cpu-clock python benchmarks/host_floor.py --only fusedlr-cpu --seconds 10  # one pipeline
 """
 
 from __future__ import annotations
