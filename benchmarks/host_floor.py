@@ -394,11 +394,13 @@ class GcClock:
         gc.callbacks.remove(self)
 
 
-def run(ext: Any, n: int, steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def run(ext: Any, n: int, steps: int, in_a_row: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Microseconds per step of every pipeline, round by round (5 warm-up rounds dropped), the benchmark's
     gradient creation (every pipeline's, before its step) and fusedlr's native call; and the microseconds of
     garbage collection inside each timed step (collections that the allocations of the gradient creation and
-    of the step trigger while the step runs)."""
+    of the step trigger while the step runs). Each pipeline steps ``in_a_row`` times in its turn and the last
+    step is timed: 1 leaves its objects as cold as the other pipelines' turns make them (after a forward and
+    backward pass), 3 as warm as host_cost.py's consecutive steps leave them."""
     pipes, native = pipelines(ext, n)
     names = list(pipes)
     times: dict[str, list[float]] = {name: [] for name in [*names, GRADS, NATIVE]}
@@ -408,14 +410,15 @@ def run(ext: Any, n: int, steps: int) -> tuple[dict[str, list[float]], dict[str,
         for r in range(steps + 5):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 pipe = pipes[name]
-                gc0, start = clock.total, time.perf_counter()
-                new_grads(pipe.params)
-                gc1, made = clock.total, time.perf_counter()
-                if pipe.warm_up is not None:
-                    pipe.warm_up()
-                gc2, begin = clock.total, time.perf_counter()
-                pipe.step()
-                end, gc3 = time.perf_counter(), clock.total
+                for _ in range(in_a_row):
+                    gc0, start = clock.total, time.perf_counter()
+                    new_grads(pipe.params)
+                    gc1, made = clock.total, time.perf_counter()
+                    if pipe.warm_up is not None:
+                        pipe.warm_up()
+                    gc2, begin = clock.total, time.perf_counter()
+                    pipe.step()
+                    end, gc3 = time.perf_counter(), clock.total
                 if r >= 5:
                     times[GRADS].append((made - start) * 1e6)
                     in_gc[GRADS].append((gc1 - gc0) * 1e6)
@@ -437,7 +440,13 @@ def increments(times: dict[str, list[float]]) -> dict[int, float]:
 
 
 def report(
-    times: dict[str, list[float]], in_gc: dict[str, list[float]], n: int, steps: int, load: tuple, load_after: tuple
+    times: dict[str, list[float]],
+    in_gc: dict[str, list[float]],
+    n: int,
+    steps: int,
+    in_a_row: int,
+    load: tuple,
+    load_after: tuple,
 ) -> dict:
     rows = {name: summary(us, in_gc.get(name)) for name, us in times.items()}
     fused = rows["torch-fused"]["median_us"]
@@ -453,6 +462,7 @@ def report(
         "load_average_after": load_after,
         "torch": torch.__version__,
         "steps": steps,
+        "in_a_row": in_a_row,
         "goal_us": GOAL_US,
         "results": rows,
         "stage_increment_us": increments(times),
@@ -482,11 +492,12 @@ def markdown(rep: dict) -> list[str]:
     load = ", ".join(f"{x:.1f}" for x in rep["load_average_before"])
     load_after = ", ".join(f"{x:.1f}" for x in rep["load_average_after"])
     lines = [
-        f"# Host floor: {rep['case']}",
+        f"## {rep['case']}, {rep['in_a_row']} step(s) in a row",
         "",
         f"{rep['date']}, {rep['device']} ({rep['cpu_count']} CPUs, {rep['torch_threads']} torch threads), load average "
-        f"{load} before, {load_after} after; torch {rep['torch']}; {rep['steps']} rounds, every pipeline once per "
-        "round in rotating order (`PYTHONPATH=. python benchmarks/host_floor.py`). Increment: median over rounds of "
+        f"{load} before, {load_after} after; torch {rep['torch']}; {rep['steps']} rounds, every pipeline "
+        f"{rep['in_a_row']} step(s) in a row per round (the last timed) in rotating order "
+        f"(`PYTHONPATH=. python benchmarks/host_floor.py --in-a-row {rep['in_a_row']}`). Increment: median over rounds of "
         "this stage's time less the previous stage's (floor-7: less floor-6). GC: Python's cyclic collector running "
         "inside the timed step (triggered by the allocations of the gradient creation and of the step).",
         "",
@@ -541,20 +552,28 @@ def main() -> None:
         "`perf record -e cpu-clock` (hardware counters are not available in this VM), and print its mean",
     )
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--in-a-row",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 3],
+        help="steps each pipeline takes in its turn, the last timed (comma-separated: one table each)",
+    )
     args = parser.parse_args()
     ext = build(args.build_dir)
     if args.only is not None:
         profile_one(ext, args.tensors, args.only, args.seconds)
         return
-    load_before = os.getloadavg()
-    times, in_gc = run(ext, args.tensors, args.steps)
-    rep = report(times, in_gc, args.tensors, args.steps, load_before, os.getloadavg())
-    lines = markdown(rep)
-    print("\n".join(lines))
+    reps, lines = [], ["# Host floor"]
+    for in_a_row in args.in_a_row:
+        load_before = os.getloadavg()
+        times, in_gc = run(ext, args.tensors, args.steps, in_a_row)
+        reps.append(report(times, in_gc, args.tensors, args.steps, in_a_row, load_before, os.getloadavg()))
+        lines += ["", *markdown(reps[-1])]
+        print("\n".join(lines), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"host-floor-cpu-{rep['date'][:10]}"
-        stem.with_suffix(".json").write_text(json.dumps(rep, indent=2) + "\n")
+        stem = args.out / f"host-floor-cpu-{reps[0]['date'][:10]}"
+        stem.with_suffix(".json").write_text(json.dumps(reps, indent=2) + "\n")
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
