@@ -7,6 +7,8 @@
 // computing each tensor's bias corrections (and, with stochastic rounding, its random-bit keys) once per
 // tensor in shared memory. When the launch advances the step counters or k, the last block to finish
 // (an integer arrival counter, as in grad_stats.cu) advances them, after every block has read them.
+// A launch set (launch_adamw_update_set) runs the same walk over the tensors of several buckets in kernel
+// instances of their own (SET), each tensor's coefficients from its segment's hyperparameters and steps.
 #include <type_traits>
 
 #include "grid.h"
