@@ -40,14 +40,16 @@ def spilled(k: Kernel) -> int:
 
 
 def table(ks: list[Kernel], everything: bool) -> str:
-    """A Markdown table, one row per kernel instance (default mode of pass 2 only unless ``everything``)."""
+    """A Markdown table, one row per kernel instance (the default update's of pass 2 only, single-bucket and
+    launch-set instances, unless ``everything``)."""
     rows = ["| kernel | regs | stack B | LDL/STL | shared B | threads | blocks/SM | occupancy |", "|---|---|---|---|---|---|---|---|"]
     for k in sorted(ks, key=lambda k: k.demangled):
         m = _NAME.search(k.demangled)
         if m is None:
             continue
         name = m.group(0)
-        if name.startswith("adamw_kernel") and not everything and not name.endswith("false>"):
+        # adamw_kernel<T, M, AMSGRAD, LOWP, SET>: the default update is LOWP false (single bucket and launch set)
+        if name.startswith("adamw_kernel") and not everything and name.split(",")[3].strip() != "false":
             continue
         threads = k.max_threads or 256
         blocks = occupancy(k, threads)

@@ -80,6 +80,19 @@ TORCH_LIBRARY(fusedlr, m) {
       "Tensor? stats, float? max_norm, Tensor? found_inf, Tensor? scale=None, bool skip_nonfinite=False, "
       "bool advance_k=False, Tensor(l!)? norm_out=None, Tensor(m!)? found_inf_out=None, int seed=0, "
       "bool stochastic=False) -> ()");
+  // adamw_update_set.cached: the same, one CUDA launch over every segment, with the caller's cache of its device
+  // table (``table``, int64), the table's host mirror (``table_host``, int64 on the CPU; the table is uploaded
+  // only when it differs, no sync) and the launch's arrival counter (``workspace``, int32 [1], zero before its
+  // first use); each is allocated per call when None.
+  m.def(
+      "adamw_update_set.cached(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] remainders, "
+      "Tensor(j!)[] steps, Tensor(k!) k, Tensor(i!) applied_lr, int[] sizes, int[] groups, float[] lr, "
+      "float[] beta1, float[] beta2, float[] eps, float[] weight_decay, int[] maximize, Tensor?[] lr_tensors, "
+      "Tensor[] pids, Tensor? schedule, Tensor? stats, float? max_norm, Tensor? found_inf, Tensor? scale=None, "
+      "bool skip_nonfinite=False, bool advance_k=False, Tensor(l!)? norm_out=None, Tensor(m!)? found_inf_out=None, "
+      "int seed=0, bool stochastic=False, Tensor(g!)? table=None, Tensor(h!)? table_host=None, "
+      "Tensor(n!)? workspace=None) -> ()");
   // The LR multiplier sched(k) for each k of ks (float64, shape of ks), as the kernels compute it.
   m.def("schedule_eval(Tensor table, Tensor ks) -> Tensor");
 }
@@ -116,6 +129,7 @@ TORCH_LIBRARY_IMPL(fusedlr, ADInplaceOrView, m) {
   m.impl("adamw_update", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   m.impl("grad_stats_set", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   m.impl("adamw_update_set", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("adamw_update_set.cached", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
 namespace {
@@ -203,7 +217,8 @@ PyMODINIT_FUNC PyInit__C(void) {
       PyModule_AddIntConstant(mod, "CUDA_CHUNK", static_cast<long>(fusedlr::cuda::kChunk)) < 0 ||
       PyModule_AddIntConstant(mod, "CUDA_BLOCKS_PER_SM", static_cast<long>(fusedlr::cuda::kBlocksPerSm)) < 0 ||
       PyModule_AddIntConstant(mod, "STATS_TABLE_PTRS", fusedlr::cuda::kStatsPtrs) < 0 ||
-      PyModule_AddIntConstant(mod, "UPDATE_TABLE_PTRS", fusedlr::cuda::kUpdatePtrs) < 0) {
+      PyModule_AddIntConstant(mod, "UPDATE_TABLE_PTRS", fusedlr::cuda::kUpdatePtrs) < 0 ||
+      PyModule_AddIntConstant(mod, "SET_SEGMENT_WORDS", fusedlr::cuda::kSegmentWords) < 0) {
     Py_DECREF(mod);
     return nullptr;
   }

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fusedlr.extension._common import dtype_runs, same_layout
+from fusedlr.extension._common import dtype_runs, launch_key, same_layout
 
 __all__ = [
     "EmulatedCudaBackend",
@@ -185,10 +185,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class EmulatedCudaBackend:
     """The fusedlr backend interface over the CUDA kernels run on the host (CPU tensors); it folds
-    (``FOLDED``, ``fusedlr.control.FoldedUpdate``) as the CUDA backend does."""
+    (``FOLDED``, ``fusedlr.control.FoldedUpdate``) and updates a launch set in one launch (``SETS``) as the CUDA
+    backend does."""
 
     NAME = "cuda-emulated"
     FOLDED = True
+    SETS = True
 
     def __init__(self, shim: ShimLibrary, grid: int) -> None:
         self.shim, self.lib, self.grid = shim, shim.lib, grid
@@ -201,8 +203,10 @@ class EmulatedCudaBackend:
         self.lib.fusedlr_emu_grad_stats.argtypes = [i32, p, i64, i64, p, p, i32, p, p, i32]
         self.lib.fusedlr_emu_adamw_update.argtypes = [
             i32, i32, p, i64, i64, p, i32, i32, p, p, p, p, p, p, i32, p, p, p, i32, i32, i32, i32, ctypes.c_uint32, p,
-            p, i32, i32, i32, p, p, p,
+            p, i32, i32, i32, p, p, p, i64,
         ]
+        self.lib.fusedlr_emu_fill_set_region.argtypes = [p, p, p, p, i64, p]
+        self.lib.fusedlr_emu_segment_words.restype = i64
 
     def folds(self, bucket, grads) -> bool:
         """The emulated kernels run every bucket (they copy gradients laid out unlike their param)."""
@@ -271,22 +275,53 @@ class EmulatedCudaBackend:
         return functools.partial(self.adamw_update, bucket, grads, hyper, ctrl, applied_lr, fold)
 
     def adamw_update(self, bucket, grads, hyper, ctrl, applied_lr=None, fold=None) -> None:
-        n = len(bucket.params)
-        if n == 0:
-            return
+        if bucket.params:
+            self._launch([bucket], [grads], [hyper], ctrl, applied_lr, [fold], launch_set=False)
+
+    launch_key = staticmethod(launch_key)
+
+    def prepare_update_set(self, buckets, grads, hypers, ctrl, applied_lr, folds):
+        """As the CUDA backend's (``SETS``): the folded updates of a launch set, one launch; a set of one bucket
+        too (which the CUDA backend launches as ``prepare_update``), so that the emulated optimizer steps run the
+        set kernel instances in every precision mode."""
+        return functools.partial(self.adamw_update_set, buckets, grads, hypers, ctrl, applied_lr, folds)
+
+    def adamw_update_set(self, buckets, grads, hypers, ctrl, applied_lr, folds) -> None:
+        """One launch_adamw_update_set over every segment (one per bucket); the step's outputs are the last fold's."""
+        self._launch(buckets, grads, hypers, ctrl, applied_lr, folds, launch_set=True)
+
+    def _launch(self, buckets, grads, hypers, ctrl, applied_lr, folds, launch_set: bool) -> None:
+        """The update of ``buckets`` (one, or a launch set's), with ``hypers`` and ``folds`` (None: not folded)
+        per bucket, through fusedlr_emu_adamw_update."""
+        bucket, hyper, fold = buckets[0], hypers[0], folds[-1]
         lr = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
         # as the op: grads laid out like their param (copied otherwise)
         grads = [
-            g if same_layout(g, p) else torch.empty_like(p, dtype=g.dtype).copy_(g) for g, p in zip(grads, bucket.params)
+            g if same_layout(g, p) else torch.empty_like(p, dtype=g.dtype).copy_(g)
+            for b, gs in zip(buckets, grads)
+            for g, p in zip(gs, b.params)
         ]
         prec = bucket.precision
         master = None if prec is None else prec.master
         remainder = None if prec is None else prec.remainder
-        lists = [bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.max_exp_avg_sqs, master, remainder]
+
+        def per_param(get):
+            lists = [get(b) for b in buckets]
+            return None if lists[0] is None else [t for lst in lists for t in lst]
+
+        params = per_param(lambda b: b.params)
+        lists = [
+            params, grads, per_param(lambda b: b.exp_avgs), per_param(lambda b: b.exp_avg_sqs),
+            per_param(lambda b: b.max_exp_avg_sqs), per_param(lambda b: b.precision and b.precision.master),
+            per_param(lambda b: b.precision and b.precision.remainder),
+        ]
+        n = len(params)
         table, total = self._table(lists, n)
+        stochastic = prec is not None and prec.stochastic
+        if launch_set:
+            table = torch.cat([table, self._set_region(buckets, hypers, applied_lr, folds, stochastic)])
         param_dtype, state_dtype = bucket.params[0].dtype, bucket.exp_avgs[0].dtype
         math_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
-        stochastic = prec is not None and prec.stochastic
         # the op's choice of the low-precision kernel (csrc/op_common.h, check_adamw_update)
         low_precision = (
             master is not None or remainder is not None or state_dtype != math_dtype
@@ -302,7 +337,7 @@ class EmulatedCudaBackend:
         if fold is not None and applied_lr is not None:  # the whole buffer: this group's entry
             lr_out = applied_lr.data_ptr() + fold.group * applied_lr.element_size()
         rc = self.lib.fusedlr_emu_adamw_update(
-            _DTYPE_CODE[bucket.params[0].dtype],
+            _DTYPE_CODE[param_dtype],
             int(bucket.max_exp_avg_sqs is not None),
             table.data_ptr(),
             n,
@@ -328,10 +363,40 @@ class EmulatedCudaBackend:
             _ptr(prec.pids if stochastic else None),
             None if fold is None else _ptr(fold.scale),
             int(fold is not None and fold.skip_nonfinite),
-            int(fold is not None),
+            int(fold is not None and not launch_set),  # a set advances its segments' steps itself
             int(fold is not None and fold.advance_k),
             None if fold is None else _ptr(fold.norm_out),
             None if fold is None else _ptr(fold.found_inf_out),
             self.arrival.data_ptr(),
+            len(buckets) if launch_set else 0,
         )
         self.shim.check(rc)
+
+    def _set_region(self, buckets, hypers, applied_lr, folds, stochastic: bool) -> torch.Tensor:
+        """The set region of a launch set's table (csrc/cuda/table.h) through fusedlr_emu_fill_set_region."""
+        nseg = len(buckets)
+        lrs = [h.lr if isinstance(h.lr, torch.Tensor) else None for h in hypers]
+        hyper5 = torch.tensor(
+            [[0.0 if t is not None else h.lr, h.beta1, h.beta2, h.eps, h.weight_decay] for h, t in zip(hypers, lrs)],
+            dtype=torch.float64,
+        )
+        maximize = torch.tensor([int(h.maximize) for h in hypers], dtype=torch.int64)
+        ptrs5 = torch.tensor(
+            [
+                [
+                    b.steps.data_ptr(),
+                    t.data_ptr() if t is not None and t.dtype == torch.float32 else 0,
+                    t.data_ptr() if t is not None and t.dtype == torch.float64 else 0,
+                    applied_lr.data_ptr() + f.group * applied_lr.element_size() if applied_lr is not None else 0,
+                    b.precision.pids.data_ptr() if stochastic else 0,
+                ]
+                for b, t, f in zip(buckets, lrs, folds)
+            ],
+            dtype=torch.int64,
+        )
+        sizes = torch.tensor([len(b.params) for b in buckets], dtype=torch.int64)
+        region = torch.empty(int(sizes.sum()) + nseg * self.lib.fusedlr_emu_segment_words(), dtype=torch.int64)
+        self.lib.fusedlr_emu_fill_set_region(
+            hyper5.data_ptr(), maximize.data_ptr(), ptrs5.data_ptr(), sizes.data_ptr(), nseg, region.data_ptr()
+        )
+        return region

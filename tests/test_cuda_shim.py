@@ -364,12 +364,112 @@ def test_grad_stats_is_deterministic_for_a_grid_and_close_to_the_reference_for_a
 
 def test_grid_is_sized_from_the_occupancy_of_the_kernel_that_runs() -> None:
     """The binding's grid: min(total chunks, SMs * resident blocks per SM), here the shim's 132 SMs and its
-    thread-limited occupancy (2048 / 512 = 4 blocks); -1 for a mode without a kernel."""
+    thread-limited occupancy (2048 / 512 = 4 blocks; the set instances' too, which on a GPU have their own
+    register-limited one); -1 for a mode without a kernel."""
     lib = fusedlr_kernels().lib
     lib.fusedlr_emu_grad_stats_grid.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.fusedlr_emu_adamw_update_grid.argtypes = [ctypes.c_int] * 4 + [ctypes.c_int64]
+    lib.fusedlr_emu_adamw_update_grid.argtypes = [ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_int]
     assert [lib.fusedlr_emu_grad_stats_grid(2, n) for n in (1, 22, 528, 10**12)] == [1, 22, 528, 528]
-    assert lib.fusedlr_emu_adamw_update_grid(0, 1, 0, 0, 10**6) == 528
-    assert lib.fusedlr_emu_adamw_update_grid(2, 0, 1, 2, 7) == 7
-    assert lib.fusedlr_emu_adamw_update_grid(0, 0, 1, 0, 7) == -1  # fp32 params, fp32 low-precision moments
+    for launch_set in (0, 1):
+        assert lib.fusedlr_emu_adamw_update_grid(0, 1, 0, 0, 10**6, launch_set) == 528
+        assert lib.fusedlr_emu_adamw_update_grid(2, 0, 1, 2, 7, launch_set) == 7
+        # fp32 params, fp32 low-precision moments
+        assert lib.fusedlr_emu_adamw_update_grid(0, 0, 1, 0, 7, launch_set) == -1
     assert lib.fusedlr_emu_grad_stats_grid(9, 7) == -1
+
+
+# Three param groups of one launch set: different hyperparameters (maximize in one), a float32 tensor LR in the
+# second, zero-size tensors in each, and chunks that straddle the segments for grids of 3 and 7 blocks.
+SET_SIZES = [[0, 8192 + 5, 3], [700, 0, 2 * 8192, 1], [5000, 0]]
+SET_STEPS = [[4, 1, 9], [2, 6, 3, 11], [1, 8]]
+SET_HYPERS = [
+    HYPER,
+    GroupHyper(lr=torch.tensor(3e-3), beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.0, amsgrad=True, maximize=False),
+    GroupHyper(lr=5e-2, beta1=0.5, beta2=0.999, eps=1e-7, weight_decay=0.3, amsgrad=True, maximize=True),
+]
+
+
+def _set_step(backend: EmulatedCudaBackend, buckets: list[Bucket], grads, launch_set: bool, inf: bool = False):
+    """A folded AMP + clipping step of SET_HYPERS's three groups (pass 1 by the kernels, then the updates: one
+    set launch, or one launch per group). Returns (k, norm, found_inf, applied_lr)."""
+    scale = torch.tensor(4.0)
+    stats = torch.full((2,), 7.0)
+    backend.grad_stats_set(buckets, grads, stats, scale)
+    k, norm, found = torch.tensor(3), torch.full((), -1.0), torch.full((), -1.0)
+    applied = torch.full((4,), float("nan"), dtype=torch.float64)  # entry 3: no group
+    ctrl = StepControl(k=k, schedule=SCHED, schedule_table=SCHED.as_tensor(), stats=stats, max_norm=1.0,
+                       inv_scale=None, found_inf=None)
+    folds = [
+        FoldedUpdate(scale=scale, skip_nonfinite=True, group=i, advance_k=i == 2, norm_out=norm if i == 2 else None,
+                     found_inf_out=found if i == 2 else None)
+        for i in range(3)
+    ]
+    if launch_set:
+        backend.prepare_update_set(buckets, grads, SET_HYPERS, ctrl, applied, folds)()
+    else:
+        for b, gs, h, f in zip(buckets, grads, SET_HYPERS, folds):
+            backend.adamw_update(b, gs, h, ctrl, applied, f)
+    return k, norm, found, applied
+
+
+def _set_buckets(seed: int) -> tuple[list[Bucket], list[list[torch.Tensor]]]:
+    pairs = [_bucket(s, st, amsgrad=True, seed=seed + i) for i, (s, st) in enumerate(zip(SET_SIZES, SET_STEPS))]
+    return [b for b, _ in pairs], [gs for _, gs in pairs]
+
+
+@pytest.mark.parametrize("grid", [1, 3, 7])
+def test_launch_set_is_bitwise_the_per_group_launches_and_the_reference(grid: int) -> None:
+    """One launch over three segments (launch_adamw_update_set) writes bitwise what one launch per segment writes
+    (every tensor, steps, k, norm, found_inf, each group's applied LR), and matches the reference's update with
+    each group's hyperparameters (torch's recipe: unscale, clip, AdamW)."""
+    shim = fusedlr_kernels()
+    shim.disable_barrier(None)
+    shim.configure(grid, yield_prob=0.5, resident_blocks=2)
+    backend = EmulatedCudaBackend(shim, grid=grid)
+    one, grads = _set_buckets(seed=5)
+    per = [_clone(b) for b in one]
+    ref = [_clone(b) for b in one]
+    out_one = _set_step(backend, one, grads, launch_set=True)
+    out_per = _set_step(backend, per, grads, launch_set=False)
+    for a, b in zip(out_one, out_per):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a[~a.isnan()], b[~b.isnan()])
+    assert int(out_one[0]) == 4 and float(out_one[2]) == 0.0 and bool(out_one[3][3].isnan())
+    for b, p in zip(one, per):
+        assert torch.equal(b.steps, p.steps)
+        for x, y in zip(_tensors(b), _tensors(p)):
+            assert torch.equal(x, y)
+    assert int(backend.arrival) == 0
+
+    flat = [g for gs in grads for g in gs]
+    total = torch.stack([(g * 0.25).pow(2).sum() for g in flat]).sum()
+    coef = min(1.0, 1.0 / (float(total.sqrt()) + 1e-6))
+    ctrl = StepControl(k=torch.tensor(3), schedule=SCHED, schedule_table=SCHED.as_tensor(),
+                       stats=torch.stack([total, torch.tensor(0.0)]), max_norm=1.0, inv_scale=torch.tensor(0.25),
+                       found_inf=torch.tensor(0.0))
+    for i, (r, gs, h, b) in enumerate(zip(ref, grads, SET_HYPERS, one)):
+        r.steps += 1  # the reference reads this update's step numbers
+        lr = torch.zeros((), dtype=torch.float64)
+        reference.adamw_update(r, gs, h, ctrl, lr)
+        assert torch.equal(b.steps, r.steps)
+        assert float(out_one[3][i]) == pytest.approx(float(lr), rel=1e-12)
+        for x, y in zip(_tensors(b), _tensors(r)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert coef < 1.0  # the clip applies
+
+
+@pytest.mark.parametrize("grid", [1, 3])
+def test_launch_set_skipped_step_writes_only_the_flags(grid: int) -> None:
+    """A skipped AMP step (an inf gradient in the second group) updates no segment: only the norm (inf) and
+    found_inf (1) are written; steps, k, the applied LRs and every tensor stay."""
+    shim = fusedlr_kernels()
+    shim.disable_barrier(None)
+    shim.configure(grid, yield_prob=0.5, resident_blocks=2)
+    buckets, grads = _set_buckets(seed=9)
+    grads[1][2][40] = float("inf")
+    before = [_clone(b) for b in buckets]
+    k, norm, found, applied = _set_step(EmulatedCudaBackend(shim, grid=grid), buckets, grads, launch_set=True)
+    assert float(norm) == float("inf") and float(found) == 1.0 and int(k) == 3 and bool(applied.isnan().all())
+    for b, p in zip(buckets, before):
+        assert torch.equal(b.steps, p.steps)
+        for x, y in zip(_tensors(b), _tensors(p)):
+            assert torch.equal(x, y)

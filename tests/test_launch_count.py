@@ -1,10 +1,11 @@
 """The folded step (``fusedlr.control.FoldedUpdate``): on a backend that folds (``cpu`` through its ops, ``cuda``),
 a steady-state step is one pass-1 and one update launch per launch set (``cpu``: the buckets of every param group
 sharing device, dtypes, amsgrad and precision mode, in one ``grad_stats_set`` and one ``adamw_update_set``; the
-CUDA kernels: one per bucket) and nothing else (the eager fast path disabled, so that the ops run), and its results
-are torch's recipe's: ``torch.optim.AdamW`` + ``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler`` (with skipped
-steps), with ``grad_norm``, ``applied_lr``, GradScaler's ``found_inf``, the schedule index and the state steps after
-each step. "emu" runs the same steps through the CUDA kernels themselves on the host (tests/cuda_on_host.py).
+CUDA kernels: one pass-1 launch per gradient dtype and one update launch per launch set) and nothing else (the
+eager fast path disabled, so that the ops run), and its results are torch's recipe's: ``torch.optim.AdamW`` +
+``clip_grad_norm_`` + ``LambdaLR`` + ``GradScaler`` (with skipped steps), with ``grad_norm``, ``applied_lr``,
+GradScaler's ``found_inf``, the schedule index and the state steps after each step. "emu" runs the same steps
+through the CUDA kernels themselves on the host (tests/cuda_on_host.py).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def test_one_update_launch_per_dtype(backend: str, monkeypatch: pytest.MonkeyPat
     """Groups mixing float32 and float64 params, equal to torch's recipe (AdamW + clip_grad_norm_ + LambdaLR).
     cpu: one pass-1 op for the whole step and one update op per dtype (the float32 buckets of groups 0 and 2
     together, the float64 ones of groups 1 and 2); the CUDA kernels ("emu"): one pass-1 launch per dtype and one
-    update launch per bucket."""
+    update launch per dtype (launch set)."""
     monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
     ours, ref = _mixed_params(), _mixed_params()
     kw = dict(lr=LR, schedule=SCHED, max_grad_norm=0.5)
@@ -264,7 +265,7 @@ def test_one_update_launch_per_dtype(backend: str, monkeypatch: pytest.MonkeyPat
         shim = fusedlr_kernels()
         shim.configure(0)
         emu = EmulatedCudaBackend(shim, grid=3)
-        for name in ("grad_stats", "adamw_update"):
+        for name in ("grad_stats", "adamw_update_set"):
             monkeypatch.setattr(emu, name, _recording(getattr(emu, name), name, launches))
         opt._step_cache.update(impl=emu, impl_device=torch.device("cpu"))
     topt = torch.optim.AdamW(_mixed_groups(ref), lr=LR)
@@ -285,7 +286,7 @@ def test_one_update_launch_per_dtype(backend: str, monkeypatch: pytest.MonkeyPat
         if i > 0 and backend == "cpu":  # the first step also creates the states
             assert ops.names == ["fusedlr.grad_stats_set.default"] + ["fusedlr.adamw_update_set.default"] * 2
         if backend == "emu":
-            assert launches == ["grad_stats"] * 2 + ["adamw_update"] * 4
+            assert launches == ["grad_stats"] * 2 + ["adamw_update_set"] * 2
         torch.testing.assert_close(opt.grad_norm, norm.float(), rtol=1e-5, atol=0)
         for pa, pb in zip(ours, ref):
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
@@ -359,8 +360,9 @@ def test_cuda_amp_clip_step_is_two_kernel_launches() -> None:
 @needs_ext
 @needs_cuda
 @pytest.mark.gpu
-def test_cuda_two_groups_amp_clip_step_is_three_kernel_launches() -> None:
-    """Two param groups of one dtype: pass 1 is one launch for both (``grad_stats_set``), pass 2 one per bucket."""
+def test_cuda_two_groups_amp_clip_step_is_two_kernel_launches() -> None:
+    """Two param groups of one dtype: pass 1 is one launch for both (``grad_stats_set``), pass 2 one for both
+    (``adamw_update_set.cached``)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -376,8 +378,8 @@ def test_cuda_two_groups_amp_clip_step_is_three_kernel_launches() -> None:
         scaler.step(opt)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith("Mem")]
-    assert len(kernels) == 3 and "grad_stats_kernel" in kernels[0], kernels
-    assert all("adamw_kernel" in name for name in kernels[1:]), kernels
+    assert len(kernels) == 2, kernels
+    assert "grad_stats_kernel" in kernels[0] and "adamw_kernel" in kernels[1], kernels
 
 
 @needs_ext

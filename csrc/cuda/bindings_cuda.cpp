@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "../op_common.h"
@@ -81,6 +82,39 @@ const int64_t* upload_table(const std::vector<int64_t>& h, const std::optional<a
   return table->data_ptr<int64_t>();
 }
 
+// The arrival counter of an update launch that advances counters: ``workspace`` checked, else a fresh zero in
+// ``keep``.
+unsigned int* arrival_counter(const std::optional<at::Tensor>& workspace, const at::Device& device, at::Tensor& keep) {
+  if (workspace.has_value()) {
+    keep = *workspace;
+    TORCH_CHECK(keep.scalar_type() == at::kInt && keep.is_contiguous() && keep.numel() >= 1 && keep.device() == device,
+                "fusedlr.adamw_update: workspace must be a contiguous int32 tensor of at least 1 element on ", device,
+                " (zero before its first use)");
+  } else {
+    keep = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+  return reinterpret_cast<unsigned int*>(keep.data_ptr<int32_t>());
+}
+
+// The update table's tensors (build_table's lists, kUpdatePtrs of them) of ``params`` and their states; the
+// grads as checked (``chk.grads``).
+std::vector<std::vector<const at::Tensor*>> update_lists(at::TensorList params, const CheckedUpdate& chk,
+                                                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                                         at::TensorList max_exp_avg_sqs, at::TensorList masters,
+                                                         at::TensorList remainders) {
+  std::vector<std::vector<const at::Tensor*>> lists(kUpdatePtrs);
+  for (size_t i = 0; i < params.size(); ++i) {
+    lists[0].push_back(&params[i]);
+    lists[1].push_back(&chk.grads[i]);
+    lists[2].push_back(&exp_avgs[i]);
+    lists[3].push_back(&exp_avg_sqs[i]);
+    if (chk.amsgrad) lists[4].push_back(&max_exp_avg_sqs[i]);
+    if (!masters.empty()) lists[5].push_back(&masters[i]);
+    if (!remainders.empty()) lists[6].push_back(&remainders[i]);
+  }
+  return lists;
+}
+
 void grad_stats_cuda(at::TensorList grads, const std::optional<at::Tensor>& inv_scale, const at::Tensor& out,
                      const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& table_host,
                      const std::optional<at::Tensor>& workspace, const std::optional<at::Tensor>& scale,
@@ -141,32 +175,13 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   check_scale(scale, inv_scale, steps.device());
   StepOutputs outs = step_outputs(advance, advance_k, steps, k, stats, norm_out, found_inf_out, skip_nonfinite);
   at::Tensor arrival;
-  if (advance || advance_k) {
-    if (workspace.has_value()) {
-      arrival = *workspace;
-      TORCH_CHECK(arrival.scalar_type() == at::kInt && arrival.is_contiguous() && arrival.numel() >= 1 &&
-                      arrival.device() == steps.device(),
-                  "fusedlr.adamw_update: workspace must be a contiguous int32 tensor of at least 1 element on ",
-                  steps.device(), " (zero before its first use)");
-    } else {
-      arrival = at::zeros({1}, steps.options().dtype(at::kInt));
-    }
-    outs.arrival = reinterpret_cast<unsigned int*>(arrival.data_ptr<int32_t>());
-  }
+  if (advance || advance_k) outs.arrival = arrival_counter(workspace, steps.device(), arrival);
   const c10::cuda::CUDAGuard guard(steps.device());
   const int64_t n = static_cast<int64_t>(params.size());
-  std::vector<std::vector<const at::Tensor*>> lists(kUpdatePtrs);
-  for (int64_t i = 0; i < n; ++i) {
-    lists[0].push_back(&params[i]);
-    lists[1].push_back(&chk.grads[i]);
-    lists[2].push_back(&exp_avgs[i]);
-    lists[3].push_back(&exp_avg_sqs[i]);
-    if (chk.amsgrad) lists[4].push_back(&max_exp_avg_sqs[i]);
-    if (!masters.empty()) lists[5].push_back(&masters[i]);
-    if (!remainders.empty()) lists[6].push_back(&remainders[i]);
-  }
   int64_t total_chunks = 0;
-  const std::vector<int64_t> h = build_table(lists, kUpdatePtrs, n, &total_chunks);
+  const std::vector<int64_t> h =
+      build_table(update_lists(params, chk, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders), kUpdatePtrs,
+                  n, &total_chunks);
   const bool writes_outputs = advance || advance_k || norm_out.has_value() || found_inf_out.has_value() ||
                               applied_lr.has_value();
   if (total_chunks == 0 && !writes_outputs) return;
@@ -195,6 +210,99 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                "adamw_update");
 }
 
+// Tensors [start, start + len) of a launch set's list, or the empty list when ``list`` is (an unused one).
+at::TensorList segment_of(at::TensorList list, int64_t start, int64_t len) {
+  return list.empty() ? list : list.slice(static_cast<size_t>(start), static_cast<size_t>(len));
+}
+
+// adamw_update_set.cached (csrc/bindings.cpp): one launch (launch_adamw_update_set) over every segment; each
+// segment is checked as an adamw_update of its bucket, and all must share the kernel instance.
+void adamw_update_set_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masters,
+                           at::TensorList remainders, at::TensorList steps, const at::Tensor& k,
+                           const at::Tensor& applied_lr, at::IntArrayRef sizes, at::IntArrayRef groups,
+                           at::ArrayRef<double> lr, at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+                           at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay, at::IntArrayRef maximize,
+                           const c10::List<std::optional<at::Tensor>>& lr_tensors, at::TensorList pids,
+                           const std::optional<at::Tensor>& schedule, const std::optional<at::Tensor>& stats,
+                           std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& scale, bool skip_nonfinite, bool advance_k,
+                           const std::optional<at::Tensor>& norm_out, const std::optional<at::Tensor>& found_inf_out,
+                           int64_t seed, bool stochastic, const std::optional<at::Tensor>& table,
+                           const std::optional<at::Tensor>& table_host, const std::optional<at::Tensor>& workspace) {
+  TORCH_CHECK(k.is_cuda(), "fusedlr.adamw_update_set (CUDA): k must be a CUDA tensor");
+  const at::Device device = k.device();
+  const size_t n = params.size(), m = sizes.size();
+  TORCH_CHECK(m > 0 && groups.size() == m && lr.size() == m && beta1.size() == m && beta2.size() == m &&
+                  eps.size() == m && weight_decay.size() == m && maximize.size() == m && lr_tensors.size() == m &&
+                  steps.size() == m && (pids.empty() || pids.size() == m),
+              "fusedlr.adamw_update_set: groups, the hyperparameters, lr_tensors, steps (and pids when given) must "
+              "hold one entry per segment (at least one)");
+  int64_t start = 0;
+  std::vector<at::Tensor> kgrads;
+  std::optional<CheckedUpdate> first;
+  std::vector<SetSegment> segs(m);
+  for (size_t s = 0; s < m; ++s) {
+    const int64_t len = sizes[s];
+    TORCH_CHECK(len > 0 && start + len <= static_cast<int64_t>(n),
+                "fusedlr.adamw_update_set: the segment sizes must be positive and sum to the number of params");
+    const std::optional<at::Tensor> seg_pids = pids.empty() ? std::nullopt : std::optional<at::Tensor>(pids[s]);
+    CheckedUpdate chk = check_adamw_update(
+        segment_of(params, start, len), segment_of(grads, start, len), segment_of(exp_avgs, start, len),
+        segment_of(exp_avg_sqs, start, len), segment_of(max_exp_avg_sqs, start, len), steps[s], k, schedule, stats,
+        max_norm, std::nullopt, found_inf,
+        PrecisionArgs{segment_of(masters, start, len), segment_of(remainders, start, len), seg_pids, stochastic});
+    TORCH_CHECK(!first.has_value() || (chk.dtype == first->dtype && chk.state_dtype == first->state_dtype &&
+                                       chk.amsgrad == first->amsgrad && chk.master == first->master &&
+                                       chk.low_precision == first->low_precision),
+                "fusedlr.adamw_update_set: every segment must share the dtypes, amsgrad and precision mode");
+    StepInputs in{};
+    set_lr_inputs(lr_tensors.get(s), applied_lr, groups[s], device, in);
+    segs[s] = SetSegment{0, steps[s].data_ptr<int64_t>(), in.lr_f32, in.lr_f64, in.applied_lr,
+                         opt_ptr<int64_t>(seg_pids), lr[s], beta1[s], beta2[s], eps[s], weight_decay[s],
+                         maximize[s] != 0 ? 1 : 0};
+    for (auto& g : chk.grads) kgrads.push_back(std::move(g));
+    if (!first.has_value()) first = std::move(chk);
+    start += len;
+  }
+  TORCH_CHECK(start == static_cast<int64_t>(n),
+              "fusedlr.adamw_update_set: the segment sizes must sum to the number of params");
+  first->grads = std::move(kgrads);
+  const CheckedUpdate& chk = *first;
+  check_scale(scale, std::nullopt, device);
+  StepOutputs outs = step_outputs(false, advance_k, steps[0], k, stats, norm_out, found_inf_out, skip_nonfinite);
+  at::Tensor arrival;
+  outs.arrival = arrival_counter(workspace, device, arrival);
+  const c10::cuda::CUDAGuard guard(device);
+  int64_t total_chunks = 0;
+  std::vector<int64_t> h = build_table(
+      update_lists(params, chk, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, remainders), kUpdatePtrs,
+      static_cast<int64_t>(n), &total_chunks);
+  const size_t base = h.size();
+  h.resize(base + set_region_size(static_cast<int64_t>(n), static_cast<int64_t>(m)));
+  fill_set_region(segs.data(), sizes.data(), static_cast<int64_t>(m), h.data() + base);
+  at::Tensor keep;
+  const int64_t* dtable = upload_table(h, table, table_host, device, keep);
+
+  const AdamWHyper hyper = make_hyper(lr[0], beta1[0], beta2[0], eps[0], weight_decay[0], max_norm, maximize[0] != 0);
+  StepInputs in{};
+  in.k = k.data_ptr<int64_t>();
+  in.schedule = opt_ptr<double>(schedule);
+  in.stats = opt_ptr<float>(stats);
+  in.found_inf = opt_ptr<float>(found_inf);
+  in.grad_scale = opt_ptr<float>(scale);
+  in.skip_nonfinite = skip_nonfinite;
+  const LowPrecision lp{chk.master, stochastic, static_cast<uint32_t>(seed), nullptr};
+  int grid = 0;
+  check_launch(adamw_update_grid(chk.dtype, chk.amsgrad, chk.low_precision, chk.state_dtype, total_chunks,
+                                 device.index(), &grid, /*set=*/true),
+               "(sizing the grid of adamw_update_set)");
+  check_launch(launch_adamw_update_set(chk.dtype, chk.amsgrad, dtable, static_cast<int64_t>(n), total_chunks,
+                                       static_cast<int64_t>(m), hyper, in, chk.low_precision ? &lp : nullptr,
+                                       chk.state_dtype, outs, grid, current_stream(device)),
+               "adamw_update_set");
+}
+
 at::Tensor schedule_eval_cuda(const at::Tensor& table, const at::Tensor& ks) {
   check_schedule_eval(table, ks);
   TORCH_CHECK(table.is_cuda() && ks.device() == table.device(), "fusedlr.schedule_eval: table and ks on one device");
@@ -215,5 +323,6 @@ at::Tensor schedule_eval_cuda(const at::Tensor& table, const at::Tensor& ks) {
 TORCH_LIBRARY_IMPL(fusedlr, CUDA, m) {
   m.impl("grad_stats", &fusedlr::cuda::grad_stats_cuda);
   m.impl("adamw_update", &fusedlr::cuda::adamw_update_cuda);
+  m.impl("adamw_update_set.cached", &fusedlr::cuda::adamw_update_set_cuda);
   m.impl("schedule_eval", &fusedlr::cuda::schedule_eval_cuda);
 }

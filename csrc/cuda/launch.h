@@ -35,13 +35,24 @@ cudaError_t launch_adamw_update(int dtype, bool amsgrad, const int64_t* table, i
                                 const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp,
                                 int state_dtype, const StepOutputs& outs, int grid, cudaStream_t stream);
 
+// Pass 2 of a launch set: launch_adamw_update over the tensors of ``nseg`` segments (one bucket each), whose
+// table is followed by the set region (table.h, fill_set_region): each segment's steps, hyperparameters, tensor
+// LR, applied-LR entry and pids (``in.steps``, ``in.lr_*``, ``in.applied_lr``, ``lp->pids``, ``outs.steps``
+// unused); ``hyper``'s max_norm and the rest of ``in`` and ``outs`` are the step's. It advances every segment's
+// steps (``outs.arrival`` needed). nseg 0: launch_adamw_update.
+cudaError_t launch_adamw_update_set(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
+                                    int64_t nseg, const AdamWHyper& hyper, const StepInputs& in,
+                                    const LowPrecision* lp, int state_dtype, const StepOutputs& outs, int grid,
+                                    cudaStream_t stream);
+
 // The grid of launch_grad_stats / launch_adamw_update (same dtype and modes; ``low_precision``: lp not
-// null) over ``total_chunks`` chunks on ``device`` (the current device) into ``grid``: min(total_chunks,
+// null; ``set``: of launch_adamw_update_set with nseg > 0, whose kernel instances have their own occupancy)
+// over ``total_chunks`` chunks on ``device`` (the current device) into ``grid``: min(total_chunks,
 // SMs * the kernel instance's resident blocks per SM from its occupancy at kThreads threads), at most
 // SMs * kBlocksPerSm. Queried once per (kernel instance, device), then cached; no stream sync.
 cudaError_t grad_stats_grid(int dtype, int64_t total_chunks, int device, int* grid);
 cudaError_t adamw_update_grid(int dtype, bool amsgrad, bool low_precision, int state_dtype, int64_t total_chunks,
-                              int device, int* grid);
+                              int device, int* grid, bool set = false);
 
 // The architectures the kernels were compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. 800 for
 // sm_80): writes up to ``capacity`` of them into ``out`` and returns how many there are.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace fusedlr {
 namespace cuda {
@@ -22,7 +23,7 @@ constexpr int kBlocksPerSm = 2048 / kThreads;
 constexpr int kStatsPtrs = 1;   // g
 constexpr int kUpdatePtrs = 7;  // p, g, m, v, vmax, master, remainder (0 where absent)
 
-inline int64_t table_size(int64_t n, int nptr) { return n * (nptr + 2) + 1; }
+constexpr int64_t table_size(int64_t n, int nptr) { return n * (nptr + 2) + 1; }
 inline int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
 // Writes the table of n tensors into ``out`` (table_size(n, nptr) entries) from ``ptrs``
@@ -37,6 +38,48 @@ inline int64_t fill_table(const int64_t* ptrs, const int64_t* numels, int64_t n,
   }
   out[n * (nptr + 2)] = chunks;
   return chunks;
+}
+
+// A launch set (adamw_update_set): the update table of its n tensors (every segment's, in order) is followed
+// by the set region of ``nseg`` segments, int64 entries:
+//   [0, n)                                 each tensor's segment
+//   [n, n + nseg * kSegmentWords)          the segments (SetSegment each)
+constexpr int kSegmentWords = 12;
+
+// One segment (one bucket, one param group) of a launch set: its tensors [first, first + its size), their
+// steps tensor (indexed from ``first``), hyperparameters, tensor LR (null: ``lr``), applied-LR entry (or null)
+// and pids (stochastic rounding, indexed as ``steps``).
+struct SetSegment {
+  int64_t first;
+  int64_t* steps;
+  const float* lr_f32;
+  const double* lr_f64;
+  double* applied_lr;
+  const int64_t* pids;
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  int64_t maximize;  // 0/1
+};
+static_assert(sizeof(SetSegment) == kSegmentWords * sizeof(int64_t), "SetSegment is kSegmentWords int64 entries");
+
+constexpr int64_t set_region_size(int64_t n, int64_t nseg) { return n + nseg * kSegmentWords; }
+
+// Writes the set region of ``nseg`` segments (``sizes[s]`` tensors each, n in all) into ``out``
+// (set_region_size(n, nseg) entries); each segment's ``first`` is filled here.
+inline void fill_set_region(const SetSegment* segs, const int64_t* sizes, int64_t nseg, int64_t* out) {
+  int64_t n = 0;
+  for (int64_t s = 0; s < nseg; ++s) n += sizes[s];
+  int64_t first = 0;
+  for (int64_t s = 0; s < nseg; ++s) {
+    for (int64_t i = 0; i < sizes[s]; ++i) out[first + i] = s;
+    SetSegment seg = segs[s];
+    seg.first = first;
+    std::memcpy(out + n + s * kSegmentWords, &seg, sizeof(seg));
+    first += sizes[s];
+  }
 }
 
 }  // namespace cuda

@@ -157,6 +157,10 @@ if _C is not None:
     ) -> None:
         return None
 
+    @torch.library.register_fake("fusedlr::adamw_update_set.cached")
+    def _adamw_update_set_cached_fake(*args, table=None, table_host=None, workspace=None, **kwargs) -> None:
+        return _adamw_update_set_fake(*args, **kwargs)
+
     @torch.library.register_fake("fusedlr::schedule_eval")
     def _schedule_eval_fake(table, ks):
         return torch.empty_like(ks, dtype=torch.float64, memory_format=torch.contiguous_format)

@@ -6,7 +6,8 @@ re-uploaded (async copy from pinned memory, no sync) only when a pointer changed
 sync-free and CUDA-graph capturable once a first (warm-up) step has run. A bucket whose params or
 states are not dense (or whose grads have another dtype than the params) uses the reference.
 It folds (``FOLDED``, see ``fusedlr.backends``): the kernels take a step's small ops (``fusedlr.control.FoldedUpdate``);
-pass 1 of a folded step is one launch per gradient dtype (``grad_stats_set``), pass 2 one launch per bucket.
+pass 1 of a folded step is one launch per gradient dtype (``grad_stats_set``), pass 2 one launch per launch set
+(``SETS``: the buckets of every param group sharing a ``launch_key``, ``adamw_update_set.cached``).
 Eager steps take ``fusedlr.fast_step``'s C++ call instead, on the same cached tables (``fast_path``).
 """
 
@@ -21,22 +22,35 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
-from ._common import check_folds, compiled_ok, dtype_runs, kernel_grads, update_args, update_kwargs
+from ._common import (
+    check_folds,
+    compiled_ok,
+    dtype_runs,
+    kernel_grads,
+    launch_key,
+    update_args,
+    update_kwargs,
+    update_set_args,
+)
 
 __all__ = [
     "FOLDED",
     "NAME",
+    "SETS",
     "adamw_update",
     "available",
     "fast_path",
     "folds",
     "grad_stats",
     "grad_stats_set",
+    "launch_key",
     "prepare_update",
+    "prepare_update_set",
 ]
 
 NAME = "cuda"
 FOLDED = True
+SETS = True
 
 
 def available(device: torch.device) -> str | None:
@@ -74,10 +88,13 @@ def _arch_reason(device: torch.device) -> str | None:
 
 
 @torch.compiler.disable
-def _table(bucket: Bucket, key: str, n: int, nptr: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The (device table, host mirror) pair cached for one op of ``bucket``."""
+def _table(
+    bucket: Bucket, key: str, n: int, nptr: int, device: torch.device, segments: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The (device table, host mirror) pair cached for one op of ``bucket`` (``segments``: of a launch set of that
+    many buckets, whose table ends with the set region, csrc/cuda/table.h)."""
     cached = bucket.cache.get(key)
-    size = n * (nptr + 2) + 1
+    size = n * (nptr + 2) + 1 + (n + segments * extension._C.SET_SEGMENT_WORDS if segments else 0)
     if cached is None or cached[0].numel() != size or cached[0].device != device:
         cached = (
             torch.empty(size, dtype=torch.int64, device=device),
@@ -182,6 +199,37 @@ def prepare_update(
     if fold is not None:
         kwargs["workspace"] = _arrival(bucket, bucket.device)
     return partial(torch.ops.fusedlr.adamw_update, *args, table, host, **kwargs)
+
+
+def prepare_update_set(
+    buckets: Sequence[Bucket],
+    grads: Sequence[list[Tensor]],
+    hypers: Sequence[GroupHyper],
+    ctrl: StepControl,
+    applied_lr: Tensor,
+    folds: Sequence[FoldedUpdate],
+) -> Callable[[], None]:
+    """The folded updates (``folds``) of the buckets of one launch set (one ``launch_key``, every bucket folding),
+    prepared as ``prepare_update``; the commit is one launch over every bucket (its table and arrival counter
+    cached in the first bucket). A set of one bucket is ``prepare_update``'s launch: the single-bucket kernel
+    instances of the default 16/32-bit update keep 2 resident blocks per SM, the set instances 1."""
+    if len(buckets) == 1:
+        return prepare_update(buckets[0], grads[0], hypers[0], ctrl, applied_lr, folds[0])
+    if len({launch_key(b, gs) for b, gs in zip(buckets, grads)}) != 1:
+        raise ValueError("fusedlr backend='cuda': the buckets of a launch set must share their launch_key")
+    for b, gs, fold in zip(buckets, grads, folds):
+        check_folds(b, gs, NAME, fold)
+    kernel = [kernel_grads(b, gs) for b, gs in zip(buckets, grads)]
+    args = update_set_args(buckets, kernel, hypers, ctrl, applied_lr, folds)
+    first = buckets[0]
+    n = sum(len(b.params) for b in buckets)
+    table, host = _table(
+        first, "fusedlr_cuda_update_set_table", n, extension._C.UPDATE_TABLE_PTRS, first.device, len(buckets)
+    )
+    return partial(
+        torch.ops.fusedlr.adamw_update_set.cached, **args, table=table, table_host=host,
+        workspace=_arrival(first, first.device),
+    )
 
 
 def adamw_update(

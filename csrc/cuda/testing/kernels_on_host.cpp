@@ -4,6 +4,7 @@
 // written. This is the only file that knows the launchers' signatures.
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "../launch.h"
 #include "../launchers.h"
@@ -14,10 +15,26 @@ using namespace fusedlr::cuda;
 extern "C" {
 
 int64_t fusedlr_emu_chunk() { return kChunk; }
+int64_t fusedlr_emu_segment_words() { return kSegmentWords; }
 
 // Same as the CUDA binding: returns the total number of chunks.
 int64_t fusedlr_emu_fill_table(const int64_t* ptrs, const int64_t* numels, int64_t n, int nptr, int64_t* out) {
   return fill_table(ptrs, numels, n, nptr, out);
+}
+
+// The set region of nseg segments (table.h): per segment, hyper5 (lr, beta1, beta2, eps, weight_decay),
+// maximize and ptrs5 (steps, lr_f32, lr_f64, applied_lr, pids; 0 where absent); sizes: its tensors.
+void fusedlr_emu_fill_set_region(const double* hyper5, const int64_t* maximize, const int64_t* ptrs5,
+                                 const int64_t* sizes, int64_t nseg, int64_t* out) {
+  std::vector<SetSegment> segs(nseg);
+  for (int64_t s = 0; s < nseg; ++s) {
+    const double* h = hyper5 + 5 * s;
+    const int64_t* p = ptrs5 + 5 * s;
+    segs[s] = SetSegment{0, reinterpret_cast<int64_t*>(p[0]), reinterpret_cast<const float*>(p[1]),
+                         reinterpret_cast<const double*>(p[2]), reinterpret_cast<double*>(p[3]),
+                         reinterpret_cast<const int64_t*>(p[4]), h[0], h[1], h[2], h[3], h[4], maximize[s]};
+  }
+  fill_set_region(segs.data(), sizes, nseg, out);
 }
 
 // workspace: float32 [2 * grid + 1], zero before the first launch (see launch_grad_stats).
@@ -31,9 +48,12 @@ int fusedlr_emu_grad_stats_grid(int dtype, int64_t total_chunks) {
   int grid = 0;
   return grad_stats_grid(dtype, total_chunks, 0, &grid) == cudaSuccess ? grid : -1;
 }
-int fusedlr_emu_adamw_update_grid(int dtype, int amsgrad, int low_precision, int state_dtype, int64_t total_chunks) {
+// set: the grid of a launch set's instance (launch_adamw_update_set with nseg > 0).
+int fusedlr_emu_adamw_update_grid(int dtype, int amsgrad, int low_precision, int state_dtype, int64_t total_chunks,
+                                  int set) {
   int grid = 0;
-  return adamw_update_grid(dtype, amsgrad != 0, low_precision != 0, state_dtype, total_chunks, 0, &grid) == cudaSuccess
+  return adamw_update_grid(dtype, amsgrad != 0, low_precision != 0, state_dtype, total_chunks, 0, &grid, set != 0) ==
+                 cudaSuccess
              ? grid
              : -1;
 }
@@ -42,7 +62,8 @@ int fusedlr_emu_adamw_update_grid(int dtype, int amsgrad, int low_precision, int
 // tensor LR replacing hyper6[0] (or null); applied_lr receives lr_t when the update is applied (or null).
 // low_precision: 0 for the default update, else the modes master (MasterKind), stochastic, seed and
 // pids, with moments of state_dtype. scale, skip_nonfinite and the outputs: the folded step (StepOutputs;
-// advance: steps are advanced, advance_k: k; arrival: an unsigned int, zero between launches).
+// advance: steps are advanced, advance_k: k; arrival: an unsigned int, zero between launches). nseg > 0: a
+// launch set (launch_adamw_update_set; the table holds the set region, steps/lr/applied_lr/pids unused).
 int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                              const double* hyper6, int has_max_norm, int maximize, int64_t* k,
                              const double* schedule, const float* stats, const float* inv_scale,
@@ -50,7 +71,7 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
                              const double* lr_f64, double* applied_lr, int low_precision, int state_dtype,
                              int master, int stochastic, uint32_t seed, const int64_t* pids, const float* scale,
                              int skip_nonfinite, int advance, int advance_k, float* norm_out, float* found_inf_out,
-                             unsigned int* arrival) {
+                             unsigned int* arrival, int64_t nseg) {
   const AdamWHyper h = make_hyper(hyper6[0], hyper6[1], hyper6[2], hyper6[3], hyper6[4],
                                   has_max_norm != 0 ? std::optional<double>(hyper6[5]) : std::nullopt,
                                   maximize != 0);
@@ -73,8 +94,8 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
   outs.found_inf = found_inf_out;
   outs.arrival = arrival;
   const LowPrecision lp{master, stochastic != 0, seed, pids};
-  return launch_adamw_update(dtype, amsgrad != 0, table, n, total_chunks, h, in, low_precision != 0 ? &lp : nullptr,
-                             state_dtype, outs, grid, nullptr);
+  return launch_adamw_update_set(dtype, amsgrad != 0, table, n, total_chunks, nseg, h, in,
+                                 low_precision != 0 ? &lp : nullptr, state_dtype, outs, grid, nullptr);
 }
 
 }  // extern "C"
