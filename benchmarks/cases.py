@@ -33,6 +33,7 @@ __all__ = [
     "CPU_CASES",
     "MODE_CASES",
     "GPU_CASES",
+    "GROUP_CASES",
     "PARAM_STD",
     "SHAPE_SETS",
     "Case",
@@ -41,6 +42,7 @@ __all__ = [
     "fused_bytes_per_param",
     "state_bytes_per_param",
     "gpt_shapes",
+    "decay_split",
     "make_grads",
     "make_params",
     "refill_params_",
@@ -129,17 +131,21 @@ def fused_bytes_per_param(param_dtype: torch.dtype, grad_dtype: torch.dtype | No
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark case: a shape set with one parameter dtype (grads have the parameter dtype) and a
-    precision mode of the fusedlr pipelines (``MODES``; "" the default)."""
+    """One benchmark case: a shape set with one parameter dtype (grads have the parameter dtype), a
+    precision mode of the fusedlr pipelines (``MODES``; "" the default) and the number of param groups:
+    1, or 2 as Hugging Face's Trainer makes them (weight decay on the matrices, none on the 1-D tensors:
+    ``decay_split``), which every pipeline of the case, torch's included, then uses."""
 
     shape_set: str
     dtype_name: str
     mode: str = ""
+    groups: int = 1
 
     @property
     def name(self) -> str:
         base = f"{self.shape_set}-{self.dtype_name}"
-        return f"{base}-{self.mode}" if self.mode else base
+        base = f"{base}-{self.mode}" if self.mode else base
+        return f"{base}-{self.groups}groups" if self.groups > 1 else base
 
     @property
     def options(self) -> dict[str, object]:
@@ -189,11 +195,16 @@ class Case:
         return self.num_params * (2 * e + 2 * e + max(self.state_bytes_per_param, 2 * _STATE_BYTES) + 8)
 
 
-GPU_CASES: list[Case] = [Case(s, d) for s in ("gpt2-124m", "gpt-1.3b", "2000x4096") for d in ("fp32", "bf16")]
+#: The last two have two param groups (decay / no decay), whose update is one launch for both groups.
+GPU_CASES: list[Case] = [Case(s, d) for s in ("gpt2-124m", "gpt-1.3b", "2000x4096") for d in ("fp32", "bf16")] + [
+    Case("gpt2-124m", d, groups=2) for d in ("fp32", "bf16")
+]
+#: Two param groups on the CPU (run on request, ``--cases tiny-gpt-fp32-2groups``).
+GROUP_CASES: list[Case] = [Case("tiny-gpt", "fp32", groups=2)]
 CPU_CASES: list[Case] = [Case(s, d) for s in ("tiny-gpt", "tiny-many") for d in ("fp32", "bf16")]
 #: The precision modes, on bf16 params (run on request: ``--cases modes`` / ``--cases cpu-modes``).
 MODE_CASES: list[Case] = [Case(s, "bf16", m) for s in ("gpt2-124m", "tiny-gpt") for m in MODES if m]
-ALL_CASES: dict[str, Case] = {c.name: c for c in GPU_CASES + CPU_CASES + MODE_CASES}
+ALL_CASES: dict[str, Case] = {c.name: c for c in GPU_CASES + CPU_CASES + MODE_CASES + GROUP_CASES}
 
 
 def select_cases(spec: str | None, default: list[Case]) -> list[Case]:
@@ -212,7 +223,7 @@ def select_cases(spec: str | None, default: list[Case]) -> list[Case]:
         elif token in ALL_CASES:
             found = [ALL_CASES[token]]
         elif token in SHAPE_SETS:
-            found = [c for c in ALL_CASES.values() if c.shape_set == token and not c.mode]
+            found = [c for c in ALL_CASES.values() if c.shape_set == token and not c.mode and c.groups == 1]
         else:
             raise ValueError(f"unknown case {token!r}; choose from {', '.join(ALL_CASES)} or {', '.join(SHAPE_SETS)}")
         out += [c for c in found if c not in out]
@@ -225,6 +236,14 @@ def _random(shapes: list[Shape], seed: int, std: float, dtype: torch.dtype, devi
     for shape in shapes:
         t = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
         yield t.mul_(std).to(dtype)
+
+
+def decay_split(case: Case) -> list[list[int]]:
+    """The indices of ``case``'s tensors per param group: one group, or (``case.groups == 2``) the tensors of
+    two or more dimensions (weight decay) and the 1-D ones (biases and norms: no weight decay)."""
+    if case.groups == 1:
+        return [list(range(case.num_tensors))]
+    return [[i for i, s in enumerate(case.shapes) if len(s) > 1], [i for i, s in enumerate(case.shapes) if len(s) <= 1]]
 
 
 def make_params(case: Case, device: torch.device, seed: int = 0) -> list[Tensor]:

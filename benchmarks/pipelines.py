@@ -27,7 +27,7 @@ from torch import Tensor
 import fusedlr
 from fusedlr import backends
 
-from .cases import Case, make_params, refill_params_
+from .cases import Case, decay_split, make_params, refill_params_
 
 __all__ = [
     "BENCH_HYPER",
@@ -150,7 +150,7 @@ def build_pipeline(spec: PipelineSpec, case: Case, device: torch.device, hyper: 
     """Fresh parameters of ``case`` (seed 0) and a pipeline that steps them with ``grads`` (read, never written)."""
     params = make_params(case, device)
     if spec.family == "torch":
-        return _build_torch(spec, params, device, hyper, grads)
+        return _build_torch(spec, case, params, device, hyper, grads)
     return _build_fusedlr(spec, case, params, device, hyper, grads)
 
 
@@ -166,12 +166,20 @@ def _scaler(device: torch.device, hyper: Hyper) -> torch.amp.GradScaler:
     return scaler
 
 
-def _build_torch(spec: PipelineSpec, params: list[Tensor], device: torch.device, hyper: Hyper,
+def _groups(case: Case, params: list[Tensor]) -> list[dict[str, object]]:
+    """``params`` in ``case``'s param groups (``decay_split``): the second group, if any, without weight decay."""
+    split = decay_split(case)
+    return [
+        {"params": [params[i] for i in idx], **({"weight_decay": 0.0} if gi else {})} for gi, idx in enumerate(split)
+    ]
+
+
+def _build_torch(spec: PipelineSpec, case: Case, params: list[Tensor], device: torch.device, hyper: Hyper,
                  grads: list[Tensor]) -> Pipeline:
     work = [g.clone() for g in grads]
     _assign(params, work)
     flag = {"foreach": {"foreach": True}, "fused": {"fused": True}}[spec.impl]
-    opt = torch.optim.AdamW(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
+    opt = torch.optim.AdamW(_groups(case, params), lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
                             weight_decay=hyper.weight_decay, **flag)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, torch_lr_lambda(hyper))
     scaler = _scaler(device, hyper)
@@ -224,7 +232,8 @@ def _reset(opt: fusedlr.AdamW, params: list[Tensor], case: Case) -> None:
 def _build_fusedlr(spec: PipelineSpec, case: Case, params: list[Tensor], device: torch.device, hyper: Hyper,
                    grads: list[Tensor]) -> Pipeline:
     _assign(params, grads)
-    opt = fusedlr.AdamW(params, lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, weight_decay=hyper.weight_decay,
+    opt = fusedlr.AdamW(_groups(case, params), lr=hyper.lr, betas=hyper.betas, eps=hyper.eps,
+                        weight_decay=hyper.weight_decay,
                         schedule=hyper.schedule(), max_grad_norm=hyper.max_grad_norm, backend=spec.impl,
                         **case.options)  # type: ignore[arg-type]
     keep: list[object] = [opt]

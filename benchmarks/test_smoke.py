@@ -95,3 +95,17 @@ def test_script_entry_point() -> None:
                          timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "--cases" in out.stdout and "--quick" in out.stdout and "--out" in out.stdout
+
+
+def test_two_group_case_agrees_with_torch(tmp_path: Path) -> None:
+    case = C.ALL_CASES["tiny-gpt-fp32-2groups"]
+    decay, no_decay = C.decay_split(case)
+    assert [len(case.shapes[i]) for i in decay] == [2] * len(decay) and len(decay) == 6
+    assert {len(case.shapes[i]) for i in no_decay} == {1} and len(decay) + len(no_decay) == case.num_tensors
+    report = run.main(["--device", "cpu", "--quick", "--cases", case.name, "--pipelines", "torch-fused,fusedlr-cpu",
+                       "--out", str(tmp_path), "--time-limit-s", "120"])
+    (saved,) = report["cases"]
+    rows = {r["pipeline"]: r for r in saved["results"]}
+    assert saved["name"] == case.name and {"torch-fused", "fusedlr-cpu"} <= set(rows)
+    for name in ("torch-fused", "fusedlr-cpu"):
+        assert rows[name]["status"] == "ok" and rows[name]["check"]["agree"], rows[name]
