@@ -43,7 +43,7 @@ for phase in "${phases[@]}"; do
       grep -E "ERROR SUMMARY|RACECHECK SUMMARY|ok$" "$out/sanitize.log"
       ;;
     bench)
-      timeout 300 python3 benchmarks/run.py --out "$out" "$@" > "$out/bench.log" 2>&1
+      timeout 300 python3 benchmarks/run.py --time-limit-s 240 --out "$out" "$@" > "$out/bench.log" 2>&1
       log "bench rc=$?"
       tail -n 30 "$out/bench.log"
       ;;
