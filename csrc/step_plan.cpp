@@ -14,9 +14,9 @@
 // On CUDA (a plan built with the address of a csrc/cuda/launchers.h table; method ``launch``) the same walk
 // writes the gradients' pointers into the host mirrors of the op path's cached device tables, uploads a table
 // only when it changed (async, ordered on the current stream), and launches what the op path's folded step
-// launches (AdamW._prepare_folded): pass 1 per gradient dtype, then one update per bucket, the last one writing
-// the step's outputs. The launchers may be the host emulation of the kernels (tests/cuda_on_host.py), on CPU
-// tensors.
+// launches (AdamW._prepare_folded): pass 1 per gradient dtype, then one update per launch set (a set of several
+// buckets through adamw_update_set, on the op path's set table), the last one writing the step's outputs. The
+// launchers may be the host emulation of the kernels (tests/cuda_on_host.py), on CPU tensors.
 //
 // Host cost (the step of many tiny tensors): one walk over the parameters reads each gradient and
 // checks it, mostly by comparing it with what the plan recorded of its parameter (unchanged), keeping
@@ -82,9 +82,6 @@ struct PlanBucket {
   std::vector<cpu::GradRef> stats_grads;
   std::vector<cpu::UpdateSlot> slots;
   std::vector<at::Tensor> grad_copies;
-  // The CUDA fast path: the update's table and the arrival counter of the folded update (int32 [1], zero).
-  DeviceTable update;
-  at::Tensor arrival;
 };
 
 // One pass-1 launch of the CUDA fast path: the gradients of ``buckets`` (in order), all of dtype code ``dtype``,
@@ -94,6 +91,16 @@ struct StatsRun {
   std::vector<size_t> buckets;
   DeviceTable stats;
   at::Tensor workspace;
+};
+
+// One pass-2 launch of the CUDA fast path: the buckets of one launch set (fusedlr.optimizer.AdamW._launch_sets),
+// launched as the op path does (fusedlr/extension/cuda.py's prepare_update_set): a set of one bucket by
+// adamw_update on the bucket's table, a larger one by adamw_update_set on the set's table (csrc/cuda/table.h:
+// the update table of every bucket's tensors in order, then the set region); ``arrival``: int32 [1], zero.
+struct UpdateSet {
+  std::vector<size_t> buckets;
+  DeviceTable update;
+  at::Tensor arrival;
 };
 
 struct StepPlan {
@@ -107,9 +114,13 @@ struct StepPlan {
   int64_t numel = 0;  // elements of the params in buckets
   at::Device device{at::kCPU};                  // of the buckets
   const cuda::Launchers* launchers = nullptr;  // the CUDA fast path's launches (null: the CPU kernels)
-  std::vector<StatsRun> runs;                   // CUDA fast path: pass 1
-  std::vector<int64_t> table_scratch;           // CUDA fast path: a table as built this step
-  std::vector<const cpu::GradRef*> run_grads;   // CUDA fast path: the gradients of a pass-1 launch
+  std::vector<StatsRun> runs;                     // CUDA fast path: pass 1
+  std::vector<UpdateSet> sets;                    // CUDA fast path: pass 2
+  std::vector<int64_t> table_scratch;             // CUDA fast path: a table as built this step
+  std::vector<const cpu::GradRef*> run_grads;     // CUDA fast path: the gradients of a pass-1 launch
+  std::vector<const cpu::UpdateSlot*> set_slots;  // CUDA fast path: the tensors of a pass-2 launch
+  std::vector<cuda::SetSegment> segments;         // CUDA fast path: the segments of a launch set
+  std::vector<int64_t> segment_sizes;             // CUDA fast path: their numbers of tensors
 };
 
 // One group's hyperparameters for this step, and its tensor LR (may be undefined).
@@ -229,13 +240,14 @@ bool buffer_ok(const at::Tensor& t, const at::Device& device, at::ScalarType dty
   return t.defined() && scalar_ok(t, device, dtype, numel, exact);
 }
 
-// A DeviceTable of ``n`` tensors of ``nptr`` pointers over ``numels`` from (table, host mirror); nullptr, or why not.
+// A DeviceTable of ``n`` tensors of ``nptr`` pointers over ``numels`` (followed by ``extra`` entries: a set region)
+// from (table, host mirror); nullptr, or why not.
 const char* device_table(PyObject* table_obj, PyObject* host_obj, const at::Device& device, int nptr,
-                         const std::vector<int64_t>& numels, DeviceTable& out) {
+                         const std::vector<int64_t>& numels, int64_t extra, DeviceTable& out) {
   if (!THPVariable_Check(table_obj) || !THPVariable_Check(host_obj)) return "a table is not a tensor";
   out.table = THPVariable_Unpack(table_obj);
   out.host = THPVariable_Unpack(host_obj);
-  const int64_t size = cuda::table_size(static_cast<int64_t>(numels.size()), nptr);
+  const int64_t size = cuda::table_size(static_cast<int64_t>(numels.size()), nptr) + extra;
   if (!buffer_ok(out.table, device, at::kLong, size, true) || !buffer_ok(out.host, at::kCPU, at::kLong, size, true)) {
     return "a table or its host mirror is not a contiguous int64 tensor of the table's size";
   }
@@ -244,100 +256,146 @@ const char* device_table(PyObject* table_obj, PyObject* host_obj, const at::Devi
   return nullptr;
 }
 
-// The CUDA fast path's buffers of bucket ``b`` from (table, host mirror, arrival); nullptr, or why not.
-const char* bucket_device(PyObject* obj, const cuda::Launchers& launchers, PlanBucket& b) {
-  PyObject *table_obj, *host_obj, *arrival_obj;
-  if (!PyArg_ParseTuple(obj, "OOO", &table_obj, &host_obj, &arrival_obj)) {
+// The buckets listed by ``idx_obj`` (indices into plan.buckets), each counted in ``covered`` (a bucket in two
+// launches is refused), into ``out`` with their numels; nullptr, or why not.
+const char* bucket_indices(PyObject* idx_obj, const StepPlan& plan, std::vector<int>& covered,
+                           std::vector<size_t>& out, std::vector<int64_t>& numels) {
+  PyObject* idx = PySequence_Fast(idx_obj, "");
+  if (idx == nullptr) {
     PyErr_Clear();
-    return "a bucket's device buffers are not (table, host mirror, arrival)";
+    return "a launch's buckets are not a list";
   }
-  std::vector<int64_t> numels;
-  for (const at::Tensor& p : b.params) numels.push_back(p.numel());
-  if (const char* reason = device_table(table_obj, host_obj, b.device, cuda::kUpdatePtrs, numels, b.update)) {
-    return reason;
+  const char* reason = nullptr;
+  for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(idx) && reason == nullptr; ++j) {
+    const Py_ssize_t bi = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(idx, j));
+    if (bi < 0 || static_cast<size_t>(bi) >= plan.buckets.size() || covered[bi]++) {
+      PyErr_Clear();
+      reason = "a launch's buckets are not buckets of the plan, each in one launch";
+      break;
+    }
+    out.push_back(static_cast<size_t>(bi));
+    for (const at::Tensor& p : plan.buckets[bi].params) numels.push_back(p.numel());
   }
-  if (!THPVariable_Check(arrival_obj) ||
-      !buffer_ok(b.arrival = THPVariable_Unpack(arrival_obj), b.device, at::kInt, 1, false)) {
-    return "a bucket's arrival counter is not a contiguous int32 tensor on its device";
-  }
-  const c10::DeviceGuard guard(b.device);  // the occupancy query reads the current device
-  const int err = launchers.adamw_update_grid(b.dtype, b.amsgrad, b.low_precision, dtype_code(b.state_type),
-                                              b.update.total_chunks, device_index(b.device), &b.update.grid);
-  return err == 0 ? nullptr : "sizing the grid of adamw_update failed";
+  Py_DECREF(idx);
+  if (reason == nullptr && out.empty()) reason = "a launch has no bucket";
+  return reason;
 }
 
-// The pass-1 launches from ``runs``: (indices of buckets, table, host mirror, workspace) each; nullptr, or why not.
-const char* stats_runs(PyObject* runs, StepPlan& plan) {
-  PyObject* seq = PySequence_Fast(runs, "fusedlr._C.StepPlan: runs must be a list");
+// Whether buckets ``a`` and ``b`` take the same update kernel instance (fusedlr.extension._common.launch_key).
+bool same_kernel(const PlanBucket& a, const PlanBucket& b) {
+  return a.dtype == b.dtype && a.amsgrad == b.amsgrad && a.low_precision == b.low_precision &&
+         a.state_type == b.state_type && a.lp.master == b.lp.master && a.lp.stochastic == b.lp.stochastic &&
+         a.lp.seed == b.lp.seed;
+}
+
+// The launches of one pass from ``launches`` (a list of (indices of buckets, table, host mirror, buffer) each):
+// ``parse(indices, numels, table, host, buffer)`` checks one and keeps it (nullptr, or why not); every bucket
+// must be in exactly one launch.
+template <typename Parse>
+const char* parse_launches(PyObject* launches, StepPlan& plan, const char* what, Parse parse) {
+  PyObject* seq = PySequence_Fast(launches, "");
   if (seq == nullptr) {
     PyErr_Clear();
-    return "runs is not a list";
+    return "the launches of a pass are not a list";
   }
   std::vector<int> covered(plan.buckets.size(), 0);
   const char* reason = nullptr;
   const c10::DeviceGuard guard(plan.device);  // the occupancy query reads the current device
   for (Py_ssize_t r = 0; r < PySequence_Fast_GET_SIZE(seq) && reason == nullptr; ++r) {
-    PyObject *idx_obj, *table_obj, *host_obj, *ws_obj;
-    StatsRun run;
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, r), "OOOO", &idx_obj, &table_obj, &host_obj, &ws_obj)) {
+    PyObject *idx_obj, *table_obj, *host_obj, *buffer_obj;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, r), "OOOO", &idx_obj, &table_obj, &host_obj, &buffer_obj)) {
       PyErr_Clear();
-      reason = "a run is not (buckets, table, host mirror, workspace)";
+      reason = what;
       break;
     }
-    PyObject* idx = PySequence_Fast(idx_obj, "");
-    if (idx == nullptr) {
-      PyErr_Clear();
-      reason = "a run's buckets are not a list";
-      break;
-    }
+    std::vector<size_t> buckets;
     std::vector<int64_t> numels;
-    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(idx); ++j) {
-      const Py_ssize_t bi = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(idx, j));
-      if (bi < 0 || static_cast<size_t>(bi) >= plan.buckets.size() || covered[bi]++ ||
-          (run.dtype >= 0 && plan.buckets[bi].dtype != run.dtype)) {
-        PyErr_Clear();
-        reason = "a run's buckets are not buckets of one dtype, each in one run";
-        break;
-      }
-      run.dtype = plan.buckets[bi].dtype;
-      run.buckets.push_back(static_cast<size_t>(bi));
-      for (const at::Tensor& p : plan.buckets[bi].params) numels.push_back(p.numel());
-    }
-    Py_DECREF(idx);
-    if (reason == nullptr && run.buckets.empty()) reason = "a run is empty";
-    if (reason == nullptr) reason = device_table(table_obj, host_obj, plan.device, cuda::kStatsPtrs, numels, run.stats);
-    if (reason == nullptr && plan.launchers->grad_stats_grid(run.dtype, run.stats.total_chunks,
-                                                             device_index(plan.device), &run.stats.grid) != 0) {
-      reason = "sizing the grid of grad_stats failed";
-    }
-    if (reason == nullptr && !(THPVariable_Check(ws_obj) &&
-                               buffer_ok(run.workspace = THPVariable_Unpack(ws_obj), plan.device, at::kFloat,
-                                         2 * static_cast<int64_t>(run.stats.grid) + 1, false))) {
-      reason = "a run's workspace is not a contiguous float32 tensor of 2 * grid + 1 elements on the device";
-    }
-    if (reason == nullptr) plan.runs.push_back(std::move(run));
+    reason = bucket_indices(idx_obj, plan, covered, buckets, numels);
+    if (reason == nullptr) reason = parse(std::move(buckets), numels, table_obj, host_obj, buffer_obj);
   }
   Py_DECREF(seq);
   for (size_t bi = 0; bi < covered.size() && reason == nullptr; ++bi) {
-    if (covered[bi] != 1) reason = "a bucket is in no run";
+    if (covered[bi] != 1) reason = "a bucket is in no launch";
   }
   return reason;
 }
 
-// StepPlan(params, signature, buckets, n_groups, launchers=0, runs=None): ``params`` and ``signature`` of the plan
-// (fusedlr.plan.Plan.flat, .signature from scan_grads); ``buckets``: (group, indices into params, exp_avgs,
-// exp_avg_sqs, max_exp_avg_sqs or None, steps, precision[, device]) each, ``precision`` None or (masters or None,
-// remainders or None, pids, seed, stochastic) (fusedlr.precision.BucketPrecision). ``launchers``: 0 for the CPU
-// kernels (method ``step``), else the address of a csrc/cuda/launchers.h table (method ``launch``): then each
-// bucket's ``device`` is (update table, its host mirror, arrival counter) and ``runs`` the pass-1 launches
-// (see stats_runs). Raises ValueError when the fast path cannot run this plan.
+// The pass-1 launches from ``runs``: (indices of buckets of one dtype, table, host mirror, workspace) each.
+const char* stats_runs(PyObject* runs, StepPlan& plan) {
+  return parse_launches(
+      runs, plan, "a run is not (buckets, table, host mirror, workspace)",
+      [&](std::vector<size_t> buckets, const std::vector<int64_t>& numels, PyObject* table_obj, PyObject* host_obj,
+          PyObject* ws_obj) -> const char* {
+        StatsRun run;
+        run.dtype = plan.buckets[buckets[0]].dtype;
+        for (size_t bi : buckets) {
+          if (plan.buckets[bi].dtype != run.dtype) return "a run's buckets differ in dtype";
+        }
+        run.buckets = std::move(buckets);
+        if (const char* r = device_table(table_obj, host_obj, plan.device, cuda::kStatsPtrs, numels, 0, run.stats)) {
+          return r;
+        }
+        if (plan.launchers->grad_stats_grid(run.dtype, run.stats.total_chunks, device_index(plan.device),
+                                            &run.stats.grid) != 0) {
+          return "sizing the grid of grad_stats failed";
+        }
+        if (!(THPVariable_Check(ws_obj) && buffer_ok(run.workspace = THPVariable_Unpack(ws_obj), plan.device,
+                                                     at::kFloat, 2 * static_cast<int64_t>(run.stats.grid) + 1,
+                                                     false))) {
+          return "a run's workspace is not a contiguous float32 tensor of 2 * grid + 1 elements on the device";
+        }
+        plan.runs.push_back(std::move(run));
+        return nullptr;
+      });
+}
+
+// The pass-2 launches from ``sets``: (indices of the buckets of one launch set, table, host mirror, arrival
+// counter) each, in the op path's order; a set of several buckets has the set region in its table.
+const char* update_sets(PyObject* sets, StepPlan& plan) {
+  return parse_launches(
+      sets, plan, "a launch set is not (buckets, table, host mirror, arrival)",
+      [&](std::vector<size_t> buckets, const std::vector<int64_t>& numels, PyObject* table_obj, PyObject* host_obj,
+          PyObject* arrival_obj) -> const char* {
+        const PlanBucket& first = plan.buckets[buckets[0]];
+        for (size_t bi : buckets) {
+          if (!same_kernel(plan.buckets[bi], first)) return "a launch set's buckets take different kernels";
+        }
+        const int64_t nseg = buckets.size() > 1 ? static_cast<int64_t>(buckets.size()) : 0;
+        UpdateSet set;
+        set.buckets = std::move(buckets);
+        const int64_t extra = nseg > 0 ? cuda::set_region_size(static_cast<int64_t>(numels.size()), nseg) : 0;
+        if (const char* r = device_table(table_obj, host_obj, plan.device, cuda::kUpdatePtrs, numels, extra,
+                                         set.update)) {
+          return r;
+        }
+        if (!THPVariable_Check(arrival_obj) ||
+            !buffer_ok(set.arrival = THPVariable_Unpack(arrival_obj), plan.device, at::kInt, 1, false)) {
+          return "a launch set's arrival counter is not a contiguous int32 tensor on the device";
+        }
+        if (plan.launchers->adamw_update_grid(first.dtype, first.amsgrad, first.low_precision,
+                                              dtype_code(first.state_type), set.update.total_chunks,
+                                              device_index(plan.device), nseg > 0, &set.update.grid) != 0) {
+          return "sizing the grid of adamw_update failed";
+        }
+        plan.sets.push_back(std::move(set));
+        return nullptr;
+      });
+}
+
+// StepPlan(params, signature, buckets, n_groups, launchers=0, runs=None, sets=None): ``params`` and ``signature`` of
+// the plan (fusedlr.plan.Plan.flat, .signature from scan_grads); ``buckets``: (group, indices into params, exp_avgs,
+// exp_avg_sqs, max_exp_avg_sqs or None, steps, precision) each, ``precision`` None or (masters or None, remainders or
+// None, pids, seed, stochastic) (fusedlr.precision.BucketPrecision). ``launchers``: 0 for the CPU kernels (method
+// ``step``), else the address of a csrc/cuda/launchers.h table (method ``launch``): then ``runs`` are the pass-1
+// launches (stats_runs) and ``sets`` the pass-2 ones (update_sets). Raises ValueError when the fast path cannot run
+// this plan.
 int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
-  static const char* kwlist[] = {"params", "signature", "buckets", "n_groups", "launchers", "runs", nullptr};
-  PyObject *params_obj, *sig_obj, *buckets_obj, *runs_obj = Py_None;
+  static const char* kwlist[] = {"params", "signature", "buckets", "n_groups", "launchers", "runs", "sets", nullptr};
+  PyObject *params_obj, *sig_obj, *buckets_obj, *runs_obj = Py_None, *sets_obj = Py_None;
   Py_ssize_t n_groups;
   unsigned long long launchers = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OSOn|KO", const_cast<char**>(kwlist), &params_obj, &sig_obj,
-                                   &buckets_obj, &n_groups, &launchers, &runs_obj)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OSOn|KOO", const_cast<char**>(kwlist), &params_obj, &sig_obj,
+                                   &buckets_obj, &n_groups, &launchers, &runs_obj, &sets_obj)) {
     return -1;
   }
   auto* self = reinterpret_cast<StepPlanObject*>(self_obj);
@@ -358,10 +416,10 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     if (seq == nullptr) return -1;
     const Py_ssize_t nb = PySequence_Fast_GET_SIZE(seq);
     for (Py_ssize_t bi = 0; bi < nb; ++bi) {
-      PyObject *idx_obj, *m_obj, *v_obj, *vmax_obj, *steps_obj, *prec_obj, *device_obj = Py_None;
+      PyObject *idx_obj, *m_obj, *v_obj, *vmax_obj, *steps_obj, *prec_obj;
       Py_ssize_t group;
-      if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, bi), "nOOOOOO|O", &group, &idx_obj, &m_obj, &v_obj,
-                            &vmax_obj, &steps_obj, &prec_obj, &device_obj)) {
+      if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, bi), "nOOOOOO", &group, &idx_obj, &m_obj, &v_obj,
+                            &vmax_obj, &steps_obj, &prec_obj)) {
         Py_DECREF(seq);
         return -1;
       }
@@ -429,10 +487,6 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
         decide_precision(b);
         reason = bucket_reason(b);
       }
-      if (reason == nullptr && plan->launchers != nullptr) {
-        reason = device_obj == Py_None ? "a bucket has no device buffers"
-                                       : bucket_device(device_obj, *plan->launchers, b);
-      }
       if (reason != nullptr) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_ValueError, "fusedlr._C.StepPlan: %s", reason);
@@ -446,7 +500,9 @@ int step_plan_init(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     }
     Py_DECREF(seq);
     if (plan->launchers != nullptr) {
-      const char* reason = runs_obj == Py_None ? "a device plan needs its runs" : stats_runs(runs_obj, *plan);
+      const char* reason = runs_obj == Py_None || sets_obj == Py_None ? "a device plan needs its runs and sets"
+                                                                      : stats_runs(runs_obj, *plan);
+      if (reason == nullptr) reason = update_sets(sets_obj, *plan);
       if (reason != nullptr) {
         PyErr_Format(PyExc_ValueError, "fusedlr._C.StepPlan: %s", reason);
         return -1;
@@ -823,9 +879,46 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
+// The tensor LR of group ``g`` into ``in`` (none: the hyperparameters' lr).
+void set_lr(const GroupInput& g, StepInputs& in) {
+  if (!g.lr_tensor.defined()) return;
+  if (g.lr_tensor.scalar_type() == at::kDouble) {
+    in.lr_f64 = g.lr_tensor.data_ptr<double>();
+  } else {
+    in.lr_f32 = g.lr_tensor.data_ptr<float>();
+  }
+}
+
+// Appends the set region of launch set ``set`` (csrc/cuda/table.h) to ``plan.table_scratch``: one segment per bucket
+// with its steps, group's hyperparameters, tensor LR, applied-LR entry and pids, as bindings_cuda.cpp's
+// adamw_update_set_cuda writes it (so that the op path finds the table it would build).
+void set_region(StepPlan& plan, const UpdateSet& set, const StepArgs& a) {
+  plan.segments.clear();
+  plan.segment_sizes.clear();
+  for (size_t bi : set.buckets) {
+    const PlanBucket& b = plan.buckets[bi];
+    const GroupInput& g = a.groups[b.group];
+    StepInputs in{};
+    set_lr(g, in);
+    plan.segments.push_back(cuda::SetSegment{0, b.steps.data_ptr<int64_t>(), in.lr_f32, in.lr_f64,
+                                             a.applied_lr.data_ptr<double>() + b.group,
+                                             b.lp.stochastic ? b.pids.data_ptr<int64_t>() : nullptr, g.hyper.lr,
+                                             g.hyper.beta1, g.hyper.beta2, g.hyper.eps, g.hyper.weight_decay,
+                                             g.hyper.maximize ? 1 : 0});
+    plan.segment_sizes.push_back(static_cast<int64_t>(b.slots.size()));
+  }
+  std::vector<int64_t>& h = plan.table_scratch;
+  const size_t base = h.size();
+  const int64_t n = static_cast<int64_t>(plan.set_slots.size());
+  const int64_t nseg = static_cast<int64_t>(set.buckets.size());
+  h.resize(base + cuda::set_region_size(n, nseg));
+  cuda::fill_set_region(plan.segments.data(), plan.segment_sizes.data(), nseg, h.data() + base);
+}
+
 // Everything a folded step of the op path launches (fusedlr.optimizer.AdamW._prepare_folded on backend cuda):
 // pass 1 of each run into ``stats`` (the first resetting it) when stats are wanted, then the folded update of
-// each bucket, the last one advancing ``k`` and writing the norm and found_inf; tables uploaded when they changed.
+// each launch set, the last one advancing ``k`` and writing the norm and found_inf; tables uploaded when they
+// changed.
 void run_launch(StepPlan& plan, const StepArgs& a) {
   const cuda::Launchers& l = *plan.launchers;
   const c10::DeviceGuard guard(plan.device);  // launches go to the current device (as the ops' CUDAGuard)
@@ -858,58 +951,73 @@ void run_launch(StepPlan& plan, const StepArgs& a) {
       bump(a.stats);
     }
   }
-  for (size_t bi = 0; bi < plan.buckets.size(); ++bi) {
-    PlanBucket& b = plan.buckets[bi];
-    const bool last = bi + 1 == plan.buckets.size();
-    const int64_t n = static_cast<int64_t>(b.slots.size());
+  for (size_t si = 0; si < plan.sets.size(); ++si) {
+    UpdateSet& set = plan.sets[si];
+    const bool last = si + 1 == plan.sets.size();
+    const PlanBucket& first = plan.buckets[set.buckets[0]];
+    std::vector<const cpu::UpdateSlot*>& slots = plan.set_slots;
+    slots.clear();
+    for (size_t bi : set.buckets) {
+      for (const cpu::UpdateSlot& s : plan.buckets[bi].slots) slots.push_back(&s);
+    }
+    const int64_t n = static_cast<int64_t>(slots.size());
     build_table(
         plan, n, cuda::kUpdatePtrs,
         [&](int64_t i, int j) -> const void* {
-          const cpu::UpdateSlot& s = b.slots[i];
+          const cpu::UpdateSlot& s = *slots[i];
           const void* ptrs[cuda::kUpdatePtrs] = {s.p, s.g, s.m, s.v, s.vmax, s.master, s.remainder};
           return ptrs[j];
         },
-        [&](int64_t i) { return b.slots[i].numel; });
-    const int64_t* table = sync_table(plan, b.update, stream);
-    const GroupInput& g = a.groups[b.group];
+        [&](int64_t i) { return slots[i]->numel; });
+    const bool is_set = set.buckets.size() > 1;
+    if (is_set) set_region(plan, set, a);
+    const int64_t* table = sync_table(plan, set.update, stream);
+    const GroupInput& g = a.groups[first.group];
     StepInputs in{};
     in.k = a.k.data_ptr<int64_t>();
     in.schedule = ptr_or_null<const double>(a.schedule);
     in.stats = stats;
     in.found_inf = ptr_or_null<const float>(a.found_inf);
-    in.steps = b.steps.data_ptr<int64_t>();
     in.grad_scale = scale;
     in.skip_nonfinite = a.skip_nonfinite;
-    if (g.lr_tensor.defined()) {
-      if (g.lr_tensor.scalar_type() == at::kDouble) {
-        in.lr_f64 = g.lr_tensor.data_ptr<double>();
-      } else {
-        in.lr_f32 = g.lr_tensor.data_ptr<float>();
-      }
-    }
-    in.applied_lr = a.applied_lr.data_ptr<double>() + b.group;
     StepOutputs outs{};
-    outs.steps = b.steps.data_ptr<int64_t>();
     outs.k = last ? a.k.data_ptr<int64_t>() : nullptr;
     outs.norm = last ? ptr_or_null<float>(a.norm) : nullptr;
     outs.found_inf = last ? ptr_or_null<float>(a.found_inf_out) : nullptr;
-    outs.arrival = reinterpret_cast<unsigned int*>(b.arrival.data_ptr<int32_t>());
-    check_device(l, l.adamw_update(b.dtype, b.amsgrad, table, n, b.update.total_chunks, g.hyper, in,
-                                   b.low_precision ? &b.lp : nullptr, dtype_code(b.state_type), outs, b.update.grid,
-                                   stream),
-                 "adamw_update");
-    for (size_t j = 0; j < b.params.size(); ++j) {  // what the op's schema marks as written
-      bump(b.params[j]);
-      bump(b.exp_avgs[j]);
-      bump(b.exp_avg_sqs[j]);
-      if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
-      if (!b.masters.empty()) bump(b.masters[j]);
-      if (!b.remainders.empty()) bump(b.remainders[j]);
+    outs.arrival = reinterpret_cast<unsigned int*>(set.arrival.data_ptr<int32_t>());
+    if (is_set) {  // steps, LRs and pids are the segments' (the set region)
+      LowPrecision lp = first.lp;
+      lp.pids = nullptr;
+      check_device(l, l.adamw_update_set(first.dtype, first.amsgrad, table, n, set.update.total_chunks,
+                                         static_cast<int64_t>(set.buckets.size()), g.hyper, in,
+                                         first.low_precision ? &lp : nullptr, dtype_code(first.state_type), outs,
+                                         set.update.grid, stream),
+                   "adamw_update_set");
+    } else {
+      in.steps = first.steps.data_ptr<int64_t>();
+      set_lr(g, in);
+      in.applied_lr = a.applied_lr.data_ptr<double>() + first.group;
+      outs.steps = first.steps.data_ptr<int64_t>();
+      check_device(l, l.adamw_update(first.dtype, first.amsgrad, table, n, set.update.total_chunks, g.hyper, in,
+                                     first.low_precision ? &first.lp : nullptr, dtype_code(first.state_type), outs,
+                                     set.update.grid, stream),
+                   "adamw_update");
     }
-    bump(b.steps);
+    for (size_t bi : set.buckets) {  // what the op's schema marks as written
+      const PlanBucket& b = plan.buckets[bi];
+      for (size_t j = 0; j < b.params.size(); ++j) {
+        bump(b.params[j]);
+        bump(b.exp_avgs[j]);
+        bump(b.exp_avg_sqs[j]);
+        if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
+        if (!b.masters.empty()) bump(b.masters[j]);
+        if (!b.remainders.empty()) bump(b.remainders[j]);
+      }
+      bump(b.steps);
+    }
     bump(a.k);
     bump(a.applied_lr);
-    bump(b.arrival);
+    bump(set.arrival);
     if (last) {
       bump(a.norm);
       bump(a.found_inf_out);
@@ -979,7 +1087,7 @@ int add_step_plan_type(PyObject* module) {
   step_plan_type.tp_basicsize = sizeof(StepPlanObject);
   step_plan_type.tp_flags = Py_TPFLAGS_DEFAULT;
   step_plan_type.tp_doc =
-      "StepPlan(params, signature, buckets, n_groups, launchers=0, runs=None): the eager fast path of "
+      "StepPlan(params, signature, buckets, n_groups, launchers=0, runs=None, sets=None): the eager fast path of "
       "fusedlr.AdamW.step on the CPU (step) or through CUDA launchers (launch) for one launch plan (see "
       "fusedlr/fast_step.py).";
   step_plan_type.tp_new = step_plan_new;

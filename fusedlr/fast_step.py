@@ -13,10 +13,11 @@ they are (the low-precision modes included; no reference fallback, no DTensor or
 ``torch.compile`` traces the op path.
 
 On ``cuda`` (a backend with ``fast_path``, see ``fusedlr.extension.cuda.fast_path``) it runs the op path's folded
-step (``AdamW._prepare_folded``): the same launches through the table of csrc/cuda/launchers.h, on the op path's
-own cached device tables, which C++ rewrites in their host mirrors and uploads (async, from pinned memory) only
-when a pointer changed: no dispatcher and no host-device sync per step. It declines (the op path runs) while a
-CUDA graph is being captured, with a step history, and with a ``grad_scale`` attribute that is not float32.
+step (``AdamW._prepare_folded``): the same launches (pass 2: one per launch set, ``AdamW._launch_sets``) through
+the table of csrc/cuda/launchers.h, on the op path's own cached device tables, which C++ rewrites in their host
+mirrors and uploads (async, from pinned memory) only when a pointer changed: no dispatcher and no host-device sync
+per step. It declines (the op path runs) while a CUDA graph is being captured, with a step history, and with a
+``grad_scale`` attribute that is not float32.
 """
 
 from __future__ import annotations
@@ -78,11 +79,18 @@ def _native_plan(opt: Any, plan: Plan) -> Any:
     if launch:
         device_buckets = [b for _, b, _, _ in plan.buckets]
         runs = _dtype_runs(device_buckets)
-        launchers, updates, stats = impl.fast_path(device_buckets, runs, device_buckets[0].device)
+        grads = [[plan.flat[j].grad for j in idx] for _, _, idx, _ in plan.buckets]
+        if any(g is None for gs in grads for g in gs):
+            return None  # StepPlan refuses a bucket's param without a gradient too
+        sets = opt._launch_sets(impl, plan, grads)  # the op path's, which it then finds cached
+        launchers, updates, stats = impl.fast_path(device_buckets, runs, sets, device_buckets[0].device)
         if not launchers:
             return None
-        buckets = [(*bucket, update) for bucket, update in zip(buckets, updates)]
-        kwargs = dict(launchers=launchers, runs=[(members, *s) for members, s in zip(runs, stats)])
+        kwargs = dict(
+            launchers=launchers,
+            runs=[(members, *s) for members, s in zip(runs, stats)],
+            sets=[(members, *u) for members, u in zip(sets, updates)],
+        )
     try:
         return step_plan(plan.flat, plan.signature, buckets, len(opt.param_groups), **kwargs)
     except ValueError:  # e.g. grads of another dtype than their params: the reference runs those buckets

@@ -183,6 +183,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _cache_pair(bucket, key: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (table, host mirror) pair of ``size`` int64 entries cached in ``bucket.cache`` under ``key`` (as
+    ``fusedlr.extension.cuda``'s ``_table``; the mirror starts at -1, which matches no table)."""
+    cached = bucket.cache.get(key)
+    if cached is None or cached[0].numel() != size:
+        cached = (torch.empty(size, dtype=torch.int64), torch.full((size,), -1, dtype=torch.int64))
+        bucket.cache[key] = cached
+    return cached
+
+
 class EmulatedCudaBackend:
     """The fusedlr backend interface over the CUDA kernels run on the host (CPU tensors); it folds
     (``FOLDED``, ``fusedlr.control.FoldedUpdate``) and updates a launch set in one launch (``SETS``) as the CUDA
@@ -195,6 +205,7 @@ class EmulatedCudaBackend:
     def __init__(self, shim: ShimLibrary, grid: int) -> None:
         self.shim, self.lib, self.grid = shim, shim.lib, grid
         self.arrival = torch.zeros(1, dtype=torch.int32)  # of the folded update; the kernel leaves it zero
+        self.set_uploads = 0  # copies of a launch set's table into its cached copy by the op path (``_cached``)
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.lib.fusedlr_emu_launchers.restype = p
         self.lib.fusedlr_emu_launchers.argtypes = [i32]
@@ -207,6 +218,11 @@ class EmulatedCudaBackend:
         ]
         self.lib.fusedlr_emu_fill_set_region.argtypes = [p, p, p, p, i64, p]
         self.lib.fusedlr_emu_segment_words.restype = i64
+        self.lib.fusedlr_emu_launch_count.restype = i64
+
+    def launch_count(self) -> int:
+        """The kernel launches made through the host Launchers table (the fast path's) so far."""
+        return self.lib.fusedlr_emu_launch_count()
 
     def folds(self, bucket, grads) -> bool:
         """The emulated kernels run every bucket (they copy gradients laid out unlike their param)."""
@@ -216,25 +232,34 @@ class EmulatedCudaBackend:
         """The address of the host Launchers table (csrc/cuda/launchers.h) with this backend's grid."""
         return self.lib.fusedlr_emu_launchers(self.grid)
 
-    def fast_path(self, buckets, runs, device):
+    def fast_path(self, buckets, runs, sets, device):
         """As ``fusedlr.extension.cuda.fast_path``: ``launchers()`` and buffers of the fast path cached in the
-        buckets (this backend's op path builds its tables each call)."""
-
-        def table(bucket, key, n, nptr):
-            size = n * (nptr + 2) + 1
-            cached = bucket.cache.get(key)
-            if cached is None or cached[0].numel() != size:
-                cached = (torch.empty(size, dtype=torch.int64), torch.full((size,), -1, dtype=torch.int64))
-                bucket.cache[key] = cached
-            return cached
-
-        updates = [(*table(b, "emu_update_table", len(b.params), 7), self.arrival) for b in buckets]
+        buckets; a launch set of several buckets has the table its op path launch caches (``_cached``)."""
+        updates = []
+        for members in sets:
+            first = buckets[members[0]]
+            n = sum(len(buckets[i].params) for i in members)
+            if len(members) == 1:
+                updates.append((*_cache_pair(first, "emu_update_table", n * 9 + 1), self.arrival))
+            else:
+                size = n * 9 + 1 + n + len(members) * self.lib.fusedlr_emu_segment_words()
+                updates.append((*_cache_pair(first, "emu_update_set_table", size), self.arrival))
         stats = [
-            (*table(buckets[m[0]], "emu_stats_table", sum(len(buckets[i].params) for i in m), 1),
+            (*_cache_pair(buckets[m[0]], "emu_stats_table", sum(len(buckets[i].params) for i in m) * 3 + 1),
              torch.zeros(2 * self.grid + 1, dtype=torch.float32))
             for m in runs
         ]
         return self.launchers(), updates, stats
+
+    def _cached(self, bucket, table: torch.Tensor) -> torch.Tensor:
+        """A launch set's ``table`` as the CUDA backend keeps it: the copy cached in ``bucket`` (shared with the
+        fast path), rewritten (an upload, counted in ``set_uploads``) only when its host mirror differs."""
+        copy, host = _cache_pair(bucket, "emu_update_set_table", table.numel())
+        if not torch.equal(host, table):
+            copy.copy_(table)
+            host.copy_(table)
+            self.set_uploads += 1
+        return copy
 
     def _table(self, lists, n):
         nptr = len(lists)
@@ -320,6 +345,8 @@ class EmulatedCudaBackend:
         stochastic = prec is not None and prec.stochastic
         if launch_set:
             table = torch.cat([table, self._set_region(buckets, hypers, applied_lr, folds, stochastic)])
+            if len(buckets) > 1:
+                table = self._cached(bucket, table)
         param_dtype, state_dtype = bucket.params[0].dtype, bucket.exp_avgs[0].dtype
         math_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
         # the op's choice of the low-precision kernel (csrc/op_common.h, check_adamw_update)

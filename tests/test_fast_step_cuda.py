@@ -177,8 +177,74 @@ def test_a_tensor_lr_and_a_constant_lr_without_clipping_equal_the_op_path(amp: b
     _check(build)
 
 
+def _three_groups(backend: EmulatedCudaBackend | None = None, clip: bool = True, amp: bool = True) -> World:
+    """Three param groups of float32 params (one launch set) differing in every hyperparameter, one with a tensor
+    LR and one maximizing; clipping, a schedule and a GradScaler (each unless turned off)."""
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in [(5, 3), (7,), (1,), (4, 4), (300,), (3, 2), (9000,)]]
+    groups = [
+        {"params": params[:2], "lr": torch.tensor(2e-2, dtype=torch.float64), "betas": (0.8, 0.99)},
+        {"params": params[2:4], "lr": 3e-2, "eps": 1e-6, "weight_decay": 0.0},
+        {"params": params[4:], "betas": (0.95, 0.9), "eps": 1e-7, "weight_decay": 0.3, "maximize": True},
+    ]
+    opt = _emulated(groups, backend, lr=1e-2, schedule=SCHED, max_grad_norm=0.5 if clip else None, seed=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3) if amp else None
+    if scaler is not None:
+        scaler.scale(torch.ones(()))
+    return params, opt, scaler
+
+
+def test_three_groups_in_one_launch_set_equal_the_op_path() -> None:
+    """Three groups whose buckets form one launch set: the fast path's one set launch per step (clipping,
+    GradScaler with inf gradients at INF_STEPS, a tensor LR) equals the op path's bit for bit."""
+    _check(_three_groups)
+
+
+@pytest.mark.parametrize("clip, amp, launches", [(True, True, 2), (False, False, 1)], ids=["amp-clip", "plain"])
+def test_a_fast_step_of_three_groups_is_one_update_launch(clip: bool, amp: bool, launches: int) -> None:
+    """Issue 8 item 2 on the fast path: a step of three groups of one dtype launches pass 1 once (when clipping or
+    AMP need it) and pass 2 once, through the Launchers table."""
+    backend = _backend()
+    params, opt, scaler = _three_groups(backend, clip, amp)
+    keep: list[torch.Tensor] = []
+    counts = []
+    for i in range(4):
+        _grads(params, i, 1.0 if scaler is None else scaler.get_scale(), keep, inf=False)
+        before = backend.launch_count()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        counts.append(backend.launch_count() - before)
+    assert counts == [0] + [launches] * 3  # the first step builds the plan on the op path
+
+
+def test_op_path_after_fast_steps_finds_the_set_table_uploaded() -> None:
+    """A graph captured after eager steps replays the op path's launch on the tables the fast path left: an op-path
+    step (the fast path declined, as under capture) with the last fast step's gradients copies no set table."""
+    backend = _backend()
+    params, opt, scaler = _three_groups(backend)
+    keep: list[torch.Tensor] = []
+    for i in range(3):
+        _grads(params, i, scaler.get_scale(), keep, inf=False)
+        scaler.step(opt)
+        scaler.update()
+    assert backend.set_uploads == 1 and opt._step_cache["fast"].native is not None  # the first (op path) step's
+    plan = opt._step_cache["plan"]
+    (members,) = opt._step_cache["launch_sets"][2]
+    assert len(members) == 3
+    table, host = plan.buckets[members[0]][1].cache["emu_update_set_table"]
+    assert torch.equal(table, host)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+        scaler.step(opt)
+        scaler.update()
+    assert backend.set_uploads == 1
+    assert int(opt.schedule_index) == 4
+
+
 def test_new_gradient_storage_every_step_is_uploaded() -> None:
-    """zero_grad(set_to_none=True) and gradients at new addresses every step: each step's table holds them (the
+    """zero_grad(set_to_none=True) and gradients at new addresses every step: each launch set's table holds them (the
     host mirror and the table the kernels read), and the steps equal the op path's."""
     build = _world()
     params, opt, scaler = build()
@@ -191,11 +257,12 @@ def test_new_gradient_storage_every_step_is_uploaded() -> None:
         if i == 0:
             continue
         plan = opt._step_cache["plan"]
-        for _, b, idx, _ in plan.buckets:
-            table, host = b.cache["emu_update_table"]
+        for members in opt._step_cache["launch_sets"][2]:  # a set of one bucket has the bucket's table
+            key = "emu_update_table" if len(members) == 1 else "emu_update_set_table"
+            table, host = plan.buckets[members[0]][1].cache[key]
             assert torch.equal(table, host)
-            grads = host[1 : 7 * len(idx) : 7].tolist()
-            assert grads == [plan.flat[j].grad.data_ptr() for j in idx]
+            idx = [j for i in members for j in plan.buckets[i][2]]
+            assert host[1 : 7 * len(idx) : 7].tolist() == [plan.flat[j].grad.data_ptr() for j in idx]
 
     def zero_grad(i: int, params: list[torch.nn.Parameter], opt: fusedlr.AdamW) -> None:
         grads = [p.grad for p in params]
@@ -329,8 +396,8 @@ class _Launchers(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_void_p)
         for name in (
-            "grad_stats", "adamw_update", "grad_stats_grid", "adamw_update_grid", "current_stream", "upload",
-            "error_string",
+            "grad_stats", "adamw_update", "adamw_update_set", "grad_stats_grid", "adamw_update_grid",
+            "current_stream", "upload", "error_string",
         )
     ]
 
@@ -377,7 +444,7 @@ def test_a_table_not_uploaded_after_a_pointer_changed_is_caught() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_fast_path_is_sync_free_and_equals_the_op_path() -> None:
     """The real CUDA backend: fast steps with torch.cuda.set_sync_debug_mode("error") equal the op path's, and a CUDA
-    graph captured after them replays the op path's step."""
+    graph captured after them replays the op path's step (its set table uploaded by the fast steps)."""
     from fusedlr.extension import cuda
 
     if cuda.available(torch.device("cuda")) is not None:
@@ -398,7 +465,11 @@ def test_cuda_fast_path_is_sync_free_and_equals_the_op_path() -> None:
             torch.manual_seed(0)
             params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (3, 5000, 70_001)]
             params.append(torch.nn.Parameter(torch.randn(64, device="cuda", dtype=torch.bfloat16)))
-            groups = [{"params": params[:2]}, {"params": params[2:], "lr": 3e-2, "amsgrad": True}]
+            groups = [  # a launch set of the two fp32 groups' buckets, and one of the bf16 bucket alone
+                {"params": params[:2]},
+                {"params": params[2:3], "lr": 3e-2, "weight_decay": 0.0},
+                {"params": params[3:], "amsgrad": True},
+            ]
             opt = fusedlr.AdamW(groups, lr=1e-2, schedule=SCHED, max_grad_norm=0.5, backend="cuda")
             scaler = torch.amp.GradScaler("cuda", init_scale=2.0**8, growth_interval=3)
             scaler.scale(torch.ones((), device="cuda"))

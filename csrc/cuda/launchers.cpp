@@ -30,13 +30,20 @@ int adamw_update(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64
                              static_cast<cudaStream_t>(stream));
 }
 
+int adamw_update_set(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks, int64_t nseg,
+                     const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
+                     const StepOutputs& outs, int grid, void* stream) {
+  return launch_adamw_update_set(dtype, amsgrad, table, n, total_chunks, nseg, hyper, in, lp, state_dtype, outs, grid,
+                                 static_cast<cudaStream_t>(stream));
+}
+
 int stats_grid(int dtype, int64_t total_chunks, int device, int* grid) {
   return grad_stats_grid(dtype, total_chunks, device, grid);
 }
 
 int update_grid(int dtype, bool amsgrad, bool low_precision, int state_dtype, int64_t total_chunks, int device,
-                int* grid) {
-  return adamw_update_grid(dtype, amsgrad, low_precision, state_dtype, total_chunks, device, grid);
+                bool set, int* grid) {
+  return adamw_update_grid(dtype, amsgrad, low_precision, state_dtype, total_chunks, device, grid, set);
 }
 
 void* current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
@@ -66,7 +73,8 @@ const char* error_string(int error) {
   return error == kUploadFailed ? upload_error.c_str() : cudaGetErrorString(static_cast<cudaError_t>(error));
 }
 
-const Launchers kLaunchers{grad_stats, adamw_update, stats_grid, update_grid, current_stream, upload, error_string};
+const Launchers kLaunchers{grad_stats,  adamw_update,   adamw_update_set, stats_grid,
+                           update_grid, current_stream, upload,           error_string};
 
 }  // namespace
 

@@ -17,15 +17,19 @@ namespace fusedlr {
 namespace cuda {
 
 struct Launchers {
-  // launch.h's launch_grad_stats / launch_adamw_update / grad_stats_grid / adamw_update_grid.
+  // launch.h's launch_grad_stats / launch_adamw_update / launch_adamw_update_set / grad_stats_grid /
+  // adamw_update_grid (``set``: the grid of launch_adamw_update_set with nseg > 0).
   int (*grad_stats)(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
                     const float* scale, bool reset, float* out, float* workspace, int grid, void* stream);
   int (*adamw_update)(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                       const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
                       const StepOutputs& outs, int grid, void* stream);
+  int (*adamw_update_set)(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks, int64_t nseg,
+                          const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
+                          const StepOutputs& outs, int grid, void* stream);
   int (*grad_stats_grid)(int dtype, int64_t total_chunks, int device, int* grid);
   int (*adamw_update_grid)(int dtype, bool amsgrad, bool low_precision, int state_dtype, int64_t total_chunks,
-                           int device, int* grid);
+                           int device, bool set, int* grid);
   // The current stream of ``device`` (what the ops launch on).
   void* (*current_stream)(int device);
   // Copies ``bytes`` from the host buffer ``host`` to ``dst`` on ``device``, ordered on ``stream`` and

@@ -132,17 +132,24 @@ def folds(bucket: Bucket, grads: list[Tensor]) -> bool:
 
 
 def fast_path(
-    buckets: Sequence[Bucket], runs: Sequence[Sequence[int]], device: torch.device
+    buckets: Sequence[Bucket], runs: Sequence[Sequence[int]], sets: Sequence[Sequence[int]], device: torch.device
 ) -> tuple[int, list[tuple[Tensor, Tensor, Tensor]], list[tuple[Tensor, Tensor, Tensor]]]:
     """What ``fusedlr.fast_step`` launches a folded step of ``buckets`` with (``runs``: the buckets of each pass-1
-    launch, indices): the address of the launchers table (``fusedlr._C.CUDA_LAUNCHERS``, 0 without the CUDA
-    kernels), each bucket's (update table, host mirror, arrival counter) and each run's (stats table, host mirror,
-    workspace). These are the op path's own cached buffers (``prepare_update``, ``grad_stats_set``), so that a CUDA
-    graph captured on the op path after eager fast steps finds its tables uploaded."""
+    launch, ``sets``: of each launch set, indices): the address of the launchers table (``fusedlr._C.CUDA_LAUNCHERS``,
+    0 without the CUDA kernels), each set's (update table, host mirror, arrival counter) and each run's (stats
+    table, host mirror, workspace). These are the op path's own cached buffers (``prepare_update_set``: a set of
+    one bucket has the bucket's table, a larger one the set table of its first bucket; ``grad_stats_set``), so that
+    a CUDA graph captured on the op path after eager fast steps finds its tables uploaded."""
     ptrs = extension._C.UPDATE_TABLE_PTRS
-    updates = [
-        (*_table(b, "fusedlr_cuda_update_table", len(b.params), ptrs, device), _arrival(b, device)) for b in buckets
-    ]
+    updates = []
+    for members in sets:
+        first = buckets[members[0]]
+        if len(members) == 1:
+            table = _table(first, "fusedlr_cuda_update_table", len(first.params), ptrs, device)
+        else:
+            n = sum(len(buckets[i].params) for i in members)
+            table = _table(first, "fusedlr_cuda_update_set_table", n, ptrs, device, len(members))
+        updates.append((*table, _arrival(first, device)))
     stats = []
     for members in runs:
         first = buckets[members[0]]

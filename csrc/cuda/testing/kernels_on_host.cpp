@@ -105,16 +105,27 @@ int fusedlr_emu_adamw_update(int dtype, int amsgrad, const int64_t* table, int64
 namespace {
 
 int emu_grid = 1;
+int64_t emu_launches = 0;  // kernel launches through emu_launchers (fusedlr_emu_launch_count)
 
 int emu_grad_stats(int dtype, const int64_t* table, int64_t n, int64_t total_chunks, const float* inv_scale,
                    const float* scale, bool reset, float* out, float* workspace, int grid, void* /*stream*/) {
+  ++emu_launches;
   return launch_grad_stats(dtype, table, n, total_chunks, inv_scale, scale, reset, out, workspace, grid, nullptr);
 }
 
 int emu_adamw_update(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks,
                      const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
                      const StepOutputs& outs, int grid, void* /*stream*/) {
+  ++emu_launches;
   return launch_adamw_update(dtype, amsgrad, table, n, total_chunks, hyper, in, lp, state_dtype, outs, grid, nullptr);
+}
+
+int emu_adamw_update_set(int dtype, bool amsgrad, const int64_t* table, int64_t n, int64_t total_chunks, int64_t nseg,
+                         const AdamWHyper& hyper, const StepInputs& in, const LowPrecision* lp, int state_dtype,
+                         const StepOutputs& outs, int grid, void* /*stream*/) {
+  ++emu_launches;
+  return launch_adamw_update_set(dtype, amsgrad, table, n, total_chunks, nseg, hyper, in, lp, state_dtype, outs, grid,
+                                 nullptr);
 }
 
 int capped_grid(int64_t total_chunks, int* grid) {
@@ -127,7 +138,7 @@ int emu_grad_stats_grid(int /*dtype*/, int64_t total_chunks, int /*device*/, int
 }
 
 int emu_adamw_update_grid(int /*dtype*/, bool /*amsgrad*/, bool /*low_precision*/, int /*state_dtype*/,
-                          int64_t total_chunks, int /*device*/, int* grid) {
+                          int64_t total_chunks, int /*device*/, bool /*set*/, int* grid) {
   return capped_grid(total_chunks, grid);
 }
 
@@ -140,8 +151,9 @@ int emu_upload(void* dst, const void* host, int64_t bytes, int /*device*/, void*
 
 const char* emu_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
 
-const Launchers emu_launchers{emu_grad_stats,     emu_adamw_update, emu_grad_stats_grid, emu_adamw_update_grid,
-                              emu_current_stream, emu_upload,       emu_error_string};
+const Launchers emu_launchers{emu_grad_stats,        emu_adamw_update,   emu_adamw_update_set,
+                              emu_grad_stats_grid,   emu_adamw_update_grid, emu_current_stream,
+                              emu_upload,            emu_error_string};
 
 }  // namespace
 
@@ -150,3 +162,6 @@ extern "C" const Launchers* fusedlr_emu_launchers(int grid) {
   emu_grid = grid < 1 ? 1 : grid;
   return &emu_launchers;
 }
+
+// The kernel launches made through the host Launchers table since the library was loaded.
+extern "C" int64_t fusedlr_emu_launch_count() { return emu_launches; }
