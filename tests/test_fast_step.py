@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedlr
+from fast_path_probe import fast_steps
 from fusedlr import extension, fast_step
 
 pytestmark = [
@@ -89,17 +90,7 @@ def _run(
     build: Callable[[], World], fast: bool, mutate: Mutate | None, do_step: Callable[[fusedlr.AdamW], list]
 ) -> tuple[list, int]:
     """Snapshots after each step (with what ``do_step`` returns), and how many steps the fast path took."""
-    taken = 0
-    real = fast_step.step
-
-    def counted(opt: fusedlr.AdamW, grad_scaler: object) -> bool:
-        nonlocal taken
-        ran = real(opt, grad_scaler) if fast else False
-        taken += ran
-        return ran
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fast_step, "step", counted)
+    with fast_steps(fast) as taken:
         torch.manual_seed(0)
         params, opt = build()
         snaps = []
@@ -109,7 +100,7 @@ def _run(
                 mutate(i, params, opt)
             extra = do_step(opt)
             snaps.append(extra + _snapshot(params, opt))
-    return snaps, taken
+    return snaps, taken[0]
 
 
 def _check(

@@ -22,6 +22,7 @@ from fusedlr import extension, fast_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cuda_on_host import EmulatedCudaBackend, cuda_include, fusedlr_kernels  # noqa: E402
+from fast_path_probe import fast_steps  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(
@@ -96,17 +97,7 @@ def _snapshot(params: list[torch.nn.Parameter], opt: fusedlr.AdamW, scaler: torc
 
 def _run(build: Callable[[], World], fast: bool, mutate: Mutate | None = None) -> tuple[list, int]:
     """Snapshots after each step (with GradScaler's found_inf of the step), and how many steps the fast path took."""
-    taken = 0
-    real = fast_step.step
-
-    def counted(opt: fusedlr.AdamW, grad_scaler: object) -> bool:
-        nonlocal taken
-        ran = real(opt, grad_scaler) if fast else False
-        taken += ran
-        return ran
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fast_step, "step", counted)
+    with fast_steps(fast) as taken:
         torch.manual_seed(0)
         params, opt, scaler = build()
         keep: list[torch.Tensor] = []
@@ -123,7 +114,7 @@ def _run(build: Callable[[], World], fast: bool, mutate: Mutate | None = None) -
                 found = [t.clone() for t in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()]
                 scaler.update()
             snaps.append(found + _snapshot(params, opt, scaler))
-    return snaps, taken
+    return snaps, taken[0]
 
 
 def _assert_same(a: list, b: list) -> None:
@@ -451,17 +442,7 @@ def test_cuda_fast_path_is_sync_free_and_equals_the_op_path() -> None:
         pytest.skip(cuda.available(torch.device("cuda")))
 
     def run(fast: bool) -> tuple[list, int]:
-        taken = 0
-        real = fast_step.step
-
-        def counted(opt: fusedlr.AdamW, grad_scaler: object) -> bool:
-            nonlocal taken
-            ran = real(opt, grad_scaler) if fast else False
-            taken += ran
-            return ran
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(fast_step, "step", counted)
+        with fast_steps(fast) as taken:
             torch.manual_seed(0)
             params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (3, 5000, 70_001)]
             params.append(torch.nn.Parameter(torch.randn(64, device="cuda", dtype=torch.bfloat16)))
@@ -501,7 +482,7 @@ def test_cuda_fast_path_is_sync_free_and_equals_the_op_path() -> None:
             graph.replay()
             torch.cuda.synchronize()
             snaps += [p.detach().cpu() for p in params]
-        return snaps, taken
+        return snaps, taken[0]
 
     fast, taken = run(True)
     slow, none = run(False)
