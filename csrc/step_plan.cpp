@@ -598,35 +598,9 @@ void* data_of(const std::vector<at::Tensor>& ts, size_t j) {
   return ts.empty() ? nullptr : ts[j].unsafeGetTensorImpl()->mutable_data();
 }
 
-// Undoes ``bump(t)``.
-void unbump(const at::Tensor& t) {
-  if (!t.defined() || t.is_inference()) return;
-  c10::VariableVersion counter = t.unsafeGetTensorImpl()->version_counter();  // shares the tensor's counter
-  counter.set_version(counter.current_version() - 1);
-}
-
-// Bumps (``undo``: un-bumps) the version counters of what pass 2 writes of param ``j`` of ``b`` (what the op's
-// schema marks as written).
-template <bool undo>
-void bump_param(const PlanBucket& b, size_t j) {
-  auto f = [](const at::Tensor& t) { undo ? unbump(t) : bump(t); };
-  f(b.params[j]);
-  f(b.exp_avgs[j]);
-  f(b.exp_avg_sqs[j]);
-  if (b.amsgrad) f(b.max_exp_avg_sqs[j]);
-  if (!b.masters.empty()) f(b.masters[j]);
-  if (!b.remainders.empty()) f(b.remainders[j]);
-}
-
-// Undoes the bumps of every param collect_walk collected (its slots).
-void unbump_collected(const StepPlan& plan) {
-  for (const PlanBucket& b : plan.buckets) {
-    for (size_t j = 0; j < b.slots.size(); ++j) bump_param<true>(b, j);
-  }
-}
-
-// The walk of collect_grads; with ``bump_written`` it bumps each collected param's written tensors as it goes.
-bool collect_walk(StepPlan& plan, bool with_stats, bool bump_written) {
+// Reads every gradient and checks it against the plan (nothing is written), filling each bucket's scratch
+// (``stats_grads`` only ``with_stats``). False: stale.
+bool collect_grads(StepPlan& plan, bool with_stats) {
   const size_t n = plan.params.size();
   int64_t words[kSigWords];
   for (size_t i = 0; i < n; ++i) {
@@ -675,25 +649,8 @@ bool collect_walk(StepPlan& plan, bool with_stats, bool bump_written) {
     }
     if (with_stats) b.stats_grads.push_back({stats_grad, slot.numel});
     b.slots.push_back(slot);
-    if (bump_written) bump_param<false>(b, j);  // its TensorImpls are in cache now, not in run_step
   }
   return true;
-}
-
-// Reads every gradient and checks it against the plan, filling each bucket's scratch (``stats_grads`` only
-// ``with_stats``). With ``bump_written`` (the step then runs whenever this returns true) it also bumps the version
-// counters of the params and states pass 2 writes, which are undone when the step turns out stale or this throws.
-// False: stale, nothing written.
-bool collect_grads(StepPlan& plan, bool with_stats, bool bump_written = false) {
-  bool ok = false;
-  try {
-    ok = collect_walk(plan, with_stats, bump_written);
-  } catch (...) {
-    if (bump_written) unbump_collected(plan);
-    throw;
-  }
-  if (!ok && bump_written) unbump_collected(plan);
-  return ok;
 }
 
 void clear_scratch(StepPlan& plan) {
@@ -704,7 +661,7 @@ void clear_scratch(StepPlan& plan) {
   }
 }
 
-// Everything the step writes, in the order of the general path (collect_grads bumped the params and states).
+// Everything the step writes, in the order of the general path.
 void run_step(StepPlan& plan, const StepArgs& a) {
   float* stats = a.stats.defined() ? a.stats.data_ptr<float>() : nullptr;
   if (stats != nullptr) {
@@ -753,6 +710,14 @@ void run_step(StepPlan& plan, const StepArgs& a) {
       } else {
         cpu::adamw_update_kernel(b.dtype, b.amsgrad, b.slots.data(), n, steps, g.hyper, s);
       }
+    }
+    for (size_t j = 0; j < n; ++j) {
+      bump(b.params[j]);
+      bump(b.exp_avgs[j]);
+      bump(b.exp_avg_sqs[j]);
+      if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
+      if (!b.masters.empty()) bump(b.masters[j]);
+      if (!b.remainders.empty()) bump(b.remainders[j]);
     }
     bump(a.applied_lr);
   }
@@ -820,7 +785,7 @@ PyObject* step_plan_step(PyObject* self_obj, PyObject* args) {
   if (parsed == nullptr) return nullptr;
   StepPlan& plan = *parsed;
   try {
-    stale = stale || !collect_grads(plan, a.stats.defined(), true);
+    stale = stale || !collect_grads(plan, a.stats.defined());
     std::string error;
     if (!stale && plan.numel < cpu::kParallelMin) {
       run_step(plan, a);  // too short to hand the GIL over (exceptions go to the handler below)
