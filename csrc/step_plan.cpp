@@ -565,12 +565,15 @@ inline bool state_unchanged(const at::Tensor& s, caffe2::TypeMeta type, const at
 // was built for (data ``expected[0]``, dtype, device, sizes and strides ``layout``), its states keep their dtype
 // and its layout, and ``g`` is a dense gradient of its dtype, device, sizes and strides. Then the full check
 // (param_signature, param_reason) passes, the kernels read ``g`` as it is, and ``slot`` holds the pointers of
-// every tensor (each read once, while its TensorImpl is in cache); when false, the full check decides.
+// every tensor (read inline, while its TensorImpl is in cache); when false, the full check decides.
 bool unchanged(const PlanBucket& b, size_t j, const c10::TensorImpl& p, const c10::TensorImpl& g,
                const int64_t* layout, const int64_t* expected, cpu::UpdateSlot& slot) {
   const at::Device& dev = b.device;
+  // p's data as the plan's signature read it (a copy-on-write p keeps its source's until written, then the op
+  // path's plan changes a step later: so does this one), then as pass 2 writes it
+  void* seen = nullptr;
   if (p.dtype() != b.param_type || p.device() != dev || p.layout() != at::kStrided || !has_layout(p, layout) ||
-      !element_ptr<true>(p, slot.p) || reinterpret_cast<int64_t>(slot.p) != expected[0]) {
+      !element_ptr<false>(p, seen) || reinterpret_cast<int64_t>(seen) != expected[0] || !element_ptr<true>(p, slot.p)) {
     return false;
   }
   void* grad = nullptr;
