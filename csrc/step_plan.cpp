@@ -527,74 +527,41 @@ bool parse_groups(const StepPlan& plan, PyObject* hypers, StepArgs& a, bool& sta
   return true;
 }
 
-// Whether ``t`` has the sizes and strides at ``layout`` (dim, sizes, strides; ``t`` strided). The common case of the
-// step of many small params, a 1-D tensor, is two compares.
-inline bool has_layout(const c10::TensorImpl& t, const int64_t* layout) {
+// Whether ``t`` has the sizes and strides at ``layout`` (dim, sizes, strides; ``t`` strided).
+bool has_layout(const c10::TensorImpl& t, const int64_t* layout) {
   const int64_t d = layout[0];
   if (t.dim() != d) return false;
   const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
-  if (d == 1) return sizes[0] == layout[1] && strides[0] == layout[2];
   for (int64_t k = 0; k < d; ++k) {
     if (sizes[k] != layout[1 + k] || strides[k] != layout[1 + d + k]) return false;
   }
   return true;
 }
 
-// Into ``out``: the address of ``t``'s first element as TensorImpl::mutable_data() (``write``) or data() computes it
-// (null without elements), inline: those are out of line, and the step reads a few per param. False when ``t`` has no
-// storage. ``t``'s dtype is set (the caller checked it).
-template <bool write>
-inline bool element_ptr(const c10::TensorImpl& t, void*& out) {
-  const c10::Storage& storage = t.unsafe_storage();
-  if (!storage) return false;
-  char* data = write ? static_cast<char*>(storage.mutable_data())
-                     : static_cast<char*>(const_cast<void*>(storage.data()));  // the kernels only read it
-  out = t.numel() == 0 ? nullptr : data + t.dtype().itemsize() * t.storage_offset();
-  return true;
-}
-
-// Whether state ``s`` still has ``type``, ``device`` and the sizes and strides at ``layout``; then ``out`` is its data.
-inline bool state_unchanged(const at::Tensor& s, caffe2::TypeMeta type, const at::Device& device,
-                            const int64_t* layout, void*& out) {
+bool state_unchanged(const at::Tensor& s, caffe2::TypeMeta type, const at::Device& device, const int64_t* layout) {
   const c10::TensorImpl& t = *s.unsafeGetTensorImpl();
-  return t.dtype() == type && t.device() == device && t.layout() == at::kStrided && has_layout(t, layout) &&
-         element_ptr<true>(t, out);
+  return t.dtype() == type && t.device() == device && t.layout() == at::kStrided && has_layout(t, layout);
 }
 
 // The common case of a step, decided without param_signature: param ``j`` of ``b`` is still the tensor the plan
 // was built for (data ``expected[0]``, dtype, device, sizes and strides ``layout``), its states keep their dtype
 // and its layout, and ``g`` is a dense gradient of its dtype, device, sizes and strides. Then the full check
-// (param_signature, param_reason) passes, the kernels read ``g`` as it is, and ``slot`` holds the pointers of
-// every tensor (read inline, while its TensorImpl is in cache); when false, the full check decides.
+// (param_signature, param_reason) passes and the kernels read ``g`` as it is; when false, the full check decides.
 bool unchanged(const PlanBucket& b, size_t j, const c10::TensorImpl& p, const c10::TensorImpl& g,
-               const int64_t* layout, const int64_t* expected, cpu::UpdateSlot& slot) {
+               const int64_t* layout, const int64_t* expected) {
   const at::Device& dev = b.device;
-  // p's data as the plan's signature read it (a copy-on-write p keeps its source's until written, then the op
-  // path's plan changes a step later: so does this one), then as pass 2 writes it
-  void* seen = nullptr;
   if (p.dtype() != b.param_type || p.device() != dev || p.layout() != at::kStrided || !has_layout(p, layout) ||
-      !element_ptr<false>(p, seen) || reinterpret_cast<int64_t>(seen) != expected[0] || !element_ptr<true>(p, slot.p)) {
+      !p.has_storage() || reinterpret_cast<int64_t>(p.data()) != expected[0]) {
     return false;
   }
-  void* grad = nullptr;
-  if (g.dtype() != b.param_type || g.device() != dev || g.layout() != at::kStrided || !has_layout(g, layout) ||
-      !element_ptr<false>(g, grad)) {
+  if (g.dtype() != b.param_type || g.device() != dev || g.layout() != at::kStrided || !has_layout(g, layout)) {
     return false;
   }
-  slot.g = grad;
   const caffe2::TypeMeta state = caffe2::TypeMeta::fromScalarType(b.state_type);
-  void* master = nullptr;
-  void* remainder = nullptr;
-  const bool ok =
-      state_unchanged(b.exp_avgs[j], state, dev, layout, slot.m) &&
-      state_unchanged(b.exp_avg_sqs[j], state, dev, layout, slot.v) &&
-      (!b.amsgrad || state_unchanged(b.max_exp_avg_sqs[j], state, dev, layout, slot.vmax)) &&
-      (b.masters.empty() || state_unchanged(b.masters[j], caffe2::TypeMeta::Make<float>(), dev, layout, master)) &&
-      (b.remainders.empty() ||
-       state_unchanged(b.remainders[j], caffe2::TypeMeta::Make<int16_t>(), dev, layout, remainder));
-  slot.master = static_cast<float*>(master);
-  slot.remainder = static_cast<uint16_t*>(remainder);
-  return ok;
+  return state_unchanged(b.exp_avgs[j], state, dev, layout) && state_unchanged(b.exp_avg_sqs[j], state, dev, layout) &&
+         (!b.amsgrad || state_unchanged(b.max_exp_avg_sqs[j], state, dev, layout)) &&
+         (b.masters.empty() || state_unchanged(b.masters[j], caffe2::TypeMeta::Make<float>(), dev, layout)) &&
+         (b.remainders.empty() || state_unchanged(b.remainders[j], caffe2::TypeMeta::Make<int16_t>(), dev, layout));
 }
 
 void* data_of(const std::vector<at::Tensor>& ts, size_t j) {
@@ -621,18 +588,17 @@ bool collect_grads(StepPlan& plan, bool with_stats) {
     }
     PlanBucket& b = plan.buckets[bi];
     const size_t j = b.slots.size();
-    cpu::UpdateSlot slot{};
-    slot.numel = p.numel();
+    const void* update_grad = nullptr;
     const void* stats_grad = nullptr;
-    if (unchanged(b, j, p, *g.unsafeGetTensorImpl(), &plan.layouts[plan.layout_of[i]], expected, slot)) {
-      stats_grad = slot.g;
+    if (unchanged(b, j, p, *g.unsafeGetTensorImpl(), &plan.layouts[plan.layout_of[i]], expected)) {
+      update_grad = stats_grad = g.unsafeGetTensorImpl()->data();
     } else {
       if (!param_signature(param, g, words) || words[0] != expected[0] || words[1] != expected[1] ||
           words[2] != expected[2] || param_reason(b, j) != nullptr) {
         return false;  // e.g. p.data = a tensor of another layout
       }
       const bool lin = linear(g);
-      const void* update_grad = stats_grad = g.const_data_ptr();
+      update_grad = stats_grad = g.const_data_ptr();
       if (!lin || !same_layout(g, param)) {
         b.grad_copies.push_back(kernel_grad(g, &param));
         update_grad = b.grad_copies.back().const_data_ptr();
@@ -641,17 +607,12 @@ bool collect_grads(StepPlan& plan, bool with_stats) {
         b.grad_copies.push_back(kernel_grad(g, nullptr));
         stats_grad = b.grad_copies.back().const_data_ptr();
       }
-      slot = {p.mutable_data(),
-              update_grad,
-              data_of(b.exp_avgs, j),
-              data_of(b.exp_avg_sqs, j),
-              b.amsgrad ? data_of(b.max_exp_avg_sqs, j) : nullptr,
-              static_cast<float*>(data_of(b.masters, j)),
-              static_cast<uint16_t*>(data_of(b.remainders, j)),
-              slot.numel};
     }
-    if (with_stats) b.stats_grads.push_back({stats_grad, slot.numel});
-    b.slots.push_back(slot);
+    const int64_t numel = p.numel();
+    if (with_stats) b.stats_grads.push_back({stats_grad, numel});
+    b.slots.push_back({p.mutable_data(), update_grad, data_of(b.exp_avgs, j), data_of(b.exp_avg_sqs, j),
+                       b.amsgrad ? data_of(b.max_exp_avg_sqs, j) : nullptr, static_cast<float*>(data_of(b.masters, j)),
+                       static_cast<uint16_t*>(data_of(b.remainders, j)), numel});
   }
   return true;
 }
