@@ -239,6 +239,23 @@ def test_gradients_of_another_layout_or_dtype_after_fast_steps_match_the_op_path
     _check(_mixed, mutate, min_fast=STEPS - 4)
 
 
+def test_copy_on_write_params_and_states_are_written_apart_from_their_sources() -> None:
+    """A param and a moment that become lazy (copy-on-write) clones between fast steps share their sources' data
+    until written: the step writes copies (the sources keep their values) and matches the op path."""
+    sources: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def mutate(i: int, params: list[torch.Tensor], opt: fusedlr.AdamW) -> None:
+        if i == 3:
+            for t in (params[0], opt.state[params[2]]["exp_avg"]):
+                sources.append((t.data, t.detach().clone()))
+                t.data = torch._lazy_clone(t.data)
+
+    _check(_mixed, mutate, min_fast=STEPS - 3)
+    assert len(sources) == 4
+    for source, value in sources:
+        torch.testing.assert_close(source, value, rtol=0, atol=0)
+
+
 def test_a_sparse_gradient_after_fast_steps_is_refused_as_the_op_path_refuses_it() -> None:
     for fast in (True, False):
         with pytest.MonkeyPatch.context() as mp:
