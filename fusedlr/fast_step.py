@@ -18,10 +18,14 @@ the table of csrc/cuda/launchers.h, on the op path's own cached device tables, w
 mirrors and uploads (async, from pinned memory) only when a pointer changed: no dispatcher and no host-device sync
 per step. It declines (the op path runs) while a CUDA graph is being captured, with a step history, and with a
 ``grad_scale`` attribute that is not float32.
+
+``FUSEDLR_FAST_PATH=0`` in the environment (read at import, ``ENABLED``) sends every step to the op path: the
+same results (tests/test_fast_step*.py hold the two paths bit for bit equal), only more host work.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -33,7 +37,10 @@ from .plan import Plan
 from .precision import BucketPrecision
 from .reference import clip_coefficient
 
-__all__ = ["step"]
+__all__ = ["ENABLED", "step"]
+
+#: Whether eager steps may take the fast path (False: ``FUSEDLR_FAST_PATH=0`` in the environment at import).
+ENABLED = os.environ.get("FUSEDLR_FAST_PATH", "1") != "0"
 
 _CPU = torch.device("cpu")
 
@@ -146,6 +153,8 @@ def _hypers(opt: Any, fast: _Fast, device: torch.device) -> tuple:
 def step(opt: Any, grad_scaler: Any) -> bool:
     """Run ``opt``'s step on the fast path; False when it does not apply (nothing was updated then, and the
     caller runs the general path). Never call it while compiling."""
+    if not ENABLED:
+        return False
     cache = opt._step_cache
     plan = cache["plan"]
     if plan is None or opt.state is not plan.state or len(opt.state) != plan.n_state:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -459,6 +462,21 @@ def test_the_fast_path_dispatches_no_fusedlr_op() -> None:
     assert not any(n.startswith("fusedlr.") for n in later.names), later.names
     assert all(not torch.equal(b, p) for b, p in zip(before, params))
     assert len(later.names) < 10  # O(1) small ops, not one per tensor
+
+
+def test_environment_turns_the_fast_path_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, taken = _run(_mixed, True, None, _step)
+    monkeypatch.setattr(fast_step, "ENABLED", False)
+    off, none = _run(_mixed, True, None, _step)
+    assert taken >= STEPS - 2 and none == 0
+    for a, b in zip(fast, off):
+        _assert_same(a, b)
+    read = "import fusedlr.fast_step as f; print(f.ENABLED)"
+    for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
+        env = {k: v for k, v in os.environ.items() if k != "FUSEDLR_FAST_PATH"}
+        env.update({} if value is None else {"FUSEDLR_FAST_PATH": value})
+        out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stderr)
 
 
 def test_compile_keeps_the_op_path() -> None:
