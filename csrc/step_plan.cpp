@@ -140,6 +140,17 @@ void bump(const at::Tensor& t) {
   if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// The version counters of what an update writes for param ``j`` of ``b``: the param, its moments, and its master
+// or remainder where the bucket keeps them (both the CPU step and the CUDA launch).
+void bump_written(const PlanBucket& b, size_t j) {
+  bump(b.params[j]);
+  bump(b.exp_avgs[j]);
+  bump(b.exp_avg_sqs[j]);
+  if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
+  if (!b.masters.empty()) bump(b.masters[j]);
+  if (!b.remainders.empty()) bump(b.remainders[j]);
+}
+
 // ``o`` as a tensor (None: undefined); false when it is neither.
 bool tensor_or_none(PyObject* o, at::Tensor& out) {
   if (o == Py_None) {
@@ -731,14 +742,7 @@ void run_step(StepPlan& plan, const StepArgs& a) {
         cpu::adamw_update_kernel(b.dtype, b.amsgrad, b.slots.data(), n, steps, g.hyper, s);
       }
     }
-    for (size_t j = 0; j < n; ++j) {
-      bump(b.params[j]);
-      bump(b.exp_avgs[j]);
-      bump(b.exp_avg_sqs[j]);
-      if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
-      if (!b.masters.empty()) bump(b.masters[j]);
-      if (!b.remainders.empty()) bump(b.remainders[j]);
-    }
+    for (size_t j = 0; j < n; ++j) bump_written(b, j);
     bump(a.applied_lr);
   }
   if (a.advance_k) {
@@ -1005,14 +1009,7 @@ void run_launch(StepPlan& plan, const StepArgs& a) {
     }
     for (size_t bi : set.buckets) {  // what the op's schema marks as written
       const PlanBucket& b = plan.buckets[bi];
-      for (size_t j = 0; j < b.params.size(); ++j) {
-        bump(b.params[j]);
-        bump(b.exp_avgs[j]);
-        bump(b.exp_avg_sqs[j]);
-        if (b.amsgrad) bump(b.max_exp_avg_sqs[j]);
-        if (!b.masters.empty()) bump(b.masters[j]);
-        if (!b.remainders.empty()) bump(b.remainders[j]);
-      }
+      for (size_t j = 0; j < b.params.size(); ++j) bump_written(b, j);
       bump(b.steps);
     }
     bump(a.k);
