@@ -211,11 +211,8 @@ def _launch(opt: Any, fast: _Fast, grad_scaler: Any) -> bool:
     device = fast.device
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False  # the op path captures (a table upload must not be captured)
-    if opt._history_buffer(device) is not None:
-        return False
-    grad_scale = getattr(opt, "grad_scale", None) if grad_scaler is None else None
-    if grad_scale is not None and grad_scale.dtype != torch.float32:
-        return False  # the kernels read a float32 scale: the unfolded step inverts it
+    if not opt._options_fold(grad_scaler):
+        return False  # the op path's unfolded step runs
     hypers = _hypers(opt, fast, device)
     opt._warn_on_double_schedule()
     scale, found_inf, check_inf = opt._amp_scale(device, grad_scaler)

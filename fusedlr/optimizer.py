@@ -299,6 +299,13 @@ class AdamW(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------------ AMP
+    def _options_fold(self, grad_scaler: Any) -> bool:
+        """Whether this step's options let the kernels take its small ops (``fusedlr.control.FoldedUpdate``): no
+        step history, and no ``grad_scale`` attribute other than float32 (the kernels read a float32 scale; the
+        unfolded step inverts any other). The op path and the fast path both ask it."""
+        grad_scale = getattr(self, "grad_scale", None) if grad_scaler is None else None
+        return self._history_size is None and (grad_scale is None or grad_scale.dtype == torch.float32)
+
     def _amp_scale(self, device: torch.device, grad_scaler: Any) -> tuple[Tensor | None, Tensor | None, bool]:
         """(scale, found_inf, check_inf): what AMP asks of this step, with GradScaler's ``scale`` as it is
         (the gradients are divided by it; on its own device).
@@ -410,11 +417,9 @@ class AdamW(torch.optim.Optimizer):
         applied_lr = self._applied_lr_buffer(device)
         history = self._history_buffer(device)
         bucket_grads = [[grads[i] for i in idx] for _, _, idx, _ in plan.buckets]
-        grad_scale = getattr(self, "grad_scale", None) if grad_scaler is None else None
         if (
             getattr(impl, "FOLDED", False)
-            and history is None
-            and (grad_scale is None or grad_scale.dtype == torch.float32)  # the kernels read a float32 scale
+            and self._options_fold(grad_scaler)
             and all(reduce is None and impl.folds(b, gs) for (_, b, _, reduce), gs in zip(plan.buckets, bucket_grads))
         ):
             return self._prepare_folded(impl, plan, bucket_grads, grad_scaler, device)
