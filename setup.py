@@ -26,7 +26,7 @@ import traceback
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/adamw_cpu.cpp", "csrc/step_plan.cpp"]
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/adamw_cpu.cpp", "csrc/plan_watch.cpp", "csrc/step_plan.cpp"]
 CUDA_SOURCES = [
     "csrc/cuda/bindings_cuda.cpp", "csrc/cuda/launchers.cpp", "csrc/cuda/grad_stats.cu", "csrc/cuda/adamw_update.cu"
 ]

@@ -14,6 +14,7 @@
 #include "cuda/table.h"
 #include "op_common.h"
 #include "param_signature.h"
+#include "plan_watch.h"
 #include "step_plan.h"
 
 #ifdef FUSEDLR_WITH_CUDA
@@ -180,6 +181,8 @@ PyObject* scan_grads(PyObject* /*self*/, PyObject* arg) {
 
 PyMethodDef fusedlr_methods[] = {
     {"scan_grads", scan_grads, METH_O, "(grads, signature, bad) of a list of parameters (see fusedlr.plan.scan)."},
+    {"watch_unchanged", fusedlr::watch_unchanged, METH_VARARGS,
+     "Whether param_groups and optimizer.state still hold what a plan was built from (see fusedlr.watch)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

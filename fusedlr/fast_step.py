@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import extension
 from .extension._common import _float32
-from .plan import Plan
+from .plan import Plan, current
 from .precision import BucketPrecision
 from .reference import clip_coefficient
 
@@ -157,7 +157,7 @@ def step(opt: Any, grad_scaler: Any) -> bool:
         return False
     cache = opt._step_cache
     plan = cache["plan"]
-    if plan is None or opt.state is not plan.state or len(opt.state) != plan.n_state:
+    if plan is None or not current(opt, plan):
         return False
     fast = cache.get("fast")
     if fast is None or fast.plan is not plan:

@@ -4,20 +4,22 @@ A plan is valid while everything it was built from is unchanged. Each step re-ch
 pass over the parameters (``scan``: in C++ when ``fusedlr._C`` is built, else in Python): each
 parameter's storage address, element count, dtype and device (so ``p.data = ...``, ``module.to()``,
 ``module.half()`` rebuild it, and no backend keeps addressing a parameter's old storage), which
-parameters have a gradient and its dtype, and the identity and size of ``optimizer.state`` (so
-``state.clear()`` or a new state mapping restarts the moments). The same pass refuses a gradient the
-kernels cannot read (sparse, another shape, device or dtype) before anything is modified.
+parameters have a gradient and its dtype; and with one pass over ``param_groups`` and ``optimizer.state``
+(``fusedlr.watch``: the same lists, dicts, parameters and state entries, by identity), so that replacing a
+state tensor, a parameter's state, a group's ``params`` or an option like ``amsgrad``, ``state.clear()``
+or a new state mapping take effect at the next step, as with torch.optim.AdamW. The first pass also refuses
+a gradient the kernels cannot read (sparse, another shape, device or dtype) before anything is modified.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import torch
 from torch import Tensor
 
-from . import distributed, precision
+from . import distributed, precision, watch
 from .bucket import Bucket
 from .distributed import ReduceKey
 
@@ -26,6 +28,7 @@ __all__ = [
     "STATE_KEYS",
     "SUPPORTED_DTYPES",
     "check_state_matches",
+    "current",
     "plan_for_step",
     "real",
     "scan",
@@ -46,8 +49,8 @@ class Plan:
     signature: Hashable  # ``scan``'s signature of flat when the plan was built
     buckets: list[tuple[int, Bucket, list[int], ReduceKey | None]]  # (group, bucket, indices into flat, reduction)
     unwrap: bool  # whether gradients must be mapped to what kernels read (DTensor shards, complex real views)
-    state: object  # the optimizer's ``state`` mapping the plan was built from
-    n_state: int  # its length then
+    watched: tuple  # ``fusedlr.watch.snapshot`` of the param groups and state the plan was built from
+    watch_memo: bytearray = field(default_factory=bytearray)  # ``fusedlr.watch.unchanged``'s dict versions
 
 
 def state_dtype(p: Tensor, override: torch.dtype | None = None) -> torch.dtype:
@@ -199,7 +202,12 @@ def _build(opt: Any, flat: list[Tensor], owner: list[int], grads: list[Tensor | 
         )
         buckets.append((gi, bucket, idx, reduce))
     unwrap = any(_needs_unwrap(p) for p in flat)
-    return Plan(flat, owner, signature, buckets, unwrap, opt.state, len(opt.state))
+    return Plan(flat, owner, signature, buckets, unwrap, watch.snapshot(opt.param_groups, opt.state))
+
+
+def current(opt: Any, plan: Plan) -> bool:
+    """Whether ``opt.param_groups`` and ``opt.state`` still hold what ``plan`` was built from (``fusedlr.watch``)."""
+    return watch.unchanged(opt.param_groups, opt.state, plan.watched, plan.watch_memo)
 
 
 def plan_for_step(opt: Any, plan: Plan | None) -> tuple[Plan, list[Tensor | None]]:
@@ -208,6 +216,8 @@ def plan_for_step(opt: Any, plan: Plan | None) -> tuple[Plan, list[Tensor | None
     Gradients are not kept between steps (that would hold a second set of them alive through the
     next backward); a bad gradient raises here, before anything is modified.
     """
+    if plan is not None and not current(opt, plan):
+        plan = None
     if plan is None:
         flat = [p for group in opt.param_groups for p in group["params"]]
         owner = [gi for gi, group in enumerate(opt.param_groups) for _ in group["params"]]
@@ -218,7 +228,7 @@ def plan_for_step(opt: Any, plan: Plan | None) -> tuple[Plan, list[Tensor | None
     if bad >= 0:
         validate(flat, grads)
         raise AssertionError(f"scan and validate disagree on the gradient of parameter {bad}")
-    if plan is None or signature != plan.signature or opt.state is not plan.state or len(opt.state) != plan.n_state:
+    if plan is None or signature != plan.signature:
         plan = _build(opt, flat, owner, grads, signature)
     if plan.unwrap:
         grads = [None if g is None else real(distributed.local(g)) for g in grads]

@@ -1,0 +1,264 @@
+"""Replacing what the optimizer reads between steps (a state tensor, a parameter's state, a group's ``params``,
+a plan option) takes effect at the next step, as with torch.optim.AdamW, which reads them every step; and
+``fusedlr._C.watch_unchanged`` agrees with its Python spec ``fusedlr.watch``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import pytest
+import torch
+
+import fusedlr
+from fusedlr import backends, extension, fast_step, watch
+
+CPU_BACKENDS = [name for name in ("torch", "cpu") if backends.unavailable(name, torch.device("cpu")) is None]
+# "cpu" steps through the C++ fast path; "cpu-op-path" the same backend with the fast path off.
+PATHS = CPU_BACKENDS + (["cpu-op-path"] if "cpu" in CPU_BACKENDS else [])
+NATIVE = getattr(extension._C, "watch_unchanged", None) if extension.load_error() is None else None
+
+
+def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(4, 3), (3,), (2, 2, 2), (5,)]]
+
+
+def set_grads(params: list[torch.Tensor], step: int) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+
+
+def groups(params: list[torch.Tensor]) -> list[dict]:
+    return [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "lr": 3e-2, "betas": (0.8, 0.99)}]
+
+
+def moved(state: dict) -> dict:
+    """A parameter's state as a device round trip leaves it: every tensor a new one, values equal."""
+    return {k: v.to(torch.float64).to(v.dtype) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def replace_exp_avg(opt, params) -> None:
+    opt.state[params[0]]["exp_avg"] = torch.full_like(params[0], 0.25)
+
+
+def replace_exp_avg_sq(opt, params) -> None:
+    opt.state[params[2]]["exp_avg_sq"] = opt.state[params[2]]["exp_avg_sq"] * 4.0
+
+
+def replace_step(opt, params) -> None:
+    step = opt.state[params[1]]["step"]
+    opt.state[params[1]]["step"] = torch.tensor(40, dtype=step.dtype)  # bias correction of step 41 next
+
+
+def replace_param_state(opt, params) -> None:  # e.g. Lightning's optimizer_to_device, states offloaded and back
+    for p in list(opt.state):
+        opt.state[p] = moved(opt.state[p])
+
+
+def append_param(opt, params) -> None:
+    extra = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+    params.append(extra)
+    opt.param_groups[0]["params"].append(extra)
+
+
+def drop_param(opt, params) -> None:
+    opt.param_groups[1]["params"] = opt.param_groups[1]["params"][:1]
+
+
+def swap_param(opt, params) -> None:  # same list, same length, another parameter in a slot
+    extra = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 3))
+    params.append(extra)
+    opt.param_groups[0]["params"][1] = extra
+
+
+def replace_group(opt, params) -> None:
+    opt.param_groups[1] = {**opt.param_groups[1], "params": list(reversed(opt.param_groups[1]["params"]))}
+
+
+def turn_amsgrad_on(opt, params) -> None:
+    opt.param_groups[1]["amsgrad"] = True
+    for p in opt.param_groups[1]["params"]:  # torch.optim.AdamW does not create it mid-training; fusedlr does
+        if isinstance(opt, torch.optim.AdamW) and not isinstance(opt, fusedlr.AdamW):
+            opt.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
+
+
+def clear_state(opt, params) -> None:
+    opt.state.clear()
+
+
+MUTATIONS: dict[str, Callable] = {
+    f.__name__: f
+    for f in (
+        replace_exp_avg,
+        replace_exp_avg_sq,
+        replace_step,
+        replace_param_state,
+        append_param,
+        drop_param,
+        swap_param,
+        replace_group,
+        turn_amsgrad_on,
+        clear_state,
+    )
+}
+
+
+def run(path: str | None, mutate: Callable, monkeypatch) -> tuple[list[torch.Tensor], object]:
+    params = make_params()
+    if path is None:
+        opt = torch.optim.AdamW(groups(params), lr=1e-2)
+    else:
+        monkeypatch.setattr(fast_step, "ENABLED", path != "cpu-op-path")
+        opt = fusedlr.AdamW(groups(params), lr=1e-2, backend=path.removesuffix("-op-path"))
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    mutate(opt, params)
+    for step in range(3, 6):
+        set_grads(params, step)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_replacement_between_steps_takes_effect_as_in_torch(path: str, mutation: str, monkeypatch) -> None:
+    ref_params, ref = run(None, MUTATIONS[mutation], monkeypatch)
+    params, opt = run(path, MUTATIONS[mutation], monkeypatch)
+    assert len(params) == len(ref_params)
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"param {i}: {m}")
+        if q in ref.state:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(
+                    opt.state[p][key].to(ref.state[q][key].dtype), ref.state[q][key], rtol=1e-5, atol=1e-7
+                )
+        else:
+            assert p not in opt.state
+
+
+def test_the_fast_path_still_runs_when_nothing_changed(monkeypatch) -> None:
+    """The watch does not send a steady loop to the general path (each step after the first is fast)."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("the cpu backend (fusedlr._C) is not built")
+    params = make_params()
+    opt = fusedlr.AdamW(groups(params), lr=1e-2, backend="cpu")
+    set_grads(params, 0)
+    opt.step()
+    ran = []
+    real = fast_step.step
+    monkeypatch.setattr(fast_step, "step", lambda o, s: ran.append(real(o, s)) or ran[-1])
+    for step in range(1, 4):
+        set_grads(params, step)
+        opt.step()
+    assert ran == [True, True, True]
+    replace_exp_avg(opt, params)
+    set_grads(params, 4)
+    opt.step()
+    assert ran[-1] is False  # the general path rebuilt the plan
+    set_grads(params, 5)
+    opt.step()
+    assert ran[-1] is True
+
+
+def watched_pair() -> tuple[list[dict], dict, list[torch.nn.Parameter]]:
+    params = make_params()
+    opt = fusedlr.AdamW(groups(params), lr=1e-2, backend="torch", master_weights=False)
+    set_grads(params, 0)
+    opt.step()
+    opt.state["not a param"] = 7  # a non-dict entry, kept as torch keeps it
+    return opt.param_groups, opt.state, params
+
+
+EDITS: dict[str, Callable] = {
+    "nothing": lambda pg, st, ps: None,
+    "state entry": lambda pg, st, ps: st[ps[0]].__setitem__("exp_avg", torch.zeros(4, 3)),
+    "state entry deleted": lambda pg, st, ps: st[ps[0]].pop("exp_avg_sq"),
+    "state entry added": lambda pg, st, ps: st[ps[0]].__setitem__("extra", 1),
+    "param state": lambda pg, st, ps: st.__setitem__(ps[1], dict(st[ps[1]])),
+    "state entry of a non-param": lambda pg, st, ps: st.__setitem__("not a param", 8),
+    "state cleared": lambda pg, st, ps: st.clear(),
+    "params appended": lambda pg, st, ps: pg[0]["params"].append(torch.nn.Parameter(torch.ones(1))),
+    "params slot": lambda pg, st, ps: pg[1]["params"].__setitem__(0, torch.nn.Parameter(torch.ones(1))),
+    "params list": lambda pg, st, ps: pg[1].__setitem__("params", list(pg[1]["params"])),
+    "group": lambda pg, st, ps: pg.__setitem__(0, dict(pg[0])),
+    "group added": lambda pg, st, ps: pg.append({"params": [], "amsgrad": False}),
+    "amsgrad": lambda pg, st, ps: pg[0].__setitem__("amsgrad", True),
+    "master_weights, an equal str": lambda pg, st, ps: pg[0].__setitem__("master_weights", "".join(["rem", "ainder"])),
+    "an unwatched option (lr)": lambda pg, st, ps: pg[0].__setitem__("lr", 0.5),
+}
+UNCHANGED = {"nothing", "an unwatched option (lr)"}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_native_watch_agrees_with_the_python_spec(edit: str) -> None:
+    pg, st, ps = watched_pair()
+    if edit.startswith("master_weights"):  # an equal str that is another object is unchanged
+        pg[0]["master_weights"] = "remainder"
+    watched, memo = watch.snapshot(pg, st), bytearray()
+    if NATIVE is not None:
+        assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo)
+    EDITS[edit](pg, st, ps)
+    now = watch.snapshot(pg, st)
+    spec = len(now) == len(watched) and all(watch._same(a, b) for a, b in zip(now, watched))
+    expected = edit in UNCHANGED or edit.startswith("master_weights")
+    assert spec is expected
+    assert watch.unchanged(pg, st, watched, bytearray()) is expected
+    if NATIVE is None:
+        pytest.skip("fusedlr._C is not built: the Python spec alone was checked")
+    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, bytearray()) is expected  # a full walk
+    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected  # the dict versions, then a walk
+    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected  # the versions a walk kept
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_native_watch_after_its_versions_were_kept(edit: str) -> None:
+    """The same edits after a step of the C++ pass kept the dict versions (CPython < 3.12)."""
+    if NATIVE is None:
+        pytest.skip("fusedlr._C is not built")
+    pg, st, ps = watched_pair()
+    if edit.startswith("master_weights"):
+        pg[0]["master_weights"] = "remainder"
+    watched, memo = watch.snapshot(pg, st), bytearray()
+    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo)
+    assert (len(memo) > 0) is (sys.version_info < (3, 12))
+    EDITS[edit](pg, st, ps)
+    expected = edit in UNCHANGED or edit.startswith("master_weights")
+    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected
+    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected
+
+
+def test_a_state_entry_replaced_then_restored_is_unchanged() -> None:
+    """A dict whose version changed is walked again, and found as recorded."""
+    pg, st, ps = watched_pair()
+    watched, memo = watch.snapshot(pg, st), bytearray()
+    assert watch.unchanged(pg, st, watched, memo)
+    kept = st[ps[0]]["exp_avg"]
+    st[ps[0]]["exp_avg"] = torch.zeros(4, 3)
+    assert not watch.unchanged(pg, st, watched, memo)
+    st[ps[0]]["exp_avg"] = kept
+    assert watch.unchanged(pg, st, watched, memo)
+    assert watch.unchanged(pg, st, watched, memo)
+
+
+def test_long_lists_compare_their_lengths_by_value() -> None:
+    """Lengths above 256 are new int objects each time: compared by value, not identity."""
+    params = [torch.nn.Parameter(torch.ones(1)) for _ in range(300)]
+    pg = [{"params": params}]
+    st = {p: {"step": torch.zeros(())} for p in params}
+    watched = watch.snapshot(pg, st)
+    assert watch.unchanged(pg, st, watched, bytearray())
+    if NATIVE is not None:
+        assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, bytearray())
+        params.pop()
+        assert not NATIVE(pg, st, watched, watch.PLAN_OPTIONS, bytearray())
+
+
+def test_containers_a_plan_cannot_watch_are_refused_with_their_fix() -> None:
+    params = make_params()
+    with pytest.raises(TypeError, match="optimizer.state must be a dict"):
+        watch.snapshot([{"params": params}], [1, 2])
+    with pytest.raises(TypeError, match=r"param_groups\[0\] must be a dict whose 'params' is a list"):
+        watch.snapshot([{"params": set(params)}], {})
