@@ -571,8 +571,15 @@ class AdamW(torch.optim.Optimizer):
         applied when every parameter trained every step. The saved ``seed`` (stochastic rounding)
         replaces this optimizer's, so that a resumed run draws the same bits. A state dict that does not
         fit (group sizes, moment shapes) raises ValueError and leaves the optimizer unchanged; entries of
-        ``state`` that are not a parameter's are kept as is.
+        ``state`` that are not a parameter's are kept as is. Load hooks run as torch's: the pre-hooks on a
+        shallow copy of ``state_dict`` (what one returns is loaded), the post-hooks once everything is loaded.
         """
+        state_dict = state_dict.copy()  # the pre-hooks get a shallow copy, as torch's do
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        for pre_hook in pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved = state_dict["state"]
         params_of = {
             pid: p
@@ -593,7 +600,8 @@ class AdamW(torch.optim.Optimizer):
         }
         options = [{key: group[key] for key in precision.GROUP_DEFAULTS} for group in self.param_groups]
         before = (self.state, self.param_groups, self._k, self._plan, self.seed)
-        try:
+        try:  # torch's load without its hooks: this one runs the pre-hooks above, the post-hooks below
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
             super().load_state_dict(state_dict)
             for group, kept in zip(self.param_groups, options):
                 group.update(kept)
@@ -624,15 +632,23 @@ class AdamW(torch.optim.Optimizer):
         except BaseException:
             self.state, self.param_groups, self._k, self._plan, self.seed = before
             raise
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         self._plan = None
+        for post_hook in post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Every attribute (schedule, max_grad_norm, backend, schedule index, ... and any added later)
-        but the step cache (rebuilt on demand) and torch's hooks (which torch's own ``__getstate__`` does not keep either)."""
+        """Every attribute (schedule, max_grad_norm, backend, schedule index, ... and any added later) but
+        the step cache (rebuilt on demand) and what torch's own ``__getstate__`` does not keep either: its
+        hooks, and what an LR scheduler puts on the instance (a ``step`` wrapper that calls the original
+        optimizer through a weak reference, and ``_opt_called``; any instance attribute shadowing a method)."""
         return {
             k: v
             for k, v in self.__dict__.items()
-            if k != "_step_cache" and not k.startswith("_optimizer_")
+            if k not in ("_step_cache", "_opt_called")
+            and not k.startswith("_optimizer_")
+            and not callable(getattr(type(self), k, None))
         }
     def _adopt_torch_groups(self) -> None:
         """After loading a torch state dict: drop torch-only group flags (``fused: True`` would be a lie

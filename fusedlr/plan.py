@@ -13,6 +13,7 @@ a gradient the kernels cannot read (sparse, another shape, device or dtype) befo
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
@@ -162,10 +163,31 @@ def _follow_param(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> No
             state[key] = t.to(device=p.device)
 
 
+def _point_step(state: dict[str, Any], steps: Tensor, j: int, shared: set[int]) -> None:
+    """Make ``state['step']`` the view ``steps[j]`` of its bucket's counters: the tensor already there, pointed at
+    that element, when it can be (a plain int64 0-d tensor on the device, outside torch.compile, in no other
+    parameter's state: ``shared`` holds the ids of those), so that a reference to it held across a plan rebuild
+    keeps counting, as torch's own step tensor does; else a new view."""
+    step = state["step"]
+    if (
+        id(step) not in shared
+        and type(step) is Tensor
+        and step.dtype == torch.int64
+        and step.dim() == 0
+        and step.device == steps.device
+        and not step.is_inference()
+        and not torch.compiler.is_compiling()
+    ):
+        step.set_(steps.untyped_storage(), steps.storage_offset() + j * steps.stride(0), (), ())
+    else:
+        state["step"] = steps[j]
+
+
 def _build(opt: Any, flat: list[Tensor], owner: list[int], grads: list[Tensor | None], signature: Hashable) -> Plan:
     """Validate, create missing state, and group the params with grads into buckets.
 
-    Each bucket gets one int64 step counter tensor; ``state['step']`` of its params become views of it.
+    Each bucket gets one int64 step counter tensor; ``state['step']`` of its params become views of it
+    (``_point_step``).
     """
     validate(flat, grads)
     members: dict[tuple[int, torch.dtype, torch.dtype, ReduceKey | None], list[int]] = {}
@@ -175,6 +197,8 @@ def _build(opt: Any, flat: list[Tensor], owner: list[int], grads: list[Tensor | 
     for gi, dtype, _, _ in members:
         precision.check_bucket(opt.param_groups[gi], gi, dtype)
     buckets = []
+    held = Counter(id(s.get("step")) for s in opt.state.values() if isinstance(s, dict) and "step" in s)
+    shared = {i for i, n in held.items() if n > 1}
 
     def local(t: Tensor) -> Tensor:
         return real(distributed.local(t))
@@ -191,7 +215,7 @@ def _build(opt: Any, flat: list[Tensor], owner: list[int], grads: list[Tensor | 
         device = flat[idx[0]].device
         steps = torch.stack([s["step"].to(device=device, dtype=torch.int64) for s in states])
         for j, s in enumerate(states):
-            s["step"] = steps[j]
+            _point_step(s, steps, j, shared)
         bucket = Bucket(
             params=[local(flat[i]) for i in idx],
             exp_avgs=[local(s["exp_avg"]) for s in states],

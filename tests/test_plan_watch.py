@@ -262,3 +262,22 @@ def test_containers_a_plan_cannot_watch_are_refused_with_their_fix() -> None:
         watch.snapshot([{"params": params}], [1, 2])
     with pytest.raises(TypeError, match=r"param_groups\[0\] must be a dict whose 'params' is a list"):
         watch.snapshot([{"params": set(params)}], {})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_step_tensor_in_two_states_becomes_two_counters(backend: str) -> None:
+    """A step tensor put in two parameters' states by hand is not pointed at both of their counters (the
+    second would take the first's count): each state gets its own counter, starting from the shared value."""
+    params = make_params()[:2]
+    opt = fusedlr.AdamW(params, lr=1e-2, backend=backend)
+    for step in range(2):
+        set_grads(params, step)
+        opt.step()
+    shared = torch.tensor(4, dtype=torch.int64)
+    opt.state[params[0]]["step"] = opt.state[params[1]]["step"] = shared
+    set_grads(params, 2)
+    params[0].grad = None
+    opt.step()  # only params[1] is updated
+    steps = [opt.state[p]["step"] for p in params]
+    assert steps[0] is not steps[1]
+    assert [int(s) for s in steps] == [4, 5]

@@ -7,8 +7,9 @@ param layouts, params sharing a storage, checkpoints through ``torch.save``/``to
 in both directions, copies taken after an LR scheduler attached itself, every common LR scheduler (momentum
 cycling included), SWA, and torch.distributed.checkpoint's optimizer state dict.
 
-Tests marked ``xfail(strict=True)`` are divergences found and not fixed yet: each asserts torch's behaviour, so
-a fix turns it into a failure (XPASS) until the mark is removed.
+The last section holds the divergences this file found (now fixed) and one deliberate difference, marked
+``xfail(strict=True)``: it asserts torch's behaviour, so a change that removes the difference turns it into a
+failure (XPASS) until the mark is removed.
 """
 
 from __future__ import annotations
@@ -96,30 +97,40 @@ def assert_matches_torch(scenario: Callable[[Maker], Any], backend: str) -> None
 
 
 # ------------------------------------------------------------------ numeric scenarios (passing)
-def pre_hook_scales_grads_in_place(make: Maker) -> list[Any]:
-    params = make_params()
-    opt = make(params, lr=0.1)
-    opt.register_step_pre_hook(lambda o, a, k: [p.grad.mul_(3) for p in params] and None)
-    train(params, opt, range(3))
-    return snapshot(params, opt)
+def with_step_hook(kind: str, steps: int = 3) -> Callable[[Callable], Callable[[Maker], list[Any]]]:
+    """Decorates ``hook_of(params) -> hook``: the scenario of ``steps`` steps with that hook registered as a step
+    ``kind`` ("pre" or "post") hook."""
+
+    def scenario_of(hook_of: Callable) -> Callable[[Maker], list[Any]]:
+        def scenario(make: Maker) -> list[Any]:
+            params = make_params()
+            opt = make(params, lr=0.1)
+            getattr(opt, f"register_step_{kind}_hook")(hook_of(params))
+            train(params, opt, range(steps))
+            return snapshot(params, opt)
+
+        scenario.__name__ = hook_of.__name__
+        return scenario
+
+    return scenario_of
 
 
-def pre_hook_replaces_grads(make: Maker) -> list[Any]:
-    params = make_params()
-    opt = make(params, lr=0.1)
+@with_step_hook("pre")
+def pre_hook_scales_grads_in_place(params: list[torch.Tensor]) -> Callable:
+    return lambda o, a, k: [p.grad.mul_(3) for p in params] and None
 
+
+@with_step_hook("pre")
+def pre_hook_replaces_grads(params: list[torch.Tensor]) -> Callable:
     def hook(o: Any, args: tuple, kwargs: dict) -> None:
         for p in params:
             p.grad = p.grad * 2 + 1
 
-    opt.register_step_pre_hook(hook)
-    train(params, opt, range(3))
-    return snapshot(params, opt)
+    return hook
 
 
-def pre_hook_changes_lr_and_betas(make: Maker) -> list[Any]:
-    params = make_params()
-    opt = make(params, lr=0.1)
+@with_step_hook("pre", steps=4)
+def pre_hook_changes_lr_and_betas(params: list[torch.Tensor]) -> Callable:
     calls = [0]
 
     def hook(o: Any, args: tuple, kwargs: dict) -> None:
@@ -127,36 +138,26 @@ def pre_hook_changes_lr_and_betas(make: Maker) -> list[Any]:
         o.param_groups[0]["lr"] = 0.1 / calls[0]
         o.param_groups[0]["betas"] = (0.9 - 0.1 * (calls[0] % 2), 0.99)
 
-    opt.register_step_pre_hook(hook)
-    train(params, opt, range(4))
-    return snapshot(params, opt)
+    return hook
 
 
-def post_hook_clamps_params(make: Maker) -> list[Any]:
-    params = make_params()
-    opt = make(params, lr=0.1)
-
+@with_step_hook("post")
+def post_hook_clamps_params(params: list[torch.Tensor]) -> Callable:
     @torch.no_grad()
     def hook(o: Any, args: tuple, kwargs: dict) -> None:
         for p in params:
             p.clamp_(-0.5, 0.5)
 
-    opt.register_step_post_hook(hook)
-    train(params, opt, range(3))
-    return snapshot(params, opt)
+    return hook
 
 
-def post_hook_swaps_param_data(make: Maker) -> list[Any]:
-    params = make_params()
-    opt = make(params, lr=0.1)
-
+@with_step_hook("post")
+def post_hook_swaps_param_data(params: list[torch.Tensor]) -> Callable:
     def hook(o: Any, args: tuple, kwargs: dict) -> None:
         for p in params:
             p.data = p.data.clone() * 0.9
 
-    opt.register_step_post_hook(hook)
-    train(params, opt, range(3))
-    return snapshot(params, opt)
+    return hook
 
 
 def post_hook_reads_state(make: Maker) -> list[Any]:
@@ -618,7 +619,7 @@ def test_param_in_two_groups_is_refused_as_torch(backend: str) -> None:
             make([{"params": [params[0]]}, {"params": params}], lr=0.1)
 
 
-# ------------------------------------------------------------------ divergences (xfail until fixed)
+# ------------------------------------------------------------------ divergences found here (fixed), one kept
 def deepcopy_after_lr_scheduler(make: Maker) -> list[Any]:
     params = make_params()
     opt = make(params, lr=0.1)
@@ -630,21 +631,11 @@ def deepcopy_after_lr_scheduler(make: Maker) -> list[Any]:
     return [before, [p.detach().clone() for p in params], snapshot(twin.param_groups[0]["params"], twin)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="__getstate__ keeps the LR scheduler's instance-level step wrapper, whose weakref calls the original",
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deepcopy_after_an_lr_scheduler_steps_the_copy(backend: str) -> None:
     assert_matches_torch(deepcopy_after_lr_scheduler, backend)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pickle.PicklingError,
-    reason="__getstate__ keeps the LR scheduler's instance-level step wrapper, which cannot be pickled",
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pickle_after_an_lr_scheduler(backend: str) -> None:
     def scenario(make: Maker) -> list[Any]:
@@ -659,29 +650,35 @@ def test_pickle_after_an_lr_scheduler(backend: str) -> None:
     assert_matches_torch(scenario, backend)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="load_state_dict reads state from the dict it was given, not the one a pre-hook returned"
-)
+def load_pre_hook_returning_a_new_dict(o: Any, state_dict: dict) -> dict:
+    state_dict = copy.deepcopy(state_dict)
+    for s in state_dict["state"].values():
+        s["exp_avg"] = torch.full_like(s["exp_avg"], 7.0)
+        s["step"] = s["step"] * 0 + 100
+    return state_dict
+
+
+def load_post_hook_replacing_state_entries(o: Any) -> None:
+    for s in o.state.values():
+        s["exp_avg_sq"] = torch.ones_like(s["exp_avg_sq"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_load_state_dict_pre_hook_returning_a_new_dict(backend: str) -> None:
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_load_state_dict_hooks_replacing_state(kind: str, backend: str) -> None:
+    """What a pre-hook returns is loaded; what a post-hook puts in the state stays."""
+
     def scenario(make: Maker) -> list[Any]:
         params = make_params()
         opt = make(params, lr=0.1)
         train(params, opt, range(2))
-        saved = opt.state_dict()
-
-        def pre(o: Any, state_dict: dict) -> dict:
-            state_dict = copy.deepcopy(state_dict)
-            for s in state_dict["state"].values():
-                s["exp_avg"] = torch.full_like(s["exp_avg"], 7.0)
-                s["step"] = s["step"] * 0 + 100
-            return state_dict
-
+        saved = copy.deepcopy(opt.state_dict())
         params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
         opt2 = make(params2, lr=0.1)
-        opt2.register_load_state_dict_pre_hook(pre)
+        if kind == "pre":
+            opt2.register_load_state_dict_pre_hook(load_pre_hook_returning_a_new_dict)
+        else:
+            opt2.register_load_state_dict_post_hook(load_post_hook_replacing_state_entries)
         opt2.load_state_dict(saved)
         loaded = snapshot(params2, opt2)
         train(params2, opt2, range(2, 4))
@@ -690,38 +687,6 @@ def test_load_state_dict_pre_hook_returning_a_new_dict(backend: str) -> None:
     assert_matches_torch(scenario, backend)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="load_state_dict re-writes every state entry after the post-hooks ran (inside super())"
-)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_load_state_dict_post_hook_replacing_state_entries(backend: str) -> None:
-    def scenario(make: Maker) -> list[Any]:
-        params = make_params()
-        opt = make(params, lr=0.1)
-        train(params, opt, range(2))
-        saved = copy.deepcopy(opt.state_dict())
-
-        def post(o: Any) -> None:
-            for s in o.state.values():
-                s["exp_avg_sq"] = torch.ones_like(s["exp_avg_sq"])
-
-        params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        opt2 = make(params2, lr=0.1)
-        opt2.register_load_state_dict_post_hook(post)
-        opt2.load_state_dict(saved)
-        train(params2, opt2, range(2, 4))
-        return snapshot(params2, opt2)
-
-    assert_matches_torch(scenario, backend)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a plan rebuild replaces state['step'] with a view of a new bucket counter; the old one stops"
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_held_step_tensor_keeps_counting(backend: str) -> None:
     def scenario(make: Maker) -> list[float]:
@@ -740,7 +705,9 @@ def test_a_held_step_tensor_keeps_counting(backend: str) -> None:
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="state_dict() copies 'step' (int64 -> float64) while the moments stay aliased, as torch's are",
+    reason="a deliberate difference: state_dict() saves 'step' as a float64 CPU copy, which torch's AdamW loads in every "
+    "mode (its foreach path, the CUDA default, refuses the live int64 counter: 'step tensors that can be CPU and "
+    "float32/64'), while the moments are references as torch's",
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_uncopied_state_dict_loaded_later_continues_like_torch(backend: str) -> None:
