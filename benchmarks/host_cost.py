@@ -39,14 +39,14 @@ def _fusedlr_step(backend: str, params: list[torch.Tensor]) -> Callable[[], None
 def _fusedlr_op_path_step(params: list[torch.Tensor]) -> Callable[[], None]:
     """backend="cpu" without its eager fast path (``fusedlr.fast_step``): the ops through the dispatcher."""
     opt = fusedlr.AdamW(params, lr=1e-3, schedule=SCHED, max_grad_norm=1.0, backend="cpu")
-    fast = fast_step.step
+    enabled = fast_step.ENABLED
 
     def step() -> None:
-        fast_step.step = lambda opt, grad_scaler: False
+        fast_step.ENABLED = False
         try:
             opt.step()
         finally:
-            fast_step.step = fast
+            fast_step.ENABLED = enabled
 
     return step
 

@@ -150,7 +150,7 @@ def test_history_matches_the_op_path() -> None:
     for fast in (True, False):
         with pytest.MonkeyPatch.context() as mp:
             if not fast:
-                mp.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+                mp.setattr(fast_step, "ENABLED", False)
             torch.manual_seed(0)
             params, opt = _options(history=4, max_grad_norm=0.1, schedule=SCHED)()
             for i in range(6):
@@ -263,7 +263,7 @@ def test_a_sparse_gradient_after_fast_steps_is_refused_as_the_op_path_refuses_it
     for fast in (True, False):
         with pytest.MonkeyPatch.context() as mp:
             if not fast:
-                mp.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+                mp.setattr(fast_step, "ENABLED", False)
             params, opt = _mixed()
             for i in range(3):
                 _grads(params, i)

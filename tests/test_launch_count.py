@@ -132,7 +132,7 @@ def _counted(ops: _Ops) -> Callable[[Callable[[], None]], None]:
 @pytest.mark.parametrize("case", CASES)
 def test_a_steady_step_is_one_launch_per_launch_set_and_pass(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     groups, amp, clip, want = CASES[case]
-    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    monkeypatch.setattr(fast_step, "ENABLED", False)
     model = _model()
     opt = _opt(model, groups, clip, "cpu")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp else None
@@ -146,7 +146,7 @@ def test_a_steady_step_is_one_launch_per_launch_set_and_pass(case: str, monkeypa
 @needs_ext
 def test_history_keeps_the_python_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     """``history=`` records a row from the step's values: that step is not folded (and still correct)."""
-    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    monkeypatch.setattr(fast_step, "ENABLED", False)
     model = _model()
     opt = fusedlr.AdamW(model.parameters(), lr=LR, max_grad_norm=0.5, backend="cpu", history=4)
     ops = _Ops()
@@ -171,7 +171,7 @@ def test_folded_steps_match_torch_recipe(backend: str, case: str, monkeypatch: p
     recipe does (also when the user unscales first: the step then honours the recorded found_inf)."""
     unscale = case.endswith("unscale_ first")
     groups, amp, clip, _ = CASES[case.removesuffix(", unscale_ first")]
-    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    monkeypatch.setattr(fast_step, "ENABLED", False)
     ours, ref = _model(), _model()
     opt = _opt(ours, groups, clip, backend)
     topt = torch.optim.AdamW(_groups(ref, groups), lr=LR)
@@ -256,7 +256,7 @@ def test_one_update_launch_per_dtype(backend: str, monkeypatch: pytest.MonkeyPat
     cpu: one pass-1 op for the whole step and one update op per dtype (the float32 buckets of groups 0 and 2
     together, the float64 ones of groups 1 and 2); the CUDA kernels ("emu"): one pass-1 launch per dtype and one
     update launch per dtype (launch set)."""
-    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    monkeypatch.setattr(fast_step, "ENABLED", False)
     ours, ref = _mixed_params(), _mixed_params()
     kw = dict(lr=LR, schedule=SCHED, max_grad_norm=0.5)
     opt = fusedlr.AdamW(_mixed_groups(ours), backend="cpu" if backend == "cpu" else "torch", **kw)
@@ -303,7 +303,7 @@ def test_launch_sets_equal_one_launch_per_bucket(case: str, monkeypatch: pytest.
     from fusedlr.extension import cpu
 
     groups, amp, clip, _ = CASES[case]
-    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    monkeypatch.setattr(fast_step, "ENABLED", False)
     runs = []
     for sets in (True, False):
         monkeypatch.setattr(cpu, "SETS", sets)
@@ -387,7 +387,7 @@ def test_cuda_two_groups_amp_clip_step_is_two_kernel_launches() -> None:
 def test_grad_scale_attribute_of_any_float_dtype(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """The attribute contract's ``grad_scale`` may be float64: such a step is not folded (the kernels read a
     float32 scale) and still unscales as GradScaler would, as the reference does."""
-    monkeypatch.setattr(fast_step, "step", lambda opt, grad_scaler: False)
+    monkeypatch.setattr(fast_step, "ENABLED", False)
     results = []
     for backend in ("cpu", "torch"):
         torch.manual_seed(0)
