@@ -2,14 +2,17 @@
 // param_groups and optimizer.state in the order of fusedlr.watch.snapshot and compares each item with the
 // recorded one as fusedlr.watch._same does: the same object, or an equal int (a length) or str (an option).
 //
-// On CPython before 3.12 (and not free-threaded) a dict's ``ma_version_tag`` changes with every change to it,
-// to a value no dict had before. After a walk found everything as recorded, the versions of the group dicts,
-// of optimizer.state and of each parameter's state are kept in ``memo`` (a bytearray of the plan); a dict whose
-// version is the same at a later step is as recorded without reading its entries. So a step checks the state
-// in one load per parameter instead of walking its entries; a group changed by an LR scheduler (``lr``) is
-// walked again. Elsewhere every step walks everything.
+// After a walk found everything as recorded, ``memo`` (a bytearray of the plan) keeps what tells, at a later
+// step, that a dict has not changed since, so that the step reads none of its entries:
+// - CPython before 3.12: the dicts' ``ma_version_tag`` (it changes with every change to the dict, to a value no
+//   dict had before), for the group dicts, optimizer.state and each parameter's state: one load per parameter;
+//   a group an LR scheduler changed (``lr``) is walked again.
+// - CPython 3.12 and later (where that tag is deprecated): a dict watcher (PyDict_AddWatcher) on optimizer.state
+//   and each parameter's state counts every change to any watched dict; the memo keeps that count: one compare.
+//   Group dicts are not watched (an LR scheduler writes them every step) and are walked every step.
 #include "plan_watch.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -17,12 +20,30 @@
 namespace fusedlr {
 namespace {
 
-#if PY_VERSION_HEX < 0x030C0000 && !defined(Py_GIL_DISABLED)
+#if PY_VERSION_HEX < 0x030C0000
 constexpr bool kDictVersions = true;
 uint64_t version_of(PyObject* dict) { return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag; }
 #else
 constexpr bool kDictVersions = false;
 uint64_t version_of(PyObject* /*dict*/) { return 0; }
+
+// The dict watcher of CPython >= 3.12: ``changes`` counts the events (any change, a copy into it, its
+// deallocation) of every dict it watches; -1: no watcher (none was free), every step walks everything.
+std::atomic<uint64_t> changes{0};
+int watcher = -2;  // -2: not added yet
+
+int count_change(PyDict_WatchEvent /*event*/, PyObject* /*dict*/, PyObject* /*key*/, PyObject* /*value*/) {
+  changes.fetch_add(1, std::memory_order_relaxed);
+  return 0;
+}
+
+int dict_watcher() {
+  if (watcher == -2) {
+    watcher = PyDict_AddWatcher(count_change);
+    if (watcher < 0) PyErr_Clear();
+  }
+  return watcher;
+}
 #endif
 
 // A dict of the snapshot and its version when a walk last found it as recorded.
@@ -127,8 +148,20 @@ bool state_unchanged(Cursor& c, PyObject* state, std::vector<Seen>& dicts) {
   return c.pos == c.size;
 }
 
-// Whether every dict from ``first`` on in ``seen`` (optimizer.state, then each parameter's) still has its version.
-bool state_still(const Seen* seen, Py_ssize_t first, Py_ssize_t n_seen, PyObject* state) {
+// Writes ``bytes`` bytes at ``data`` into ``memo``; false with a Python error set.
+bool write_memo(PyObject* memo, const void* data, Py_ssize_t bytes) {
+  if (PyByteArray_GET_SIZE(memo) != bytes && PyByteArray_Resize(memo, bytes) < 0) return false;
+  if (bytes > 0) std::memcpy(PyByteArray_AS_STRING(memo), data, static_cast<size_t>(bytes));
+  return true;
+}
+
+#if PY_VERSION_HEX < 0x030C0000
+// The memo: a Seen per group dict, then for optimizer.state and each parameter's state.
+
+// Whether optimizer.state and every parameter's state (``seen`` from ``first`` on) still have their versions.
+bool state_still(PyObject* memo, Py_ssize_t first, PyObject* state) {
+  const Py_ssize_t n_seen = PyByteArray_GET_SIZE(memo) / static_cast<Py_ssize_t>(sizeof(Seen));
+  const Seen* seen = reinterpret_cast<const Seen*>(PyByteArray_AS_STRING(memo));
   if (first >= n_seen || !still(seen[first], state)) return false;
   for (Py_ssize_t i = first + 1; i < n_seen; ++i) {
     if (!still(seen[i], seen[i].dict)) return false;
@@ -136,13 +169,30 @@ bool state_still(const Seen* seen, Py_ssize_t first, Py_ssize_t n_seen, PyObject
   return true;
 }
 
-// Writes ``dicts`` into ``memo`` (a bytearray of Seen); false with a Python error set.
-bool remember(PyObject* memo, const std::vector<Seen>& dicts) {
-  const Py_ssize_t bytes = static_cast<Py_ssize_t>(dicts.size() * sizeof(Seen));
-  if (PyByteArray_GET_SIZE(memo) != bytes && PyByteArray_Resize(memo, bytes) < 0) return false;
-  if (bytes > 0) std::memcpy(PyByteArray_AS_STRING(memo), dicts.data(), static_cast<size_t>(bytes));
-  return true;
+bool remember(PyObject* memo, const std::vector<Seen>& dicts, Py_ssize_t /*first*/) {
+  return write_memo(memo, dicts.data(), static_cast<Py_ssize_t>(dicts.size() * sizeof(Seen)));
 }
+#else
+// The memo: the watcher's count of changes when a walk last found optimizer.state as recorded.
+
+bool state_still(PyObject* memo, Py_ssize_t /*first*/, PyObject* /*state*/) {
+  uint64_t then;
+  if (dict_watcher() < 0 || PyByteArray_GET_SIZE(memo) != static_cast<Py_ssize_t>(sizeof(then))) return false;
+  std::memcpy(&then, PyByteArray_AS_STRING(memo), sizeof(then));
+  return then == changes.load(std::memory_order_relaxed);
+}
+
+// Watches optimizer.state and each parameter's state (``dicts`` from ``first`` on), then keeps the count.
+bool remember(PyObject* memo, const std::vector<Seen>& dicts, Py_ssize_t first) {
+  const int id = dict_watcher();
+  if (id < 0) return true;
+  for (size_t i = static_cast<size_t>(first); i < dicts.size(); ++i) {
+    if (PyDict_Watch(id, dicts[i].dict) < 0) return false;
+  }
+  const uint64_t now = changes.load(std::memory_order_relaxed);
+  return write_memo(memo, &now, sizeof(now));
+}
+#endif
 
 }  // namespace
 
@@ -159,7 +209,8 @@ PyObject* watch_unchanged(PyObject* /*self*/, PyObject* args) {
   const Py_ssize_t n_groups = PySequence_Fast_GET_SIZE(groups);
   if (!c.length(n_groups)) Py_RETURN_FALSE;
   const Py_ssize_t n_seen = PyByteArray_GET_SIZE(memo) / static_cast<Py_ssize_t>(sizeof(Seen));
-  const Seen* seen = n_seen > n_groups ? reinterpret_cast<const Seen*>(PyByteArray_AS_STRING(memo)) : nullptr;
+  const Seen* seen =
+      kDictVersions && n_seen > n_groups ? reinterpret_cast<const Seen*>(PyByteArray_AS_STRING(memo)) : nullptr;
   std::vector<Seen> dicts;
   for (Py_ssize_t gi = 0; gi < n_groups; ++gi) {
     PyObject* group = PySequence_Fast_ITEMS(groups)[gi];
@@ -168,12 +219,14 @@ PyObject* watch_unchanged(PyObject* /*self*/, PyObject* args) {
     if (same == 0) Py_RETURN_FALSE;
     dicts.push_back({group, version_of(group)});
   }
-  if (seen != nullptr && state_still(seen, n_groups, n_seen, state) && c.pos < c.size && c.items[c.pos] == state) {
-    std::memcpy(PyByteArray_AS_STRING(memo), dicts.data(), dicts.size() * sizeof(Seen));  // the groups' versions
+  if (state_still(memo, n_groups, state) && c.pos < c.size && c.items[c.pos] == state) {
+    if (seen != nullptr) {  // the groups' versions
+      std::memcpy(PyByteArray_AS_STRING(memo), dicts.data(), dicts.size() * sizeof(Seen));
+    }
     Py_RETURN_TRUE;
   }
   if (!state_unchanged(c, state, dicts)) Py_RETURN_FALSE;
-  if (kDictVersions && !remember(memo, dicts)) return nullptr;
+  if (!remember(memo, dicts, n_groups)) return nullptr;
   Py_RETURN_TRUE;
 }
 

@@ -11,15 +11,14 @@ tensor's storage every step, and the plan's signature (``fusedlr.plan.scan``) fo
 
 ``snapshot`` records all of it as one flat tuple; ``unchanged`` compares, in one C++ pass
 (``fusedlr._C.watch_unchanged``, csrc/plan_watch.cpp) when the extension is built, else in Python (``_same``,
-the spec). The C++ pass keeps the versions of the dicts it found as recorded in the plan's ``memo`` and,
-on CPython before 3.12, reads no entry of a dict whose version is unchanged: one load per parameter.
+the spec). After a walk found everything as recorded, the C++ pass keeps in the plan's ``memo`` what tells that
+a dict has not changed since, and reads no entry of such a dict: the dicts' version tags before CPython 3.12 (one
+load per parameter), a dict watcher's count of changes from 3.12 on (one compare for the whole state).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import torch
 
 __all__ = ["PLAN_OPTIONS", "snapshot", "unchanged"]
 
@@ -67,6 +66,8 @@ def _same(now: Any, then: Any) -> bool:
 def unchanged(param_groups: list[dict[str, Any]], state: dict[Any, Any], watched: tuple, memo: bytearray) -> bool:
     """Whether ``snapshot(param_groups, state)`` would still equal ``watched`` item for item (``_same``).
     ``memo``: the C++ pass's record of dict versions, kept with ``watched`` (empty at first)."""
+    import torch
+
     from . import extension
 
     native = getattr(extension._C, "watch_unchanged", None) if extension.load_error() is None else None

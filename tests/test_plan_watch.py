@@ -1,10 +1,16 @@
 """Replacing what the optimizer reads between steps (a state tensor, a parameter's state, a group's ``params``,
 a plan option) takes effect at the next step, as with torch.optim.AdamW, which reads them every step; and
-``fusedlr._C.watch_unchanged`` agrees with its Python spec ``fusedlr.watch``."""
+``fusedlr._C.watch_unchanged`` agrees with its Python spec ``fusedlr.watch`` (tests/watch_cases.py), here and,
+compiled alone, on the other CPython versions found (3.12+ take its dict-watcher path)."""
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -12,6 +18,9 @@ import torch
 
 import fusedlr
 from fusedlr import backends, extension, fast_step, watch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import watch_cases  # noqa: E402
 
 CPU_BACKENDS = [name for name in ("torch", "cpu") if backends.unavailable(name, torch.device("cpu")) is None]
 # "cpu" steps through the C++ fast path; "cpu-op-path" the same backend with the fast path off.
@@ -165,69 +174,10 @@ def test_the_fast_path_still_runs_when_nothing_changed(monkeypatch) -> None:
 
 def watched_pair() -> tuple[list[dict], dict, list[torch.nn.Parameter]]:
     params = make_params()
-    opt = fusedlr.AdamW(groups(params), lr=1e-2, backend="torch", master_weights=False)
+    opt = fusedlr.AdamW(groups(params), lr=1e-2, backend="torch")
     set_grads(params, 0)
     opt.step()
-    opt.state["not a param"] = 7  # a non-dict entry, kept as torch keeps it
     return opt.param_groups, opt.state, params
-
-
-EDITS: dict[str, Callable] = {
-    "nothing": lambda pg, st, ps: None,
-    "state entry": lambda pg, st, ps: st[ps[0]].__setitem__("exp_avg", torch.zeros(4, 3)),
-    "state entry deleted": lambda pg, st, ps: st[ps[0]].pop("exp_avg_sq"),
-    "state entry added": lambda pg, st, ps: st[ps[0]].__setitem__("extra", 1),
-    "param state": lambda pg, st, ps: st.__setitem__(ps[1], dict(st[ps[1]])),
-    "state entry of a non-param": lambda pg, st, ps: st.__setitem__("not a param", 8),
-    "state cleared": lambda pg, st, ps: st.clear(),
-    "params appended": lambda pg, st, ps: pg[0]["params"].append(torch.nn.Parameter(torch.ones(1))),
-    "params slot": lambda pg, st, ps: pg[1]["params"].__setitem__(0, torch.nn.Parameter(torch.ones(1))),
-    "params list": lambda pg, st, ps: pg[1].__setitem__("params", list(pg[1]["params"])),
-    "group": lambda pg, st, ps: pg.__setitem__(0, dict(pg[0])),
-    "group added": lambda pg, st, ps: pg.append({"params": [], "amsgrad": False}),
-    "amsgrad": lambda pg, st, ps: pg[0].__setitem__("amsgrad", True),
-    "master_weights, an equal str": lambda pg, st, ps: pg[0].__setitem__("master_weights", "".join(["rem", "ainder"])),
-    "an unwatched option (lr)": lambda pg, st, ps: pg[0].__setitem__("lr", 0.5),
-}
-UNCHANGED = {"nothing", "an unwatched option (lr)"}
-
-
-@pytest.mark.parametrize("edit", EDITS)
-def test_native_watch_agrees_with_the_python_spec(edit: str) -> None:
-    pg, st, ps = watched_pair()
-    if edit.startswith("master_weights"):  # an equal str that is another object is unchanged
-        pg[0]["master_weights"] = "remainder"
-    watched, memo = watch.snapshot(pg, st), bytearray()
-    if NATIVE is not None:
-        assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo)
-    EDITS[edit](pg, st, ps)
-    now = watch.snapshot(pg, st)
-    spec = len(now) == len(watched) and all(watch._same(a, b) for a, b in zip(now, watched))
-    expected = edit in UNCHANGED or edit.startswith("master_weights")
-    assert spec is expected
-    assert watch.unchanged(pg, st, watched, bytearray()) is expected
-    if NATIVE is None:
-        pytest.skip("fusedlr._C is not built: the Python spec alone was checked")
-    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, bytearray()) is expected  # a full walk
-    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected  # the dict versions, then a walk
-    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected  # the versions a walk kept
-
-
-@pytest.mark.parametrize("edit", EDITS)
-def test_native_watch_after_its_versions_were_kept(edit: str) -> None:
-    """The same edits after a step of the C++ pass kept the dict versions (CPython < 3.12)."""
-    if NATIVE is None:
-        pytest.skip("fusedlr._C is not built")
-    pg, st, ps = watched_pair()
-    if edit.startswith("master_weights"):
-        pg[0]["master_weights"] = "remainder"
-    watched, memo = watch.snapshot(pg, st), bytearray()
-    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo)
-    assert (len(memo) > 0) is (sys.version_info < (3, 12))
-    EDITS[edit](pg, st, ps)
-    expected = edit in UNCHANGED or edit.startswith("master_weights")
-    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected
-    assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, memo) is expected
 
 
 def test_a_state_entry_replaced_then_restored_is_unchanged() -> None:
@@ -241,19 +191,6 @@ def test_a_state_entry_replaced_then_restored_is_unchanged() -> None:
     st[ps[0]]["exp_avg"] = kept
     assert watch.unchanged(pg, st, watched, memo)
     assert watch.unchanged(pg, st, watched, memo)
-
-
-def test_long_lists_compare_their_lengths_by_value() -> None:
-    """Lengths above 256 are new int objects each time: compared by value, not identity."""
-    params = [torch.nn.Parameter(torch.ones(1)) for _ in range(300)]
-    pg = [{"params": params}]
-    st = {p: {"step": torch.zeros(())} for p in params}
-    watched = watch.snapshot(pg, st)
-    assert watch.unchanged(pg, st, watched, bytearray())
-    if NATIVE is not None:
-        assert NATIVE(pg, st, watched, watch.PLAN_OPTIONS, bytearray())
-        params.pop()
-        assert not NATIVE(pg, st, watched, watch.PLAN_OPTIONS, bytearray())
 
 
 def test_containers_a_plan_cannot_watch_are_refused_with_their_fix() -> None:
@@ -281,3 +218,72 @@ def test_one_step_tensor_in_two_states_becomes_two_counters(backend: str) -> Non
     steps = [opt.state[p]["step"] for p in params]
     assert steps[0] is not steps[1]
     assert [int(s) for s in steps] == [4, 5]
+
+
+# ------------------------------------------------------------------ the C++ pass on other CPython versions
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_INIT = """
+#include <Python.h>
+#include "plan_watch.h"
+static PyMethodDef methods[] = {{"watch_unchanged", fusedlr::watch_unchanged, METH_VARARGS, nullptr},
+                                {nullptr, nullptr, 0, nullptr}};
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, "plan_watch_alone", nullptr, -1, methods};
+PyMODINIT_FUNC PyInit_plan_watch_alone(void) { return PyModule_Create(&module); }
+"""
+RUN_CASES = """
+import importlib.util, sys
+sys.path[:0] = sys.argv[1:3]
+import plan_watch_alone, watch_cases
+spec = importlib.util.spec_from_file_location("watch", sys.argv[3])
+watch = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(watch)
+failures = watch_cases.run(plan_watch_alone.watch_unchanged, watch, sys.version_info[:2])
+print("\\n".join(failures) or "ok")
+sys.exit(1 if failures else 0)
+"""
+
+
+def other_cpythons() -> list[str]:
+    """CPython interpreters other than this one, 3.10 or later, found on PATH or in pyenv's versions."""
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = glob.glob(os.path.join(root, "versions", "3.*", "bin", "python3"))
+    found += [p for p in (shutil.which(f"python3.{m}") for m in range(10, 16)) if p]
+    versions: dict[tuple[int, int], str] = {}
+    for path in found:
+        out = subprocess.run([path, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True)
+        if out.returncode == 0:
+            version = tuple(int(v) for v in out.stdout.split())
+            if (3, 10) <= version != sys.version_info[:2]:
+                versions.setdefault(version, path)
+    return [versions[v] for v in sorted(versions)]
+
+
+def test_native_watch_agrees_with_the_spec_on_the_shared_cases() -> None:
+    """tests/watch_cases.py on fusedlr._C (this CPython)."""
+    if NATIVE is None:
+        pytest.skip("fusedlr._C is not built")
+    assert watch_cases.run(NATIVE, watch, sys.version_info[:2]) == []
+
+
+@pytest.mark.parametrize("python", other_cpythons())
+def test_native_watch_on_another_cpython(python: str, tmp_path: Path) -> None:
+    """csrc/plan_watch.cpp compiled alone for another CPython (3.12+ takes the dict-watcher path, which this
+    interpreter's build of fusedlr._C does not): tests/watch_cases.py against fusedlr/watch.py's spec there."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    paths = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['include']); print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    (tmp_path / "init.cpp").write_text(MODULE_INIT)
+    subprocess.run(
+        [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{paths[0]}", f"-I{ROOT / 'csrc'}",
+         str(ROOT / "csrc" / "plan_watch.cpp"), str(tmp_path / "init.cpp"), "-o", str(tmp_path / f"plan_watch_alone{paths[1]}")],
+        check=True,
+    )
+    out = subprocess.run(
+        [python, "-c", RUN_CASES, str(tmp_path), str(Path(__file__).parent), str(ROOT / "fusedlr" / "watch.py")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
