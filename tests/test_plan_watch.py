@@ -152,6 +152,7 @@ def test_the_fast_path_still_runs_when_nothing_changed(monkeypatch) -> None:
     """The watch does not send a steady loop to the general path (each step after the first is fast)."""
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("the cpu backend (fusedlr._C) is not built")
+    monkeypatch.setattr(fast_step, "ENABLED", True)  # also under FUSEDLR_FAST_PATH=0
     params = make_params()
     opt = fusedlr.AdamW(groups(params), lr=1e-2, backend="cpu")
     set_grads(params, 0)
