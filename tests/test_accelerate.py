@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +188,10 @@ def test_fused_schedule_and_clipping_under_accelerate(backend: str, accum: int) 
 
 
 # ------------------------------------------------------------------ checkpoints
-def resumed(make: Maker, tmp_path: Path, accum: int) -> dict[str, Any]:
-    """Train 3 batches, save_state, then in a fresh Accelerator load_state into new objects and train on."""
-    def setup() -> tuple[Any, ...]:
+def resumed(make: Maker, tmp_path: Path, accum: int, make_after: Maker | None = None) -> dict[str, Any]:
+    """Train 4 batches, save_state, then in a fresh Accelerator load_state into new objects (their optimizer made by
+    ``make_after``, ``make`` by default) and train on."""
+    def setup(make: Maker) -> tuple[Any, ...]:
         acc = accelerate.Accelerator(gradient_accumulation_steps=accum, cpu=True)
         model = make_model()
         opt = make(model.parameters(), lr=LR, weight_decay=0.1)
@@ -198,7 +199,7 @@ def resumed(make: Maker, tmp_path: Path, accum: int) -> dict[str, Any]:
         return (acc, *acc.prepare(model, opt, sched))
 
     batches = [b for _ in range(2) for b in make_loader()]
-    acc, model, opt, sched = setup()
+    acc, model, opt, sched = setup(make)
 
     def run(batches: list[Any]) -> None:
         for x, y in batches:
@@ -212,7 +213,7 @@ def resumed(make: Maker, tmp_path: Path, accum: int) -> dict[str, Any]:
     acc.save_state(str(tmp_path))
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    acc, model, opt, sched = setup()
+    acc, model, opt, sched = setup(make_after or make)
     acc.load_state(str(tmp_path))
     run(batches[4:])
     return {"state": state_of(model, opt), "lr": opt.param_groups[0]["lr"]}
@@ -230,6 +231,14 @@ def test_save_state_load_state_resumes_as_uninterrupted(backend: str, accum: int
     ref = uninterrupted(torch_maker(), accum)
     assert_same(ref, resumed(torch_maker(), tmp_path / "torch", accum))
     assert_same(ref, resumed(fused_maker(backend), tmp_path / "ours", accum))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoints_cross_between_torch_and_fusedlr(backend: str, tmp_path: Path) -> None:
+    """A save_state of either optimizer resumes in the other as in torch's uninterrupted run."""
+    ref = uninterrupted(torch_maker(), 2)
+    assert_same(ref, resumed(fused_maker(backend), tmp_path / "a", 2, make_after=torch_maker()))
+    assert_same(ref, resumed(torch_maker(), tmp_path / "b", 2, make_after=fused_maker(backend)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -296,39 +305,61 @@ def test_unwrap_is_the_fusedlr_optimizer(backend: str) -> None:
 
 
 # ------------------------------------------------------------------ the GradScaler path (Accelerate on GPUs, fp16)
-def scaled_step_with_overflow(make: Maker) -> dict[str, Any]:
-    """AcceleratedOptimizer with a GradScaler (what Accelerate builds for fp16 on a GPU), one finite step then one
-    with an inf gradient: step_was_skipped, the scaler's scale, the params, and whether the prepared scheduler
-    (AcceleratedScheduler, which skips when the optimizer step was skipped) advanced."""
+def scaled_step_with_overflow(
+    make: Maker, unscale_first: bool = False, lr_lambda: Callable[[int], float] | None = warmup, **opt_kwargs: Any
+) -> dict[str, Any]:
+    """AcceleratedOptimizer with a GradScaler (what Accelerate builds for fp16 on a GPU), a finite step, one with an
+    inf gradient, a finite one: step_was_skipped, the scaler's scale, the params, and whether the prepared scheduler
+    of ``lr_lambda`` (AcceleratedScheduler, which skips when the optimizer step was skipped; None: no scheduler)
+    advanced. ``unscale_first``: unscale
+    and clip before the step, as accelerator.clip_grad_norm_ does with a scaler; the norms are returned too."""
     from accelerate.scheduler import AcceleratedScheduler
 
     acc = accelerate.Accelerator(cpu=True)  # sets up the state the wrapper reads
     model = make_model()
-    inner = make(model.parameters(), lr=LR)
-    plain = torch.optim.lr_scheduler.LambdaLR(inner, warmup)  # made before prepare, as users do
+    inner = make(model.parameters(), lr=LR, **opt_kwargs)
+    plain = lr_lambda and torch.optim.lr_scheduler.LambdaLR(inner, lr_lambda)  # made before prepare, as users do
     opt = AcceleratedOptimizer(inner, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4))
-    sched = AcceleratedScheduler(plain, opt)
+    sched = plain and AcceleratedScheduler(plain, opt)
     x, y = next(iter(make_loader()))
-    flags = []
-    for poison in (False, True):
+    flags, norms = [], []
+    for poison in (False, True, False):
         opt.scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
         if poison:
             next(model.parameters()).grad[0, 0] = float("inf")
+        if unscale_first:
+            opt.scaler.unscale_(inner)
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
         opt.step()
-        sched.step()
+        if sched:
+            sched.step()
         opt.zero_grad()
         flags.append(opt.step_was_skipped)
     del acc
     return {"state": state_of(model, opt), "skipped": flags, "scale": opt.scaler.get_scale(),
-            "lr": inner.param_groups[0]["lr"]}
+            "lr": inner.param_groups[0]["lr"], "norms": norms}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_scaler_path_params_match_torch(backend: str) -> None:
-    """The params, moments and the scaler's backoff: the inf step updates nothing, as with torch's AdamW."""
-    ref, ours = scaled_step_with_overflow(torch_maker()), scaled_step_with_overflow(fused_maker(backend))
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler_unscales", "unscaled_and_clipped_first"])
+def test_grad_scaler_path_params_match_torch(backend: str, unscale_first: bool) -> None:
+    """The params, moments, clipping norms and the scaler's backoff: the inf step updates nothing, as with
+    torch's AdamW (no LR scheduler: see the xfail below)."""
+    ref = scaled_step_with_overflow(torch_maker(), unscale_first, lr_lambda=None)
+    ours = scaled_step_with_overflow(fused_maker(backend), unscale_first, lr_lambda=None)
     assert_same(ref["state"], ours["state"])
+    assert_same(ref["norms"], ours["norms"])
     assert ours["scale"] == ref["scale"] == 2.0**3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_overflow_leaves_the_fused_schedule(backend: str) -> None:
+    """fusedlr's schedule= through the GradScaler path: the inf step does not advance the schedule index, as the
+    AcceleratedScheduler of torch's AdamW does not advance on a skipped step."""
+    cosine = fusedlr.get_schedule("cosine", num_warmup_steps=2, num_training_steps=8)
+    ref = scaled_step_with_overflow(torch_maker(), lr_lambda=cosine)
+    ours = scaled_step_with_overflow(fused_maker(backend), lr_lambda=None, schedule=cosine)
+    assert_same(ref["state"], ours["state"])
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -338,5 +369,5 @@ def test_grad_scaler_path_params_match_torch(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_overflow_reports_skipped_step(backend: str) -> None:
     ref, ours = scaled_step_with_overflow(torch_maker()), scaled_step_with_overflow(fused_maker(backend))
-    assert ref["skipped"] == [False, True]
+    assert ref["skipped"] == [False, True, False]
     assert (ours["skipped"], ours["lr"]) == (ref["skipped"], ref["lr"])
