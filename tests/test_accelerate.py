@@ -267,6 +267,45 @@ def test_state_dict_passthrough_and_cross_loading(backend: str) -> None:
     assert_same(state_of(ref_model, ref), state_of(ours_model, ours))
 
 
+def prepared_mid_training(make: Maker, prepare: bool, dtype: torch.dtype, **opt_kwargs: Any) -> list[torch.Tensor]:
+    """Two steps, then (``prepare``) Accelerator.prepare, which reloads the optimizer's own state dict (device
+    placement), then two more steps: the params, as float32."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).to(dtype)
+    opt = make(model.parameters(), lr=LR, **opt_kwargs)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for i in range(4):
+        if i == 2 and prepare:
+            model, opt = accelerate.Accelerator(cpu=True).prepare(model, opt)
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().float() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        (torch.float32, {"schedule": fusedlr.get_schedule("cosine", num_warmup_steps=2, num_training_steps=8),
+                         "max_grad_norm": 0.1, "history": 4}),
+        (torch.float32, {"amsgrad": True, "state_dtype": torch.bfloat16}),
+        (torch.bfloat16, {"master_weights": True}),
+        (torch.bfloat16, {"master_weights": "remainder"}),
+        (torch.bfloat16, {"stochastic_rounding": True}),
+    ],
+    ids=["schedule_clip_history", "amsgrad_bf16_state", "master", "remainder", "stochastic_rounding"],
+)
+def test_prepare_mid_training_keeps_fusedlr_modes(backend: str, dtype: torch.dtype, options: dict[str, Any]) -> None:
+    """prepare's state-dict reload keeps what only fusedlr has (schedule index, masters, remainders, the rounding
+    seed): the run continues as the unprepared one; without these modes it trains as torch's AdamW."""
+    ours = fused_maker(backend)
+    unprepared = prepared_mid_training(ours, False, dtype, **options)
+    assert_same(unprepared, prepared_mid_training(ours, True, dtype, **options))
+    assert_same(prepared_mid_training(torch_maker(), True, torch.float32),
+                prepared_mid_training(ours, True, torch.float32))
+
+
 # ------------------------------------------------------------------ copies of the prepared optimizer
 def copied_prepared(make: Maker, how: str) -> list[Any]:
     """deepcopy or pickle the prepared (model, optimizer) pair, then train the copy one step; the original stays."""
@@ -371,3 +410,41 @@ def test_grad_scaler_overflow_reports_skipped_step(backend: str) -> None:
     ref, ours = scaled_step_with_overflow(torch_maker()), scaled_step_with_overflow(fused_maker(backend))
     assert ref["skipped"] == [False, True, False]
     assert (ours["skipped"], ours["lr"]) == (ref["skipped"], ref["lr"])
+
+
+# ------------------------------------------------------------------ Trainer (which drives Accelerate)
+def trainer_run(make: Maker | None, out: Path, resume: Path | None = None) -> torch.nn.Module:
+    """8 updates of 2 accumulated batches. ``make`` None: Trainer's own cosine + clipping on torch's AdamW; else the
+    fused recipe (fusedlr's schedule= and max_grad_norm=, Trainer's clipping off, a constant scheduler), checkpoints
+    every 4 updates; ``resume``: a checkpoint to resume from."""
+    from fusedlr.integrations import constant_scheduler
+    from test_integrations import _Data, _Regression
+
+    transformers = pytest.importorskip("transformers")
+    model = _Regression()
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-2,
+        lr_scheduler_type="cosine", warmup_steps=3, max_grad_norm=0.05 if make is None else 0.0, weight_decay=0.0,
+        gradient_accumulation_steps=2, logging_steps=100, save_strategy="steps", save_steps=4, report_to=[],
+        use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    if make is None:
+        opts: tuple[Any, Any] = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-2), None)
+    else:
+        cosine = fusedlr.get_schedule("cosine", num_warmup_steps=3, num_training_steps=8)
+        opt = make(model.parameters(), lr=1e-2, weight_decay=0.0, eps=1e-2, schedule=cosine, max_grad_norm=0.05)
+        opts = (opt, constant_scheduler(opt))
+    transformers.Trainer(model=model, args=args, train_dataset=_Data(), optimizers=opts).train(
+        resume_from_checkpoint=None if resume is None else str(resume))
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainer_accumulation_and_resume_with_the_fused_recipe(backend: str, tmp_path: Path) -> None:
+    """Trainer with gradient_accumulation_steps=2: the fused recipe trains as Trainer's own cosine + clipping on
+    torch's AdamW, uninterrupted and resumed from its mid-training checkpoint."""
+    ref = [p.detach() for p in trainer_run(None, tmp_path / "ref").parameters()]
+    ours = trainer_run(fused_maker(backend), tmp_path / "ours")
+    resumed = trainer_run(fused_maker(backend), tmp_path / "resumed", resume=tmp_path / "ours" / "checkpoint-4")
+    assert_same(ref, [p.detach() for p in ours.parameters()])
+    assert_same(ref, [p.detach() for p in resumed.parameters()])
