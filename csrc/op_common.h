@@ -265,6 +265,38 @@ inline StepOutputs step_outputs(bool advance, bool advance_k, const at::Tensor& 
   return out;
 }
 
+// Segment s of a launch set's list (``adamw_update_set``/``grad_stats_set``): its tensors [start, start + len), or
+// the empty list when ``list`` is (an unused per-param list).
+inline at::TensorList segment(at::TensorList list, int64_t start, int64_t len) {
+  return list.empty() ? list : list.slice(static_cast<size_t>(start), static_cast<size_t>(len));
+}
+
+// The segment sizes of a launch set over ``n`` tensors, checked (each a bucket: at least one tensor).
+inline void check_sizes(at::IntArrayRef sizes, size_t n, const char* op) {
+  TORCH_CHECK(!sizes.empty(), "fusedlr.", op, ": a launch set needs at least one segment");
+  int64_t total = 0;
+  for (const int64_t len : sizes) {
+    TORCH_CHECK(len > 0, "fusedlr.", op, ": every segment size must be positive, got ", sizes);
+    total += len;
+  }
+  TORCH_CHECK(static_cast<size_t>(total) == n, "fusedlr.", op, ": the segment sizes ", sizes, " sum to ", total,
+              ", not to the ", n, " tensors");
+}
+
+// ``adamw_update_set``'s segments over ``n`` params (check_sizes) and its per-segment arguments: one entry each.
+inline void check_update_set(at::IntArrayRef sizes, size_t n, at::IntArrayRef groups, at::ArrayRef<double> lr,
+                             at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                             at::ArrayRef<double> weight_decay, at::IntArrayRef maximize, size_t n_lr_tensors,
+                             at::TensorList steps, at::TensorList pids) {
+  check_sizes(sizes, n, "adamw_update_set");
+  const size_t m = sizes.size();
+  TORCH_CHECK(groups.size() == m && lr.size() == m && beta1.size() == m && beta2.size() == m && eps.size() == m &&
+                  weight_decay.size() == m && maximize.size() == m && n_lr_tensors == m && steps.size() == m &&
+                  (pids.empty() || pids.size() == m),
+              "fusedlr.adamw_update_set: groups, the hyperparameters, lr_tensors, steps (and pids when given) "
+              "must hold one entry per segment (", m, ")");
+}
+
 template <typename T>
 inline const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;

@@ -449,24 +449,6 @@ void adamw_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   adamw_update_kernel(chk.dtype, chk.amsgrad, slots.data(), slots.size(), in.steps, h, s);
 }
 
-// Segment s of a launch set's list (csrc/bindings.cpp, adamw_update_set): its tensors [start, start + len), or
-// the empty list when ``list`` is (an unused per-param list).
-at::TensorList segment(at::TensorList list, int64_t start, int64_t len) {
-  return list.empty() ? list : list.slice(static_cast<size_t>(start), static_cast<size_t>(len));
-}
-
-// The segment sizes of a launch set over ``n`` tensors, checked (each a bucket: at least one tensor).
-void check_sizes(at::IntArrayRef sizes, size_t n, const char* op) {
-  TORCH_CHECK(!sizes.empty(), "fusedlr.", op, ": a launch set needs at least one segment");
-  int64_t total = 0;
-  for (const int64_t len : sizes) {
-    TORCH_CHECK(len > 0, "fusedlr.", op, ": every segment size must be positive, got ", sizes);
-    total += len;
-  }
-  TORCH_CHECK(static_cast<size_t>(total) == n, "fusedlr.", op, ": the segment sizes ", sizes, " sum to ", total,
-              ", not to the ", n, " tensors");
-}
-
 void check_per_param(at::TensorList list, size_t n, const char* what) {
   TORCH_CHECK(list.empty() || list.size() == n, "fusedlr.adamw_update_set: ", what, " must be empty or hold ", n,
               " tensors, got ", list.size());
@@ -501,12 +483,7 @@ void adamw_update_set_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::optional<at::Tensor>& norm_out, const std::optional<at::Tensor>& found_inf_out,
                           int64_t seed, bool stochastic) {
   const size_t n = params.size(), m = sizes.size();
-  check_sizes(sizes, n, "adamw_update_set");
-  TORCH_CHECK(groups.size() == m && lr.size() == m && beta1.size() == m && beta2.size() == m && eps.size() == m &&
-                  weight_decay.size() == m && maximize.size() == m && lr_tensors.size() == m && steps.size() == m &&
-                  (pids.empty() || pids.size() == m),
-              "fusedlr.adamw_update_set: groups, the hyperparameters, lr_tensors, steps (and pids when given) "
-              "must hold one entry per segment (", m, ")");
+  check_update_set(sizes, n, groups, lr, beta1, beta2, eps, weight_decay, maximize, lr_tensors.size(), steps, pids);
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
               "fusedlr.adamw_update_set: grads and moments must hold one tensor per param");
   check_per_param(max_exp_avg_sqs, n, "max_exp_avg_sqs");

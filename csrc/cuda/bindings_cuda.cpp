@@ -210,11 +210,6 @@ void adamw_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                "adamw_update");
 }
 
-// Tensors [start, start + len) of a launch set's list, or the empty list when ``list`` is (an unused one).
-at::TensorList segment_of(at::TensorList list, int64_t start, int64_t len) {
-  return list.empty() ? list : list.slice(static_cast<size_t>(start), static_cast<size_t>(len));
-}
-
 // adamw_update_set.cached (csrc/bindings.cpp): one launch (launch_adamw_update_set) over every segment; each
 // segment is checked as an adamw_update of its bucket, and all must share the kernel instance.
 void adamw_update_set_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -233,25 +228,19 @@ void adamw_update_set_cuda(at::TensorList params, at::TensorList grads, at::Tens
   TORCH_CHECK(k.is_cuda(), "fusedlr.adamw_update_set (CUDA): k must be a CUDA tensor");
   const at::Device device = k.device();
   const size_t n = params.size(), m = sizes.size();
-  TORCH_CHECK(m > 0 && groups.size() == m && lr.size() == m && beta1.size() == m && beta2.size() == m &&
-                  eps.size() == m && weight_decay.size() == m && maximize.size() == m && lr_tensors.size() == m &&
-                  steps.size() == m && (pids.empty() || pids.size() == m),
-              "fusedlr.adamw_update_set: groups, the hyperparameters, lr_tensors, steps (and pids when given) must "
-              "hold one entry per segment (at least one)");
+  check_update_set(sizes, n, groups, lr, beta1, beta2, eps, weight_decay, maximize, lr_tensors.size(), steps, pids);
   int64_t start = 0;
   std::vector<at::Tensor> kgrads;
   std::optional<CheckedUpdate> first;
   std::vector<SetSegment> segs(m);
   for (size_t s = 0; s < m; ++s) {
     const int64_t len = sizes[s];
-    TORCH_CHECK(len > 0 && start + len <= static_cast<int64_t>(n),
-                "fusedlr.adamw_update_set: the segment sizes must be positive and sum to the number of params");
     const std::optional<at::Tensor> seg_pids = pids.empty() ? std::nullopt : std::optional<at::Tensor>(pids[s]);
     CheckedUpdate chk = check_adamw_update(
-        segment_of(params, start, len), segment_of(grads, start, len), segment_of(exp_avgs, start, len),
-        segment_of(exp_avg_sqs, start, len), segment_of(max_exp_avg_sqs, start, len), steps[s], k, schedule, stats,
+        segment(params, start, len), segment(grads, start, len), segment(exp_avgs, start, len),
+        segment(exp_avg_sqs, start, len), segment(max_exp_avg_sqs, start, len), steps[s], k, schedule, stats,
         max_norm, std::nullopt, found_inf,
-        PrecisionArgs{segment_of(masters, start, len), segment_of(remainders, start, len), seg_pids, stochastic});
+        PrecisionArgs{segment(masters, start, len), segment(remainders, start, len), seg_pids, stochastic});
     TORCH_CHECK(!first.has_value() || (chk.dtype == first->dtype && chk.state_dtype == first->state_dtype &&
                                        chk.amsgrad == first->amsgrad && chk.master == first->master &&
                                        chk.low_precision == first->low_precision),
@@ -265,8 +254,6 @@ void adamw_update_set_cuda(at::TensorList params, at::TensorList grads, at::Tens
     if (!first.has_value()) first = std::move(chk);
     start += len;
   }
-  TORCH_CHECK(start == static_cast<int64_t>(n),
-              "fusedlr.adamw_update_set: the segment sizes must sum to the number of params");
   first->grads = std::move(kgrads);
   const CheckedUpdate& chk = *first;
   check_scale(scale, std::nullopt, device);

@@ -185,6 +185,30 @@ def launch_key(bucket: Bucket, grads: list[Tensor]) -> Hashable:
     return (bucket.device, bucket.params[0].dtype, grad_dtype, bucket.exp_avgs[0].dtype, amsgrad, mode)
 
 
+def check_launch_set(buckets: Sequence[Bucket], grads: Sequence[list[Tensor]], backend: str) -> None:
+    """Refuse a launch set whose buckets do not share one ``launch_key``."""
+    if len({launch_key(b, gs) for b, gs in zip(buckets, grads)}) != 1:
+        raise ValueError(f"fusedlr backend={backend!r}: the buckets of a launch set must share their launch_key")
+
+
+def checked_update_set_args(
+    buckets: Sequence[Bucket],
+    grads: Sequence[list[Tensor]],
+    hypers: Sequence[GroupHyper],
+    ctrl: StepControl,
+    applied_lr: Tensor,
+    folds: Sequence[FoldedUpdate],
+    backend: str,
+) -> dict[str, object]:
+    """``update_set_args`` of a launch set of ``backend`` (``cpu``/``cuda``), checked: one ``launch_key``, every
+    bucket one the kernels run (``check_folds``); the gradients as the kernels read them (``kernel_grads``)."""
+    check_launch_set(buckets, grads, backend)
+    for b, gs, fold in zip(buckets, grads, folds):
+        check_folds(b, gs, backend, fold)
+    kernel = [kernel_grads(b, gs) for b, gs in zip(buckets, grads)]
+    return update_set_args(buckets, kernel, hypers, ctrl, applied_lr, folds)
+
+
 def update_set_args(
     buckets: Sequence[Bucket],
     grads: Sequence[list[Tensor]],

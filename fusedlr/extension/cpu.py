@@ -17,7 +17,15 @@ from torch import Tensor
 from .. import extension, reference
 from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
-from ._common import check_folds, compiled_ok, kernel_grads, launch_key, update_args, update_kwargs, update_set_args
+from ._common import (
+    check_folds,
+    checked_update_set_args,
+    compiled_ok,
+    kernel_grads,
+    launch_key,
+    update_args,
+    update_kwargs,
+)
 
 __all__ = [
     "FOLDED",
@@ -102,12 +110,7 @@ def prepare_update_set(
 ) -> Callable[[], None]:
     """The folded updates (``folds``) of the buckets of one launch set (one ``launch_key``, every bucket folding),
     prepared as ``prepare_update``; the commit is one op."""
-    if len({launch_key(b, gs) for b, gs in zip(buckets, grads)}) != 1:
-        raise ValueError("fusedlr backend='cpu': the buckets of a launch set must share their launch_key")
-    for b, gs, fold in zip(buckets, grads, folds):
-        check_folds(b, gs, NAME, fold)
-    kernel = [kernel_grads(b, gs) for b, gs in zip(buckets, grads)]
-    args = update_set_args(buckets, kernel, hypers, ctrl, applied_lr, folds)
+    args = checked_update_set_args(buckets, grads, hypers, ctrl, applied_lr, folds, NAME)
     return partial(torch.ops.fusedlr.adamw_update_set, **args)
 
 

@@ -24,13 +24,13 @@ from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
 from ._common import (
     check_folds,
+    checked_update_set_args,
     compiled_ok,
     dtype_runs,
     kernel_grads,
     launch_key,
     update_args,
     update_kwargs,
-    update_set_args,
 )
 
 __all__ = [
@@ -222,12 +222,7 @@ def prepare_update_set(
     instances of the default 16/32-bit update keep 2 resident blocks per SM, the set instances 1."""
     if len(buckets) == 1:
         return prepare_update(buckets[0], grads[0], hypers[0], ctrl, applied_lr, folds[0])
-    if len({launch_key(b, gs) for b, gs in zip(buckets, grads)}) != 1:
-        raise ValueError("fusedlr backend='cuda': the buckets of a launch set must share their launch_key")
-    for b, gs, fold in zip(buckets, grads, folds):
-        check_folds(b, gs, NAME, fold)
-    kernel = [kernel_grads(b, gs) for b, gs in zip(buckets, grads)]
-    args = update_set_args(buckets, kernel, hypers, ctrl, applied_lr, folds)
+    args = checked_update_set_args(buckets, grads, hypers, ctrl, applied_lr, folds, NAME)
     first = buckets[0]
     n = sum(len(b.params) for b in buckets)
     table, host = _table(

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import reference
 from ..bucket import Bucket
 from ..control import FoldedUpdate, GroupHyper, StepControl
-from ..extension._common import launch_key
+from ..extension._common import check_launch_set, launch_key
 
 # The kernel modules import triton (which reads TRITON_INTERPRET when the kernels are defined).
 # Imported before the functions below are defined: ``grad_stats`` names both a submodule and a
@@ -202,8 +202,7 @@ def prepare_update_set(
     """The folded updates (``folds``) of the buckets of one launch set (one ``launch_key``, every bucket folding),
     prepared as ``prepare_update``; the commit is one launch (two for mixed alignment) whose segment table holds
     each bucket's hyperparameters, ``applied_lr`` slot and step counters."""
-    if len({launch_key(b, gs) for b, gs in zip(buckets, grads)}) != 1:
-        raise ValueError("fusedlr backend='triton': the buckets of a launch set must share their launch_key")
+    check_launch_set(buckets, grads, NAME)
     tables = _tables.set_tables(buckets)
     if tables is None or any(not gs for gs in grads) or min(tables.segment_first) < 0:
         raise ValueError("fusedlr backend='triton': a folded update of a bucket the kernels do not run")
