@@ -51,7 +51,7 @@ class Plan:
     buckets: list[tuple[int, Bucket, list[int], ReduceKey | None]]  # (group, bucket, indices into flat, reduction)
     unwrap: bool  # whether gradients must be mapped to what kernels read (DTensor shards, complex real views)
     watched: tuple  # ``fusedlr.watch.snapshot`` of the param groups and state the plan was built from
-    watch_memo: bytearray = field(default_factory=bytearray)  # ``fusedlr.watch.unchanged``'s dict versions
+    watch_memo: bytearray = field(default_factory=bytearray)  # what ``fusedlr.watch.unchanged`` keeps between steps
 
 
 def state_dtype(p: Tensor, override: torch.dtype | None = None) -> torch.dtype:
